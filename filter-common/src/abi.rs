@@ -1,0 +1,417 @@
+//! The binary interface between the eBPF programs and userspace.
+//!
+//! Every type here is stored in a BPF map, so its layout is part of the ABI: `#[repr(C)]`,
+//! explicit `_pad` fields (the kernel compares key bytes, so padding must be zeroed and
+//! visible), and a `const` size assertion. Enumerations are `u8` newtypes with associated
+//! constants rather than Rust `enum`s, because a map can hold any byte and reading an
+//! out-of-range discriminant into a Rust enum would be undefined behaviour.
+//!
+//! Changing any layout here, or the meaning of a field, requires bumping [`ABI_VERSION`]:
+//! pinned maps outlive the programs that created them.
+
+use core::mem::size_of;
+
+/// Version of the map layouts below. Recorded next to the pinned maps so that a newer
+/// daemon never misreads maps pinned by an older one.
+pub const ABI_VERSION: u32 = 1;
+
+/// Names of the maps, shared so that userspace cannot drift from the object file.
+pub mod map_names {
+    /// LPM trie of subscriber IPv4 prefixes → [`super::SubscriberValue`].
+    pub const SUBSCRIBERS_V4: &str = "SUBSCRIBERS_V4";
+    /// LPM trie of subscriber IPv6 prefixes → [`super::SubscriberValue`].
+    pub const SUBSCRIBERS_V6: &str = "SUBSCRIBERS_V6";
+    /// LPM trie of allowlisted IPv4 prefixes → [`super::AllowValue`].
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// LPM trie of allowlisted IPv6 prefixes → [`super::AllowValue`].
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// Single-entry array holding the global [`super::Config`].
+    pub const CONFIG: &str = "CONFIG";
+    /// Per-CPU array of verdict counters, indexed by [`super::CounterKey::index`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Per-CPU array of parse-outcome counters, indexed by [`super::ParseOutcome`].
+    pub const PARSE_COUNTERS: &str = "PARSE_COUNTERS";
+}
+
+/// Names of the programs in the object file.
+pub mod program_names {
+    /// The XDP entry point.
+    pub const XDP: &str = "p25_xdp";
+    /// The TC (clsact/tcx) entry point.
+    pub const TC: &str = "p25_tc";
+}
+
+/// Default capacity of the subscriber tries (per family). LPM tries are not preallocated,
+/// so capacity costs nothing until used; 100k prefixes is the scale the project tests.
+pub const SUBSCRIBERS_MAX_ENTRIES: u32 = 1 << 18;
+/// Default capacity of the allowlist tries (per family); sized for 1M entries with room.
+pub const ALLOW_MAX_ENTRIES: u32 = 1 << 21;
+
+/// The well-known SMTP relay port (RFC 5321) this whole project is about.
+pub const SMTP_PORT: u16 = 25;
+
+/// IPv4 address bytes in network order: the data part of an IPv4 LPM key.
+///
+/// A newtype rather than a `u32` so that no caller can accidentally store a host-order
+/// integer: the LPM trie matches prefixes bit by bit from the first byte.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv4Key(pub [u8; 4]);
+
+/// IPv6 address bytes in network order: the data part of an IPv6 LPM key.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ipv6Key(pub [u8; 16]);
+
+impl From<core::net::Ipv4Addr> for Ipv4Key {
+    fn from(addr: core::net::Ipv4Addr) -> Self {
+        Self(addr.octets())
+    }
+}
+
+impl From<Ipv4Key> for core::net::Ipv4Addr {
+    fn from(key: Ipv4Key) -> Self {
+        Self::from(key.0)
+    }
+}
+
+impl From<core::net::Ipv6Addr> for Ipv6Key {
+    fn from(addr: core::net::Ipv6Addr) -> Self {
+        Self(addr.octets())
+    }
+}
+
+impl From<Ipv6Key> for core::net::Ipv6Addr {
+    fn from(key: Ipv6Key) -> Self {
+        Self::from(key.0)
+    }
+}
+
+/// Enforcement mode. `DEFAULT` only makes sense on a prefix: it defers to the global mode.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Mode(pub u8);
+
+impl Mode {
+    /// On a prefix: use the global mode. As the global mode: enforce.
+    pub const DEFAULT: Self = Self(0);
+    /// Drop what matches.
+    pub const ENFORCE: Self = Self(1);
+    /// Count what would have been dropped, but pass it (safe roll-out).
+    pub const MONITOR: Self = Self(2);
+
+    /// The mode in force for a prefix whose own mode is `self` under global mode `global`.
+    /// A prefix's explicit mode overrides the global default; anything unknown enforces,
+    /// because a filter that silently stops filtering is the worse failure.
+    #[inline(always)]
+    pub const fn effective(self, global: Self) -> Self {
+        let mode = if self.0 == Self::DEFAULT.0 {
+            global
+        } else {
+            self
+        };
+        if mode.0 == Self::MONITOR.0 {
+            Self::MONITOR
+        } else {
+            Self::ENFORCE
+        }
+    }
+}
+
+/// What to do with a TCP fragment whose ports cannot be seen (a non-first fragment, or a
+/// first fragment too short to hold them) when it touches subscriber space.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentPolicy(pub u8);
+
+impl FragmentPolicy {
+    /// Fail open: pass it (counted as a parse outcome only).
+    pub const PASS: Self = Self(0);
+    /// Fail closed: treat it as a port-25 match of both rules (drop, or would-drop in
+    /// monitor mode), unless the subscriber address is allowlisted.
+    pub const DROP: Self = Self(1);
+}
+
+/// Where an allowlist entry came from, so that tools reading the pinned maps directly can
+/// tell policy entries from runtime (`p25ctl allow`) entries.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Origin(pub u8);
+
+impl Origin {
+    /// From the policy file.
+    pub const POLICY: Self = Self(1);
+    /// Added at run time by an operator.
+    pub const RUNTIME: Self = Self(2);
+}
+
+/// Value of the SUBSCRIBERS tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SubscriberValue {
+    /// The prefix's own mode; [`Mode::DEFAULT`] defers to [`Config::mode`].
+    pub mode: Mode,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SubscriberValue>() == 4);
+
+impl SubscriberValue {
+    /// A value with the given mode and zeroed padding.
+    pub const fn new(mode: Mode) -> Self {
+        Self { mode, _pad: [0; 3] }
+    }
+}
+
+/// Value of the ALLOW tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AllowValue {
+    /// Where the entry came from; the dataplane does not read it.
+    pub origin: Origin,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<AllowValue>() == 4);
+
+impl AllowValue {
+    /// A value with the given origin and zeroed padding.
+    pub const fn new(origin: Origin) -> Self {
+        Self {
+            origin,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// The single entry of the CONFIG array. All zeroes (the state of a freshly created map)
+/// means: enforce, fragments fail open, generation 0. Nothing is dropped until subscriber
+/// prefixes are loaded, so the zero state is safe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Global mode; prefixes with [`Mode::DEFAULT`] follow it.
+    pub mode: Mode,
+    /// Treatment of TCP fragments without visible ports.
+    pub fragments: FragmentPolicy,
+    pub _pad: [u8; 2],
+    /// Written by the control plane so that anyone reading the pinned map can tell which
+    /// policy is in force. The dataplane never reads it.
+    pub generation: u32,
+}
+const _: () = assert!(size_of::<Config>() == 8);
+
+/// Index of the only CONFIG entry.
+pub const CONFIG_INDEX: u32 = 0;
+
+/// Which rule a verdict counter belongs to.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Direction(pub u8);
+
+impl Direction {
+    /// Traffic to TCP port 25 (the egress rule: subscriber source).
+    pub const EGRESS: Self = Self(0);
+    /// Traffic from TCP port 25 (the inbound rule, MAAWG practice 6: subscriber
+    /// destination).
+    pub const INBOUND: Self = Self(1);
+    /// Number of directions.
+    pub const COUNT: u8 = 2;
+    /// Label for metrics and tools.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "egress",
+            1 => "inbound",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Address family of a verdict counter.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Family(pub u8);
+
+impl Family {
+    /// IPv4.
+    pub const IPV4: Self = Self(0);
+    /// IPv6.
+    pub const IPV6: Self = Self(1);
+    /// Number of families.
+    pub const COUNT: u8 = 2;
+    /// Label for metrics and tools.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "ipv4",
+            1 => "ipv6",
+            _ => "unknown",
+        }
+    }
+}
+
+/// What happened to a packet that one of the rules looked at.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Verdict(pub u8);
+
+impl Verdict {
+    /// The rule's port matched but the subscriber address is not in subscriber space.
+    pub const PASSED: Self = Self(0);
+    /// Dropped.
+    pub const DROPPED: Self = Self(1);
+    /// Would have been dropped, passed because of monitor mode.
+    pub const WOULD_DROP: Self = Self(2);
+    /// Would have been dropped, passed because the address is allowlisted.
+    pub const ALLOWLISTED: Self = Self(3);
+    /// Number of verdicts.
+    pub const COUNT: u8 = 4;
+    /// Label for metrics and tools.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "passed",
+            1 => "dropped",
+            2 => "would_drop",
+            3 => "allowlisted",
+            _ => "unknown",
+        }
+    }
+    /// Whether the rule matched (a drop or a monitor-mode would-drop).
+    #[inline(always)]
+    pub const fn is_match(self) -> bool {
+        self.0 == Self::DROPPED.0 || self.0 == Self::WOULD_DROP.0
+    }
+}
+
+/// Identifies one verdict counter. The COUNTERS map is an array, so the key is turned into
+/// a dense index by [`CounterKey::index`]:
+///
+/// ```text
+/// index = (direction * Family::COUNT + family) * Verdict::COUNT + verdict
+/// ```
+///
+/// Userspace walks all [`COUNTER_SLOTS`] indices and maps them back with
+/// [`CounterKey::from_index`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub direction: Direction,
+    pub family: Family,
+    pub verdict: Verdict,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<CounterKey>() == 4);
+
+/// Number of entries in the COUNTERS map.
+pub const COUNTER_SLOTS: u32 =
+    Direction::COUNT as u32 * Family::COUNT as u32 * Verdict::COUNT as u32;
+
+impl CounterKey {
+    /// A key with zeroed padding.
+    pub const fn new(direction: Direction, family: Family, verdict: Verdict) -> Self {
+        Self {
+            direction,
+            family,
+            verdict,
+            _pad: 0,
+        }
+    }
+
+    /// Dense index into the COUNTERS array.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        (self.direction.0 as u32 * Family::COUNT as u32 + self.family.0 as u32)
+            * Verdict::COUNT as u32
+            + self.verdict.0 as u32
+    }
+
+    /// Inverse of [`CounterKey::index`]; `None` past [`COUNTER_SLOTS`].
+    pub const fn from_index(index: u32) -> Option<Self> {
+        if index >= COUNTER_SLOTS {
+            return None;
+        }
+        let verdict = (index % Verdict::COUNT as u32) as u8;
+        let rest = index / Verdict::COUNT as u32;
+        let family = (rest % Family::COUNT as u32) as u8;
+        let direction = (rest / Family::COUNT as u32) as u8;
+        Some(Self::new(
+            Direction(direction),
+            Family(family),
+            Verdict(verdict),
+        ))
+    }
+}
+
+/// How far the parser got with a packet. Exactly one parse counter is bumped per packet.
+///
+/// Everything except [`ParseOutcome::TCP`] and the two fragment outcomes fails open: the
+/// packet passes, because a filter must drop only on a positive port-25 match.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ParseOutcome(pub u8);
+
+impl ParseOutcome {
+    /// Parsed down to the TCP ports.
+    pub const TCP: Self = Self(0);
+    /// Not IPv4 or IPv6 (ARP, LLDP, PPPoE discovery, ...).
+    pub const NOT_IP: Self = Self(1);
+    /// IP, but not TCP (UDP, ICMP, ESP, ...).
+    pub const NOT_TCP: Self = Self(2);
+    /// A header was cut short by the end of the frame.
+    pub const TRUNCATED: Self = Self(3);
+    /// More than [`crate::classify::MAX_VLAN_TAGS`] VLAN tags.
+    pub const VLAN_TOO_DEEP: Self = Self(4);
+    /// A PPPoE session frame carrying something other than IPv4/IPv6 (LCP, IPCP, ...).
+    pub const PPPOE_NOT_IP: Self = Self(5);
+    /// IP version field disagrees with the ethertype, or an IPv4 IHL below 5.
+    pub const BAD_IP_HEADER: Self = Self(6);
+    /// More than [`crate::classify::MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
+    pub const EXT_CHAIN_TOO_LONG: Self = Self(7);
+    /// A TCP fragment with a non-zero offset: it carries no ports.
+    pub const NON_FIRST_FRAGMENT: Self = Self(8);
+    /// A first TCP fragment too short to hold the ports.
+    pub const SHORT_FIRST_FRAGMENT: Self = Self(9);
+    /// Number of outcomes: the size of the PARSE_COUNTERS map.
+    pub const COUNT: u8 = 10;
+
+    /// Label for metrics and tools.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "tcp",
+            1 => "not_ip",
+            2 => "not_tcp",
+            3 => "truncated",
+            4 => "vlan_too_deep",
+            5 => "pppoe_not_ip",
+            6 => "bad_ip_header",
+            7 => "ext_chain_too_long",
+            8 => "non_first_fragment",
+            9 => "short_first_fragment",
+            _ => "unknown",
+        }
+    }
+
+    /// Index into the PARSE_COUNTERS map.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self.0 as u32
+    }
+}
+
+/// One counter cell (one CPU's share in a per-CPU map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counter {
+    pub packets: u64,
+    /// Bytes as the hook saw them (XDP: the frame; TC: `skb->len`).
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counter>() == 16);
+
+impl Counter {
+    /// Adds `other` to `self`, wrapping like the kernel's counters do.
+    #[must_use]
+    pub const fn plus(self, other: Self) -> Self {
+        Self {
+            packets: self.packets.wrapping_add(other.packets),
+            bytes: self.bytes.wrapping_add(other.bytes),
+        }
+    }
+}

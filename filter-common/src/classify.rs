@@ -1,0 +1,432 @@
+//! The one packet classifier: parse, then the two MAAWG rules.
+//!
+//! It is generic over where bytes come from ([`PacketBuf`]) and where policy comes from
+//! ([`Tables`]). The eBPF programs instantiate it with the XDP/TC contexts and the BPF
+//! maps; the tests instantiate it with `&[u8]` and plain Rust maps, which makes this very
+//! code the reference model that the kernel's behaviour is compared against.
+//!
+//! Rules (everything else passes, and ports 587/465 are never looked at):
+//! - egress: TCP destination port 25, source in SUBSCRIBERS, source not in ALLOW → drop;
+//! - inbound (MAAWG practice 6): TCP source port 25, destination in SUBSCRIBERS,
+//!   destination not in ALLOW → drop.
+//!
+//! The rules are defined by addresses and ports only, so the same program is correct on
+//! any interface and hook; the attachment decides which traffic it sees.
+//!
+//! Verifier notes: every helper is `#[inline(always)]` (BPF calls take at most five
+//! arguments, and inlining lets the verifier see constant offsets); loops have constant
+//! trip counts; variable offsets are checked against [`MAX_OFFSET`] before every read.
+
+use crate::{
+    abi::{
+        Config, CounterKey, Direction, Family, FragmentPolicy, Ipv4Key, Ipv6Key, Mode,
+        ParseOutcome, SMTP_PORT, SubscriberValue, Verdict,
+    },
+    packet::{MAX_OFFSET, PacketBuf, load_be16},
+};
+
+/// VLAN tags (802.1Q and 802.1ad, in any order) parsed before giving up.
+pub const MAX_VLAN_TAGS: usize = 2;
+/// IPv6 extension headers walked before giving up.
+pub const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+/// Pre-standard QinQ outer tag, still emitted by some access gear.
+const ETH_P_QINQ_LEGACY: u16 = 0x9100;
+const ETH_P_PPPOE_SESSION: u16 = 0x8864;
+const VLAN_HLEN: usize = 4;
+const PPPOE_HLEN: usize = 8;
+/// RFC 2516: version 1, type 1.
+const PPPOE_VER_TYPE: u8 = 0x11;
+const PPP_IPV4: u16 = 0x0021;
+const PPP_IPV6: u16 = 0x0057;
+
+const IPV4_MIN_HLEN: usize = 20;
+const IPV4_MF: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1FFF;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+const IPV6_FRAG_OFFSET_MASK: u16 = 0xFFF8;
+const IPV6_FRAG_MF: u16 = 0x0001;
+
+/// Policy lookups the classifier needs. Keys are network-order address bytes.
+pub trait Tables {
+    /// The global configuration.
+    fn config(&self) -> Config;
+    /// Longest-prefix match of `addr` in the IPv4 subscriber prefixes.
+    fn subscriber_v4(&self, addr: Ipv4Key) -> Option<SubscriberValue>;
+    /// Longest-prefix match of `addr` in the IPv6 subscriber prefixes.
+    fn subscriber_v6(&self, addr: Ipv6Key) -> Option<SubscriberValue>;
+    /// Whether any IPv4 allowlist prefix covers `addr`.
+    fn allowed_v4(&self, addr: Ipv4Key) -> bool;
+    /// Whether any IPv6 allowlist prefix covers `addr`.
+    fn allowed_v6(&self, addr: Ipv6Key) -> bool;
+}
+
+/// What the hook should do with the packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// Let it through.
+    Pass,
+    /// Drop it.
+    Drop,
+}
+
+/// The full result for one packet: the action plus exactly what to count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Outcome {
+    /// What to do.
+    pub action: Action,
+    /// The parse counter to bump (always exactly one).
+    pub parse: ParseOutcome,
+    /// The verdict counter to bump, when one of the rules looked at the packet.
+    pub counter: Option<CounterKey>,
+}
+
+impl Outcome {
+    #[inline(always)]
+    const fn pass(parse: ParseOutcome) -> Self {
+        Self {
+            action: Action::Pass,
+            parse,
+            counter: None,
+        }
+    }
+}
+
+/// An address family's lookups, so the rules are written once for IPv4 and IPv6.
+trait Address: Copy {
+    const FAMILY: Family;
+    fn subscriber<T: Tables>(self, tables: &T) -> Option<SubscriberValue>;
+    fn allowed<T: Tables>(self, tables: &T) -> bool;
+}
+
+impl Address for Ipv4Key {
+    const FAMILY: Family = Family::IPV4;
+    #[inline(always)]
+    fn subscriber<T: Tables>(self, tables: &T) -> Option<SubscriberValue> {
+        tables.subscriber_v4(self)
+    }
+    #[inline(always)]
+    fn allowed<T: Tables>(self, tables: &T) -> bool {
+        tables.allowed_v4(self)
+    }
+}
+
+impl Address for Ipv6Key {
+    const FAMILY: Family = Family::IPV6;
+    #[inline(always)]
+    fn subscriber<T: Tables>(self, tables: &T) -> Option<SubscriberValue> {
+        tables.subscriber_v6(self)
+    }
+    #[inline(always)]
+    fn allowed<T: Tables>(self, tables: &T) -> bool {
+        tables.allowed_v6(self)
+    }
+}
+
+/// Classifies one Ethernet frame.
+#[inline(always)]
+pub fn classify<P: PacketBuf, T: Tables>(pkt: &P, tables: &T) -> Outcome {
+    match parse_l2(pkt) {
+        Ok((ETH_P_IPV4, offset)) => classify_ipv4(pkt, offset, tables),
+        Ok((ETH_P_IPV6, offset)) => classify_ipv6(pkt, offset, tables),
+        Ok(_) => Outcome::pass(ParseOutcome::NOT_IP),
+        Err(outcome) => Outcome::pass(outcome),
+    }
+}
+
+#[inline(always)]
+const fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD || ethertype == ETH_P_QINQ_LEGACY
+}
+
+/// Ethernet, up to [`MAX_VLAN_TAGS`] tags, then an optional PPPoE session header.
+/// Returns the ethertype of the IP header (PPP protocols are mapped to ethertypes) and
+/// its offset.
+#[inline(always)]
+fn parse_l2<P: PacketBuf>(pkt: &P) -> Result<(u16, usize), ParseOutcome> {
+    let mut ethertype = load_be16(pkt, ETH_HLEN - 2).ok_or(ParseOutcome::TRUNCATED)?;
+    let mut offset = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if !is_vlan(ethertype) {
+            break;
+        }
+        // A tag is TCI (2 bytes) then the encapsulated ethertype.
+        ethertype = load_be16(pkt, offset + 2).ok_or(ParseOutcome::TRUNCATED)?;
+        offset += VLAN_HLEN;
+    }
+    if is_vlan(ethertype) {
+        return Err(ParseOutcome::VLAN_TOO_DEEP);
+    }
+    if ethertype == ETH_P_PPPOE_SESSION {
+        let [
+            ver_type,
+            code,
+            _sid_hi,
+            _sid_lo,
+            _len_hi,
+            _len_lo,
+            proto_hi,
+            proto_lo,
+        ] = pkt
+            .load::<[u8; PPPOE_HLEN]>(offset)
+            .ok_or(ParseOutcome::TRUNCATED)?;
+        // Session data frames have code 0; anything else is not carrying our traffic.
+        if ver_type != PPPOE_VER_TYPE || code != 0 {
+            return Err(ParseOutcome::PPPOE_NOT_IP);
+        }
+        offset += PPPOE_HLEN;
+        ethertype = match u16::from_be_bytes([proto_hi, proto_lo]) {
+            PPP_IPV4 => ETH_P_IPV4,
+            PPP_IPV6 => ETH_P_IPV6,
+            _ => return Err(ParseOutcome::PPPOE_NOT_IP),
+        };
+    }
+    Ok((ethertype, offset))
+}
+
+#[inline(always)]
+fn classify_ipv4<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) -> Outcome {
+    let Some(header) = pkt.load::<[u8; IPV4_MIN_HLEN]>(offset) else {
+        return Outcome::pass(ParseOutcome::TRUNCATED);
+    };
+    let [
+        version_ihl,
+        _tos,
+        _len_hi,
+        _len_lo,
+        _id_hi,
+        _id_lo,
+        frag_hi,
+        frag_lo,
+        _ttl,
+        protocol,
+        _csum_hi,
+        _csum_lo,
+        s0,
+        s1,
+        s2,
+        s3,
+        d0,
+        d1,
+        d2,
+        d3,
+    ] = header;
+    let ihl = usize::from(version_ihl & 0x0F);
+    if version_ihl >> 4 != 4 || ihl < 5 {
+        return Outcome::pass(ParseOutcome::BAD_IP_HEADER);
+    }
+    if protocol != IPPROTO_TCP {
+        return Outcome::pass(ParseOutcome::NOT_TCP);
+    }
+    let src = Ipv4Key([s0, s1, s2, s3]);
+    let dst = Ipv4Key([d0, d1, d2, d3]);
+    let frag = u16::from_be_bytes([frag_hi, frag_lo]);
+    if frag & IPV4_OFFSET_MASK != 0 {
+        return fragment(ParseOutcome::NON_FIRST_FRAGMENT, src, dst, tables);
+    }
+    // IHL counts 32-bit words and is at most 15, so options never push this past 60.
+    classify_tcp(pkt, offset + ihl * 4, frag & IPV4_MF != 0, src, dst, tables)
+}
+
+#[inline(always)]
+const fn is_ipv6_ext(next: u8) -> bool {
+    matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_FRAGMENT | IPPROTO_AH | IPPROTO_DSTOPTS
+    )
+}
+
+#[inline(always)]
+fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) -> Outcome {
+    let (Some(fixed), Some(src), Some(dst)) = (
+        pkt.load::<[u8; 8]>(offset),
+        pkt.load::<[u8; 16]>(offset + 8),
+        pkt.load::<[u8; 16]>(offset + 24),
+    ) else {
+        return Outcome::pass(ParseOutcome::TRUNCATED);
+    };
+    let [
+        version_tc,
+        _tc_flow,
+        _flow1,
+        _flow2,
+        _len_hi,
+        _len_lo,
+        mut next,
+        _hop_limit,
+    ] = fixed;
+    if version_tc >> 4 != 6 {
+        return Outcome::pass(ParseOutcome::BAD_IP_HEADER);
+    }
+    let (src, dst) = (Ipv6Key(src), Ipv6Key(dst));
+
+    let mut l4 = offset + IPV6_HLEN;
+    let mut more_fragments = false;
+    let mut non_first_fragment = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        if l4 > MAX_OFFSET {
+            return Outcome::pass(ParseOutcome::TRUNCATED);
+        }
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let Some([next_header, len]) = pkt.load::<[u8; 2]>(l4) else {
+                    return Outcome::pass(ParseOutcome::TRUNCATED);
+                };
+                next = next_header;
+                // RFC 8200: length in 8-octet units, not counting the first 8.
+                l4 += (usize::from(len) + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let Some([next_header, len]) = pkt.load::<[u8; 2]>(l4) else {
+                    return Outcome::pass(ParseOutcome::TRUNCATED);
+                };
+                next = next_header;
+                // RFC 4302: length in 4-octet units, minus 2.
+                l4 += (usize::from(len) + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let Some([next_header, _reserved, off_hi, off_lo]) = pkt.load::<[u8; 4]>(l4) else {
+                    return Outcome::pass(ParseOutcome::TRUNCATED);
+                };
+                next = next_header;
+                l4 += 8;
+                let frag = u16::from_be_bytes([off_hi, off_lo]);
+                more_fragments = frag & IPV6_FRAG_MF != 0;
+                if frag & IPV6_FRAG_OFFSET_MASK != 0 {
+                    non_first_fragment = true;
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+
+    if non_first_fragment {
+        // The fragment header names the first header of the fragmentable part: TCP, or an
+        // extension header that may precede it. Either way the ports are out of sight.
+        return if next == IPPROTO_TCP || is_ipv6_ext(next) {
+            fragment(ParseOutcome::NON_FIRST_FRAGMENT, src, dst, tables)
+        } else {
+            Outcome::pass(ParseOutcome::NOT_TCP)
+        };
+    }
+    if next == IPPROTO_TCP {
+        classify_tcp(pkt, l4, more_fragments, src, dst, tables)
+    } else if is_ipv6_ext(next) {
+        Outcome::pass(ParseOutcome::EXT_CHAIN_TOO_LONG)
+    } else {
+        Outcome::pass(ParseOutcome::NOT_TCP)
+    }
+}
+
+/// Reads the ports at `l4` and applies the rules.
+#[inline(always)]
+fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
+    pkt: &P,
+    l4: usize,
+    more_fragments: bool,
+    src: A,
+    dst: A,
+    tables: &T,
+) -> Outcome {
+    let ports = if l4 > MAX_OFFSET {
+        None
+    } else {
+        pkt.load::<[u8; 4]>(l4)
+    };
+    match ports {
+        Some([sport_hi, sport_lo, dport_hi, dport_lo]) => {
+            let sport = u16::from_be_bytes([sport_hi, sport_lo]);
+            let dport = u16::from_be_bytes([dport_hi, dport_lo]);
+            let (action, counter) =
+                decide(tables, src, dst, dport == SMTP_PORT, sport == SMTP_PORT);
+            Outcome {
+                action,
+                parse: ParseOutcome::TCP,
+                counter,
+            }
+        }
+        // A first fragment cut before the ports is as blind as a non-first one.
+        None if more_fragments => fragment(ParseOutcome::SHORT_FIRST_FRAGMENT, src, dst, tables),
+        None => Outcome::pass(ParseOutcome::TRUNCATED),
+    }
+}
+
+/// A TCP fragment without visible ports: fail open, or (fail closed) treat it as a match
+/// of both rules so that only allowlisted or non-subscriber traffic gets through.
+#[inline(always)]
+fn fragment<T: Tables, A: Address>(parse: ParseOutcome, src: A, dst: A, tables: &T) -> Outcome {
+    if tables.config().fragments != FragmentPolicy::DROP {
+        return Outcome::pass(parse);
+    }
+    let (action, counter) = decide(tables, src, dst, true, true);
+    Outcome {
+        action,
+        parse,
+        counter,
+    }
+}
+
+/// Applies the egress rule (if `egress`) and the inbound rule (if `inbound`). One verdict
+/// is counted: the first rule that matched, else the first rule evaluated.
+#[inline(always)]
+fn decide<T: Tables, A: Address>(
+    tables: &T,
+    src: A,
+    dst: A,
+    egress: bool,
+    inbound: bool,
+) -> (Action, Option<CounterKey>) {
+    let mut first = None;
+    if egress {
+        let key = CounterKey::new(Direction::EGRESS, A::FAMILY, rule(tables, src));
+        if key.verdict.is_match() {
+            return (action_of(key.verdict), Some(key));
+        }
+        first = Some(key);
+    }
+    if inbound {
+        let key = CounterKey::new(Direction::INBOUND, A::FAMILY, rule(tables, dst));
+        if key.verdict.is_match() || first.is_none() {
+            return (action_of(key.verdict), Some(key));
+        }
+    }
+    (Action::Pass, first)
+}
+
+/// One rule, given that its port matched: `subscriber` is the address that must be in
+/// subscriber space (the source for egress, the destination for inbound).
+#[inline(always)]
+fn rule<T: Tables, A: Address>(tables: &T, subscriber: A) -> Verdict {
+    let Some(prefix) = subscriber.subscriber(tables) else {
+        return Verdict::PASSED;
+    };
+    if subscriber.allowed(tables) {
+        return Verdict::ALLOWLISTED;
+    }
+    if prefix.mode.effective(tables.config().mode) == Mode::MONITOR {
+        Verdict::WOULD_DROP
+    } else {
+        Verdict::DROPPED
+    }
+}
+
+#[inline(always)]
+fn action_of(verdict: Verdict) -> Action {
+    if verdict == Verdict::DROPPED {
+        Action::Drop
+    } else {
+        Action::Pass
+    }
+}

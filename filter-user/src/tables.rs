@@ -1,0 +1,292 @@
+//! The kernel's maps, typed: policy (subscribers, allowlist, config) and statistics
+//! (verdict and parse counters, summed over CPUs).
+
+use std::{collections::BTreeMap, io};
+
+use aya::{
+    Ebpf,
+    maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+};
+use filter_common::{
+    abi::{
+        AllowValue, CONFIG_INDEX, COUNTER_SLOTS, Config, Counter, CounterKey, Ipv4Key, Ipv6Key,
+        ParseOutcome, SubscriberValue, map_names,
+    },
+    classify::Outcome,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use crate::{Error, check_prefix};
+
+/// Typed handles on all of the object's maps.
+pub struct KernelTables {
+    subscribers_v4: LpmTrie<MapData, Ipv4Key, SubscriberValue>,
+    subscribers_v6: LpmTrie<MapData, Ipv6Key, SubscriberValue>,
+    allow_v4: LpmTrie<MapData, Ipv4Key, AllowValue>,
+    allow_v6: LpmTrie<MapData, Ipv6Key, AllowValue>,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, Counter>,
+    parse_counters: PerCpuArray<MapData, Counter>,
+}
+
+impl std::fmt::Debug for KernelTables {
+    // aya's Array and PerCpuArray do not implement Debug; the handles carry nothing an
+    // operator could use anyway.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelTables").finish_non_exhaustive()
+    }
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+fn v4_key(net: Ipv4Net) -> Key<Ipv4Key> {
+    Key::new(u32::from(net.prefix_len()), Ipv4Key::from(net.network()))
+}
+
+fn v6_key(net: Ipv6Net) -> Key<Ipv6Key> {
+    Key::new(u32::from(net.prefix_len()), Ipv6Key::from(net.network()))
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> Error {
+    move |source| Error::Map { name, source }
+}
+
+/// Turns "no such key" into `Ok(false)`: removing what is not there is not an error for a
+/// reconciler, while any other failure is.
+fn removed(name: &'static str, result: Result<(), MapError>) -> Result<bool, Error> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(MapError::KeyNotFound) => Ok(false),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(Error::Map { name, source }),
+    }
+}
+
+fn entries<K, V, N>(
+    name: &'static str,
+    trie: &LpmTrie<MapData, K, V>,
+    net: impl Fn(u8, K) -> Option<N>,
+) -> Result<Vec<(N, V)>, Error>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+{
+    let mut out = Vec::new();
+    for item in trie.iter() {
+        let (key, value) = item.map_err(map_err(name))?;
+        let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
+        if let Some(net) = net(len, key.data()) {
+            out.push((net, value));
+        }
+    }
+    Ok(out)
+}
+
+impl KernelTables {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
+        Ok(Self {
+            subscribers_v4: take(ebpf, map_names::SUBSCRIBERS_V4)?,
+            subscribers_v6: take(ebpf, map_names::SUBSCRIBERS_V6)?,
+            allow_v4: take(ebpf, map_names::ALLOW_V4)?,
+            allow_v6: take(ebpf, map_names::ALLOW_V6)?,
+            config: take(ebpf, map_names::CONFIG)?,
+            counters: take(ebpf, map_names::COUNTERS)?,
+            parse_counters: take(ebpf, map_names::PARSE_COUNTERS)?,
+        })
+    }
+
+    /// Adds or replaces a subscriber prefix. Rejects host bits.
+    pub fn insert_subscriber(&mut self, net: IpNet, value: SubscriberValue) -> Result<(), Error> {
+        match check_prefix(net)? {
+            IpNet::V4(net) => self
+                .subscribers_v4
+                .insert(&v4_key(net), value, 0)
+                .map_err(map_err(map_names::SUBSCRIBERS_V4)),
+            IpNet::V6(net) => self
+                .subscribers_v6
+                .insert(&v6_key(net), value, 0)
+                .map_err(map_err(map_names::SUBSCRIBERS_V6)),
+        }
+    }
+
+    /// Removes a subscriber prefix; `Ok(false)` if it was not there.
+    pub fn remove_subscriber(&mut self, net: IpNet) -> Result<bool, Error> {
+        match check_prefix(net)? {
+            IpNet::V4(net) => removed(
+                map_names::SUBSCRIBERS_V4,
+                self.subscribers_v4.remove(&v4_key(net)),
+            ),
+            IpNet::V6(net) => removed(
+                map_names::SUBSCRIBERS_V6,
+                self.subscribers_v6.remove(&v6_key(net)),
+            ),
+        }
+    }
+
+    /// Adds or replaces an allowlist prefix. Rejects host bits.
+    pub fn insert_allow(&mut self, net: IpNet, value: AllowValue) -> Result<(), Error> {
+        match check_prefix(net)? {
+            IpNet::V4(net) => self
+                .allow_v4
+                .insert(&v4_key(net), value, 0)
+                .map_err(map_err(map_names::ALLOW_V4)),
+            IpNet::V6(net) => self
+                .allow_v6
+                .insert(&v6_key(net), value, 0)
+                .map_err(map_err(map_names::ALLOW_V6)),
+        }
+    }
+
+    /// Removes an allowlist prefix; `Ok(false)` if it was not there.
+    pub fn remove_allow(&mut self, net: IpNet) -> Result<bool, Error> {
+        match check_prefix(net)? {
+            IpNet::V4(net) => removed(map_names::ALLOW_V4, self.allow_v4.remove(&v4_key(net))),
+            IpNet::V6(net) => removed(map_names::ALLOW_V6, self.allow_v6.remove(&v6_key(net))),
+        }
+    }
+
+    /// All subscriber prefixes, IPv4 then IPv6.
+    pub fn subscribers(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
+        let mut out = entries(map_names::SUBSCRIBERS_V4, &self.subscribers_v4, |len, k| {
+            Ipv4Net::new(k.into(), len).ok().map(IpNet::V4)
+        })?;
+        out.extend(entries(
+            map_names::SUBSCRIBERS_V6,
+            &self.subscribers_v6,
+            |len, k| Ipv6Net::new(k.into(), len).ok().map(IpNet::V6),
+        )?);
+        Ok(out)
+    }
+
+    /// All allowlist prefixes, IPv4 then IPv6.
+    pub fn allowlist(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
+        let mut out = entries(map_names::ALLOW_V4, &self.allow_v4, |len, k| {
+            Ipv4Net::new(k.into(), len).ok().map(IpNet::V4)
+        })?;
+        out.extend(entries(map_names::ALLOW_V6, &self.allow_v6, |len, k| {
+            Ipv6Net::new(k.into(), len).ok().map(IpNet::V6)
+        })?);
+        Ok(out)
+    }
+
+    /// Removes every subscriber and allowlist entry (tests use it between rounds).
+    pub fn clear_policy(&mut self) -> Result<(), Error> {
+        for (net, _) in self.subscribers()? {
+            self.remove_subscriber(net)?;
+        }
+        for (net, _) in self.allowlist()? {
+            self.remove_allow(net)?;
+        }
+        Ok(())
+    }
+
+    /// The global configuration.
+    pub fn config(&self) -> Result<Config, Error> {
+        self.config
+            .get(&CONFIG_INDEX, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Replaces the global configuration.
+    pub fn set_config(&mut self, config: Config) -> Result<(), Error> {
+        self.config
+            .set(CONFIG_INDEX, config, 0)
+            .map_err(map_err(map_names::CONFIG))
+    }
+
+    /// Reads all counters, summed over CPUs.
+    pub fn counters(&self) -> Result<CounterSnapshot, Error> {
+        let mut snapshot = CounterSnapshot::default();
+        for index in 0..COUNTER_SLOTS {
+            let total = sum(&self.counters, index, map_names::COUNTERS)?;
+            if let Some(key) = CounterKey::from_index(index) {
+                snapshot.verdicts.insert(key, total);
+            }
+        }
+        for index in 0..ParseOutcome::COUNT {
+            let total = sum(
+                &self.parse_counters,
+                u32::from(index),
+                map_names::PARSE_COUNTERS,
+            )?;
+            snapshot.parse.insert(ParseOutcome(index), total);
+        }
+        Ok(snapshot)
+    }
+}
+
+fn sum(
+    map: &PerCpuArray<MapData, Counter>,
+    index: u32,
+    name: &'static str,
+) -> Result<Counter, Error> {
+    let values = map.get(&index, 0).map_err(map_err(name))?;
+    Ok(values
+        .iter()
+        .fold(Counter::default(), |acc, c| acc.plus(*c)))
+}
+
+/// All counters at one moment, summed over CPUs. Also the model of what the hooks count:
+/// [`CounterSnapshot::record`] does for an [`Outcome`] what the eBPF `run` does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Verdict counters by key.
+    pub verdicts: BTreeMap<CounterKey, Counter>,
+    /// Parse-outcome counters.
+    pub parse: BTreeMap<ParseOutcome, Counter>,
+}
+
+impl CounterSnapshot {
+    /// One verdict counter (zero if absent).
+    pub fn verdict(&self, key: CounterKey) -> Counter {
+        self.verdicts.get(&key).copied().unwrap_or_default()
+    }
+
+    /// One parse counter (zero if absent).
+    pub fn parse(&self, outcome: ParseOutcome) -> Counter {
+        self.parse.get(&outcome).copied().unwrap_or_default()
+    }
+
+    /// Counts one packet of `bytes` with this outcome, as the dataplane does.
+    pub fn record(&mut self, outcome: &Outcome, bytes: u64) {
+        let one = Counter { packets: 1, bytes };
+        let parse = self.parse.entry(outcome.parse).or_default();
+        *parse = parse.plus(one);
+        if let Some(key) = outcome.counter {
+            let verdict = self.verdicts.entry(key).or_default();
+            *verdict = verdict.plus(one);
+        }
+    }
+
+    /// What was counted since `earlier`, with zero entries dropped so that snapshots
+    /// compare by what actually happened.
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        fn diff<K: Ord + Copy>(
+            now: &BTreeMap<K, Counter>,
+            then: &BTreeMap<K, Counter>,
+        ) -> BTreeMap<K, Counter> {
+            now.iter()
+                .filter_map(|(k, c)| {
+                    let before = then.get(k).copied().unwrap_or_default();
+                    let d = Counter {
+                        packets: c.packets.wrapping_sub(before.packets),
+                        bytes: c.bytes.wrapping_sub(before.bytes),
+                    };
+                    (d != Counter::default()).then_some((*k, d))
+                })
+                .collect()
+        }
+        Self {
+            verdicts: diff(&self.verdicts, &earlier.verdicts),
+            parse: diff(&self.parse, &earlier.parse),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! `cargo xtask`: the one entry point for setting up, building, linting and testing p25.
+//!
+//! CI and the README both use `cargo xtask test`, so what a developer runs locally is
+//! exactly what CI runs.
+
+mod cmd;
+mod setup;
+
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for p25, the eBPF port-25 filter.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install build and test prerequisites and mount the BPF filesystem (needs root).
+    ///
+    /// Installs nightly rust-src, bpf-linker (built against nightly's LLVM) and the Debian
+    /// packages the tests call, and mounts bpffs at /sys/fs/bpf. Each step only acts when
+    /// needed, so this is fast and safe to run every time.
+    Setup,
+    /// Run setup, then build every crate and target of the workspace.
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, check formatting, run clippy, then run the whole test suite as root.
+    Test {
+        /// Skip the formatting check and clippy (for quick local loops).
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test`, after `--` (e.g. `-- differential`).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run setup, then check formatting and run clippy.
+    ///
+    /// Setup is needed because clippy runs filter-user's build script, which builds the
+    /// eBPF object with bpf-linker.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Printed by hand rather than returned from main: anyhow's Debug output adds a
+            // stack backtrace whenever RUST_BACKTRACE is set, which only buries the message
+            // an operator needs.
+            eprintln!("error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::run(),
+        Task::Build { release } => build(release),
+        Task::Test {
+            no_lint,
+            cargo_test_args,
+        } => test(no_lint, &cargo_test_args),
+        Task::Lint => {
+            setup::run()?;
+            lint()
+        }
+    }
+}
+
+fn build(release: bool) -> Result<()> {
+    setup::run()?;
+    let mut cargo = cmd::cargo()?;
+    // filter-ebpf only builds for the BPF target; filter-user's build script builds it.
+    cargo.args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "filter-ebpf",
+        "--all-targets",
+    ]);
+    if release {
+        cargo.arg("--release");
+    }
+    cmd::run(&mut cargo).context("build failed")
+}
+
+fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
+    setup::run()?;
+    if !no_lint {
+        lint()?;
+    }
+    let mut cargo = cmd::cargo()?;
+    cargo
+        // --no-fail-fast: one failing test binary must not hide failures in the others.
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "filter-ebpf",
+            "--no-fail-fast",
+        ])
+        // The privileged tests never skip: without root they fail with a message saying
+        // so, because a skipped kernel test proves nothing.
+        .args(cargo_test_args);
+    cmd::run(&mut cargo).context("tests failed")?;
+    println!("xtask test: all steps passed");
+    Ok(())
+}
+
+/// The formatting check and clippy, shared by `lint` and `test`.
+fn lint() -> Result<()> {
+    cmd::run(cmd::cargo()?.args(["fmt", "--all", "--", "--check"]))
+        .context("formatting check failed; run `cargo fmt --all` to fix it")?;
+    cmd::run(cmd::cargo()?.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "filter-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("clippy found problems")?;
+    // The eBPF crate is linted as what it is: a no_std program for the BPF target, built by
+    // nightly with build-std (host clippy would lint a binary that can never exist).
+    let mut ebpf = std::process::Command::new("rustup");
+    ebpf.current_dir(cmd::workspace_root()?)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "filter-ebpf",
+        ])
+        .args([
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--release",
+        ])
+        .args(["--", "-D", "warnings"]);
+    cmd::run(&mut ebpf).context("clippy found problems in the eBPF crate")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_trailing_args_to_cargo_test() -> Result<()> {
+        let cli = Cli::try_parse_from(["xtask", "test", "--no-lint", "--", "differential"])?;
+        let Task::Test {
+            no_lint,
+            cargo_test_args,
+        } = cli.task
+        else {
+            anyhow::bail!("parsed as {:?}", cli.task);
+        };
+        assert!(no_lint);
+        assert_eq!(cargo_test_args, ["differential"]);
+        Ok(())
+    }
+}
