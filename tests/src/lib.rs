@@ -1,1 +1,28 @@
+//! Support code for the p25 integration tests (the tests themselves are in `tests/tests/`).
+//!
+//! - [`harness`]: load the real programs and run them with BPF_PROG_TEST_RUN.
+//! - [`packet`]: build frames (VLAN, QinQ, PPPoE, IPv4 options, IPv6 extension headers).
+//! - [`netns`]: network namespaces with cleanup on drop, for real-traffic tests.
+//!
+//! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
+//! message saying so: they never skip, because a skipped kernel test proves nothing.
 
+pub mod harness;
+pub mod netns;
+pub mod packet;
+
+/// Fails the calling test unless it runs as root.
+///
+/// # Panics
+///
+/// When not root: that is the point.
+#[track_caller]
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "p25's tests load eBPF programs and create network namespaces, so they must run \
+         as root (euid is {euid}); run `cargo xtask test` as root"
+    );
+}

@@ -1,0 +1,95 @@
+//! The real programs under BPF_PROG_TEST_RUN, next to the reference model.
+
+use anyhow::{Context as _, Result, bail};
+use aya::programs::{TestRun as _, TestRunOptions};
+use filter_common::classify::Action;
+use filter_user::{Dataplane, KernelTables, loader::Capacity};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_PIPE: u32 = 3;
+
+/// Which entry point to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    /// `p25_xdp`.
+    Xdp,
+    /// `p25_tc`.
+    Tc,
+}
+
+impl Hook {
+    /// Both hooks, in the order tests run them.
+    pub const ALL: [Self; 2] = [Self::Xdp, Self::Tc];
+}
+
+/// Whether the kernel will BPF_PROG_TEST_RUN `frame` through a TC program at all.
+///
+/// For skb programs the kernel refuses (EINVAL) a frame whose outer ethertype is IPv4 or
+/// IPv6 but which is shorter than the fixed IP header (34 and 54 bytes), and anything
+/// shorter than 15 bytes. XDP has no such rule, so such frames are still compared on XDP
+/// and the model; callers count how many TC runs were impossible rather than hide them.
+pub fn tc_can_run(frame: &[u8]) -> bool {
+    let min = match frame.get(12..14) {
+        Some([0x08, 0x00]) => 34,
+        Some([0x86, 0xDD]) => 54,
+        _ => 15,
+    };
+    frame.len() >= min
+}
+
+/// A freshly loaded, private copy of the dataplane (its maps are not shared with any other
+/// test) and typed handles on its maps.
+#[derive(Debug)]
+pub struct Harness {
+    /// The loaded programs.
+    pub dataplane: Dataplane,
+    /// Its maps.
+    pub tables: KernelTables,
+}
+
+impl Harness {
+    /// Loads with default map capacities.
+    pub fn new() -> Result<Self> {
+        Self::with_capacity(Capacity::default())
+    }
+
+    /// Loads with the given map capacities.
+    pub fn with_capacity(capacity: Capacity) -> Result<Self> {
+        crate::require_root();
+        let mut dataplane = Dataplane::load_with(capacity).context("loading the dataplane")?;
+        let tables = dataplane.take_tables()?;
+        Ok(Self { dataplane, tables })
+    }
+
+    /// Runs `frame` through one hook once and maps its return code to an [`Action`].
+    /// Any other return code is an error: the hooks must only ever pass or drop.
+    pub fn run(&mut self, hook: Hook, frame: &[u8]) -> Result<Action> {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::default()
+        };
+        let (code, pass, drop) = match hook {
+            Hook::Xdp => (self.dataplane.xdp()?.test_run(opts), XDP_PASS, XDP_DROP),
+            Hook::Tc => (
+                self.dataplane.tc()?.test_run(opts),
+                TC_ACT_PIPE,
+                TC_ACT_SHOT,
+            ),
+        };
+        let code = code
+            .with_context(|| {
+                format!(
+                    "BPF_PROG_TEST_RUN of {hook:?} on a {}-byte frame",
+                    frame.len()
+                )
+            })?
+            .return_value;
+        match code {
+            c if c == pass => Ok(Action::Pass),
+            c if c == drop => Ok(Action::Drop),
+            other => bail!("{hook:?} returned unexpected code {other}"),
+        }
+    }
+}
