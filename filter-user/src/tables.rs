@@ -201,6 +201,20 @@ impl KernelTables {
             .map_err(map_err(map_names::CONFIG))
     }
 
+    /// One verdict counter, summed over CPUs.
+    pub fn verdict_counter(&self, key: CounterKey) -> Result<Counter, Error> {
+        sum(&self.counters, key.index(), map_names::COUNTERS)
+    }
+
+    /// One parse-outcome counter, summed over CPUs.
+    pub fn parse_counter(&self, outcome: ParseOutcome) -> Result<Counter, Error> {
+        sum(
+            &self.parse_counters,
+            outcome.index(),
+            map_names::PARSE_COUNTERS,
+        )
+    }
+
     /// Reads all counters, summed over CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, Error> {
         let mut snapshot = CounterSnapshot::default();
