@@ -1,0 +1,168 @@
+//! The dataplane at production scale: 100k subscriber prefixes and 1M allowlist entries,
+//! IPv4 and IPv6 mixed. The programs are loaded (verified) against maps of that capacity,
+//! filled, and must still agree with the reference model on every sampled packet.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Instant,
+};
+
+use anyhow::{Result, ensure};
+use filter_common::abi::{AllowValue, Config, FragmentPolicy, Mode, Origin, SubscriberValue};
+use filter_user::model::ModelTables;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use p25_tests::{
+    harness::{Harness, Hook},
+    packet::Pkt,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+const SUBSCRIBERS_V4: usize = 50_000;
+const SUBSCRIBERS_V6: usize = 50_000;
+const ALLOW_V4: usize = 500_000;
+const ALLOW_V6: usize = 500_000;
+const SAMPLES: usize = 5_000;
+
+/// A random /26 inside 100.64.0.0/10 (65,536 of them exist).
+fn sub_v4(rng: &mut StdRng) -> Result<Ipv4Net> {
+    let base = 0x6440_0000 | ((rng.random::<u32>() & 0xFFFF) << 6);
+    Ok(Ipv4Net::new(Ipv4Addr::from(base), 26)?)
+}
+
+/// A random /56 inside 2001:db8::/32 (a bounded set, so allow entries can land in them).
+fn sub_v6(rng: &mut StdRng) -> Result<Ipv6Net> {
+    let site = u128::from(rng.random::<u32>() & 0x00FF_FFFF) << 72;
+    Ok(Ipv6Net::new(
+        Ipv6Addr::from((0x2001_0db8_u128 << 96) | site),
+        56,
+    )?)
+}
+
+fn inside_v4(rng: &mut StdRng, net: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) | (rng.random::<u32>() & !u32::from(net.netmask())))
+}
+
+fn inside_v6(rng: &mut StdRng, net: Ipv6Net) -> Ipv6Addr {
+    // Stay within a few hundred hosts per /56 so that allow entries get hit.
+    let host = u128::from(rng.random::<u16>() & 0x1FF);
+    Ipv6Addr::from(u128::from(net.network()) | host)
+}
+
+#[test]
+fn one_million_allow_entries_and_100k_prefixes() -> Result<()> {
+    let mut rng = StdRng::seed_from_u64(0x5053_2525);
+    let mut harness = Harness::new()?;
+    let mut model = ModelTables::default();
+    let config = Config {
+        mode: Mode::ENFORCE,
+        fragments: FragmentPolicy::DROP,
+        _pad: [0; 2],
+        generation: 1,
+    };
+    harness.tables.set_config(config)?;
+    model.config = config;
+
+    let mut v4_subs = Vec::new();
+    let mut v6_subs = Vec::new();
+    let mut seen = HashSet::new();
+    while v4_subs.len() < SUBSCRIBERS_V4 {
+        let net = sub_v4(&mut rng)?;
+        if seen.insert(IpNet::V4(net)) {
+            v4_subs.push(net);
+        }
+    }
+    while v6_subs.len() < SUBSCRIBERS_V6 {
+        let net = sub_v6(&mut rng)?;
+        if seen.insert(IpNet::V6(net)) {
+            v6_subs.push(net);
+        }
+    }
+
+    let started = Instant::now();
+    for (i, net) in v4_subs
+        .iter()
+        .map(|n| IpNet::V4(*n))
+        .chain(v6_subs.iter().map(|n| IpNet::V6(*n)))
+        .enumerate()
+    {
+        // Every tenth prefix in monitor mode, so both modes are exercised at scale.
+        let mode = if i % 10 == 0 {
+            Mode::MONITOR
+        } else {
+            Mode::DEFAULT
+        };
+        harness
+            .tables
+            .insert_subscriber(net, SubscriberValue::new(mode))?;
+        model.insert_subscriber(net, SubscriberValue::new(mode))?;
+    }
+    let mut allow = HashSet::new();
+    let mut pick = 0_usize;
+    while allow.len() < ALLOW_V4 + ALLOW_V6 {
+        pick += 1;
+        let net = if allow.len() < ALLOW_V4 {
+            let sub = v4_subs.get(pick % v4_subs.len()).copied();
+            sub.map(|s| IpNet::from(IpAddr::V4(inside_v4(&mut rng, s))))
+        } else {
+            let sub = v6_subs.get(pick % v6_subs.len()).copied();
+            sub.map(|s| IpNet::from(IpAddr::V6(inside_v6(&mut rng, s))))
+        };
+        if let Some(net) = net
+            && allow.insert(net)
+        {
+            let value = AllowValue::new(Origin::POLICY);
+            harness.tables.insert_allow(net, value)?;
+            model.insert_allow(net, value)?;
+        }
+    }
+    let filled = started.elapsed();
+    println!(
+        "filled {} subscriber prefixes and {} allowlist entries in {:.1} s",
+        v4_subs.len() + v6_subs.len(),
+        allow.len(),
+        filled.as_secs_f64()
+    );
+
+    let mut compared = 0;
+    let mut hits = [0_usize; 2]; // [dropped, passed-but-ruled]
+    for i in 0..SAMPLES {
+        let pkt = if i % 2 == 0 {
+            let sub = v4_subs.get(rng.random_range(0..v4_subs.len())).copied();
+            let src = sub.map_or(Ipv4Addr::LOCALHOST, |s| inside_v4(&mut rng, s));
+            Pkt::v4(src, 40000, Ipv4Addr::new(198, 51, 100, 25), 25)
+        } else {
+            let sub = v6_subs.get(rng.random_range(0..v6_subs.len())).copied();
+            let src = sub.map_or(Ipv6Addr::LOCALHOST, |s| inside_v6(&mut rng, s));
+            Pkt::v6(
+                src,
+                40000,
+                Ipv6Addr::new(0x2001, 0xdb8, 0x25, 0, 0, 0, 0, 0x25),
+                25,
+            )
+        };
+        let frame = pkt.build();
+        let expected = model.classify(&frame);
+        if let Some(key) = expected.counter {
+            hits[usize::from(!key.verdict.is_match())] += 1;
+        }
+        for hook in Hook::ALL {
+            let action = harness.run(hook, &frame)?;
+            ensure!(
+                action == expected.action,
+                "{hook:?} returned {action:?} for {pkt:?}, model expected {expected:?}"
+            );
+        }
+        compared += 1;
+    }
+    println!(
+        "{compared} packets compared at scale, 0 disagreements ({} matched a rule, {} allowlisted or passed)",
+        hits[0], hits[1]
+    );
+    // Both outcomes must occur, or the sample proved nothing about the allowlist at scale.
+    ensure!(
+        hits[0] > 100 && hits[1] > 100,
+        "degenerate sample: {hits:?}"
+    );
+    Ok(())
+}
