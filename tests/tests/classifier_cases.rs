@@ -41,11 +41,17 @@ const SUB6_ENFORCE: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 8, 0, 0, 0, 5
 const NET6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x25, 0, 0, 0, 0, 0x25);
 const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
 
-fn policy() -> Result<(Vec<(IpNet, SubscriberValue)>, Vec<(IpNet, AllowValue)>)> {
+/// The subscriber prefixes and allowlist every case runs against.
+struct Policy {
+    subscribers: Vec<(IpNet, SubscriberValue)>,
+    allow: Vec<(IpNet, AllowValue)>,
+}
+
+fn policy() -> Result<Policy> {
     let sub = |net: &str, mode| -> Result<_> { Ok((net.parse()?, SubscriberValue::new(mode))) };
     let allow = |net: &str| -> Result<_> { Ok((net.parse()?, AllowValue::new(Origin::POLICY))) };
-    Ok((
-        vec![
+    Ok(Policy {
+        subscribers: vec![
             sub("100.64.0.0/16", Mode::DEFAULT)?,
             sub("100.64.9.0/24", Mode::MONITOR)?,
             sub("100.64.8.0/24", Mode::ENFORCE)?,
@@ -53,12 +59,12 @@ fn policy() -> Result<(Vec<(IpNet, SubscriberValue)>, Vec<(IpNet, AllowValue)>)>
             sub("2001:db8:100:9::/64", Mode::MONITOR)?,
             sub("2001:db8:100:8::/64", Mode::ENFORCE)?,
         ],
-        vec![
+        allow: vec![
             allow("100.64.1.3/32")?,
             allow("100.64.2.0/28")?,
             allow("2001:db8:100:1::3/128")?,
         ],
-    ))
+    })
 }
 
 struct Case {
@@ -754,7 +760,7 @@ fn cases() -> Vec<Case> {
 fn every_rule_and_parse_path_matches_model_xdp_and_tc() -> Result<()> {
     let mut harness = Harness::new()?;
     let mut model = ModelTables::default();
-    let (subscribers, allow) = policy()?;
+    let Policy { subscribers, allow } = policy()?;
     for (net, value) in subscribers {
         harness.tables.insert_subscriber(net, value)?;
         model.insert_subscriber(net, value)?;
