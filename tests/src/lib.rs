@@ -26,3 +26,13 @@ pub fn require_root() {
          as root (euid is {euid}); run `cargo xtask test` as root"
     );
 }
+
+/// Prints a summary line that stays visible in `cargo test` output even when the test
+/// passes: libtest captures `print!`, not direct writes to the stderr handle.
+#[macro_export]
+macro_rules! summary {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}

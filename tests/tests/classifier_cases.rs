@@ -843,7 +843,7 @@ fn every_rule_and_parse_path_matches_model_xdp_and_tc() -> Result<()> {
         missing_counters.is_empty(),
         "no case for counters {missing_counters:?}"
     );
-    println!(
+    p25_tests::summary!(
         "{} hand-written cases agree across model, XDP and TC \
          ({tc_impossible} too short for the kernel's skb test run: XDP and model only)",
         cases.len()

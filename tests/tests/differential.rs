@@ -407,7 +407,7 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
     println!(
         "{tc_impossible} frames too short for the kernel's skb test run (compared on XDP only)"
     );
-    println!("{compared} packets compared, {disagreements} disagreements");
+    p25_tests::summary!("{compared} packets compared, {disagreements} disagreements");
     assert!(
         disagreements == 0,
         "{disagreements} disagreements (seed {seed}); first ones:\n{}",

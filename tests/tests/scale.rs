@@ -117,7 +117,7 @@ fn one_million_allow_entries_and_100k_prefixes() -> Result<()> {
         }
     }
     let filled = started.elapsed();
-    println!(
+    p25_tests::summary!(
         "filled {} subscriber prefixes and {} allowlist entries in {:.1} s",
         v4_subs.len() + v6_subs.len(),
         allow.len(),
@@ -159,9 +159,10 @@ fn one_million_allow_entries_and_100k_prefixes() -> Result<()> {
         }
         compared += 1;
     }
-    println!(
+    p25_tests::summary!(
         "{compared} packets compared at scale, 0 disagreements ({} matched a rule, {} allowlisted or passed)",
-        matched, let_through
+        matched,
+        let_through
     );
     // Both outcomes must occur, or the sample proved nothing about the allowlist at scale.
     ensure!(
