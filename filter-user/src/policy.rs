@@ -1,0 +1,261 @@
+//! The policy file: what p25 filters, where, and who is exempt.
+//!
+//! A policy is a YAML document (schema version 1, described in `docs/policy.md`). Loading
+//! one either yields a [`Checked`] policy, possibly with warnings, or fails with every
+//! problem found, each located at `file:line:column` like a compiler diagnostic, so that
+//! an operator can fix a whole file in one go rather than one error per reload.
+//!
+//! Inside: `raw` is the document as written, deserialized by serde (which catches syntax,
+//! types and unknown fields, with their location); `check` applies the semantic rules
+//! (prefixes, duplicates, ports, limits, expiry) and reports all of them; `locate` and
+//! `scan` find where in the text a value sits, for those rules.
+
+mod check;
+mod locate;
+mod raw;
+mod scan;
+
+use std::{fmt, path::Path, time::SystemTime};
+
+use filter_common::abi::{FragmentPolicy, Mode};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The only schema version this build understands.
+pub const POLICY_VERSION: u32 = 1;
+
+/// Longest `comment` or `owner` accepted on an allowlist entry, in bytes. Free text ends
+/// up in logs and status output, where a pasted e-mail thread does not belong.
+pub const MAX_TEXT_BYTES: usize = 256;
+
+/// A validated policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Schema version; always [`POLICY_VERSION`] once validated.
+    pub version: u32,
+    /// Global settings.
+    pub defaults: Defaults,
+    /// Interfaces to attach to.
+    pub interfaces: Vec<Interface>,
+    /// Subscriber address space, whose port-25 traffic is filtered.
+    pub subscribers: Vec<SubscriberEntry>,
+    /// Exemptions: authorized relays, customers with their own mail servers.
+    pub allow: Vec<AllowEntry>,
+    /// Whether an empty subscriber list was declared intentional.
+    pub allow_empty_subscribers: bool,
+}
+
+/// Global settings (`defaults:`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Defaults {
+    /// Mode of every subscriber prefix that does not set its own.
+    pub mode: PolicyMode,
+    /// Treatment of TCP fragments whose ports cannot be seen.
+    pub fragments: Fragments,
+    /// Ports the rules apply to; version 1 supports exactly `[25]`.
+    pub ports: Vec<u16>,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            mode: PolicyMode::default(),
+            fragments: Fragments::default(),
+            ports: vec![filter_common::abi::SMTP_PORT],
+        }
+    }
+}
+
+/// An interface to attach the filter to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Interface {
+    /// Linux interface name.
+    pub name: String,
+    /// Which side of the router it faces.
+    pub role: Role,
+    /// Which hook to use.
+    pub attach: Attach,
+}
+
+/// A subscriber prefix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SubscriberEntry {
+    /// The prefix, host bits clear.
+    pub prefix: IpNet,
+    /// Its own mode; `None` follows [`Defaults::mode`].
+    pub mode: Option<PolicyMode>,
+}
+
+/// An allowlist entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowEntry {
+    /// The exempted prefix, host bits clear.
+    pub prefix: IpNet,
+    /// Why it is exempt.
+    pub comment: Option<String>,
+    /// Who asked for it, so that stale entries can be chased.
+    pub owner: Option<String>,
+    /// When the exemption ends; the daemon skips expired entries.
+    #[serde(serialize_with = "serialize_expiry")]
+    pub expires: Option<SystemTime>,
+}
+
+impl AllowEntry {
+    /// Whether the entry has expired at `now` (an entry expiring exactly now has).
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires.is_some_and(|at| at <= now)
+    }
+}
+
+// Printed as RFC 3339, as written in the file, rather than serde's seconds-and-nanos
+// struct that nobody can read.
+fn serialize_expiry<S: Serializer>(
+    expires: &Option<SystemTime>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match expires {
+        Some(at) => serializer.collect_str(&humantime::format_rfc3339(*at)),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// Enforcement mode of the policy or of one prefix.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyMode {
+    /// Drop what matches.
+    #[default]
+    Enforce,
+    /// Count what would be dropped, but pass it (roll-out).
+    Monitor,
+}
+
+impl From<PolicyMode> for Mode {
+    fn from(mode: PolicyMode) -> Self {
+        match mode {
+            PolicyMode::Enforce => Self::ENFORCE,
+            PolicyMode::Monitor => Self::MONITOR,
+        }
+    }
+}
+
+/// Treatment of TCP fragments whose ports cannot be seen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fragments {
+    /// Fail open.
+    #[default]
+    Pass,
+    /// Fail closed: treat as port 25 in subscriber space.
+    Drop,
+}
+
+impl From<Fragments> for FragmentPolicy {
+    fn from(fragments: Fragments) -> Self {
+        match fragments {
+            Fragments::Pass => Self::PASS,
+            Fragments::Drop => Self::DROP,
+        }
+    }
+}
+
+/// Which side of the router an interface faces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Towards subscribers.
+    Subscriber,
+    /// Towards the rest of the Internet.
+    Upstream,
+}
+
+/// Which hook to attach with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Attach {
+    /// XDP (ingress only).
+    Xdp,
+    /// TC (clsact or tcx).
+    Tc,
+    /// Let the daemon choose.
+    #[default]
+    Auto,
+}
+
+/// A policy that passed validation, and what is worth a look even so.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Checked {
+    /// The policy.
+    pub policy: Policy,
+    /// Things that are legal but probably not what the operator meant, in file order.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// One finding, located in the policy file.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct Diagnostic {
+    /// The file as named by the caller.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub column: usize,
+    /// What is wrong, naming the offending value.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file, self.line, self.column, self.message
+        )
+    }
+}
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("cannot read policy file {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid policy. Never empty.
+    #[error("{}", DisplayLines(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+/// Every diagnostic on its own line, as a compiler would print them.
+struct DisplayLines<'a>(&'a [Diagnostic]);
+
+impl fmt::Display for DisplayLines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, diagnostic) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates policy `text`; `file` names it in diagnostics.
+pub fn parse(text: &str, file: &str) -> Result<Checked, PolicyError> {
+    check::check(text, file, SystemTime::now(), check::Limits::DATAPLANE)
+}
+
+/// Reads, parses and validates the policy file at `path`.
+pub fn load(path: &Path) -> Result<Checked, PolicyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}

@@ -1,0 +1,97 @@
+//! The policy document as written. Values whose validity is a matter of policy rather than
+//! of type (prefixes, names, timestamps) stay strings here, so that `check` can report all
+//! of them instead of serde stopping at the first.
+
+use serde::{Deserialize, Deserializer, de::IgnoredAny};
+
+use super::{Attach, Fragments, PolicyMode, Role};
+
+/// Only `version`, read before anything else: a document of another version may follow
+/// another schema, and its unknown fields would only bury the one error that matters.
+#[derive(Deserialize)]
+#[serde(expecting = "a p25 policy: a mapping with `version: 1` and `subscribers`")]
+pub(super) struct VersionProbe {
+    #[serde(default)]
+    pub version: Option<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a p25 policy: a mapping with `version: 1` and `subscribers`"
+)]
+pub(super) struct RawPolicy {
+    // Checked by the probe; declared so that it is not an unknown field.
+    #[serde(default, rename = "version")]
+    pub _version: Option<IgnoredAny>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub defaults: RawDefaults,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub interfaces: Vec<RawInterface>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub subscribers: Vec<RawSubscriber>,
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub allow: Vec<RawAllow>,
+    #[serde(default)]
+    pub allow_empty_subscribers: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "the `defaults` mapping")]
+pub(super) struct RawDefaults {
+    #[serde(default)]
+    pub mode: PolicyMode,
+    #[serde(default)]
+    pub fragments: Fragments,
+    // `None` when absent, so that an explicitly empty list can be told from a missing one.
+    #[serde(default)]
+    pub ports: Option<Vec<u16>>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an interface mapping (`name`, `role`, `attach`)"
+)]
+pub(super) struct RawInterface {
+    pub name: String,
+    pub role: Role,
+    #[serde(default)]
+    pub attach: Attach,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a subscriber mapping (`prefix`, optional `mode`)"
+)]
+pub(super) struct RawSubscriber {
+    pub prefix: String,
+    #[serde(default)]
+    pub mode: Option<PolicyMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an allow mapping (`prefix`, optional `comment`, `owner`, `expires`)"
+)]
+pub(super) struct RawAllow {
+    pub prefix: String,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+/// A key present with nothing after it (`allow:` with every entry commented out) means
+/// "none", not a type error.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
