@@ -31,6 +31,21 @@ pub mod map_names {
     pub const COUNTERS: &str = "COUNTERS";
     /// Per-CPU array of parse-outcome counters, indexed by [`super::ParseOutcome`].
     pub const PARSE_COUNTERS: &str = "PARSE_COUNTERS";
+    /// Single-entry array holding the [`super::AbiRecord`] of whoever created the maps.
+    /// The dataplane never reads it: it exists so that pinned maps describe themselves.
+    pub const ABI: &str = "ABI";
+
+    /// Every map, in creation order.
+    pub const ALL: [&str; 8] = [
+        SUBSCRIBERS_V4,
+        SUBSCRIBERS_V6,
+        ALLOW_V4,
+        ALLOW_V6,
+        CONFIG,
+        COUNTERS,
+        PARSE_COUNTERS,
+        ABI,
+    ];
 }
 
 /// Names of the programs in the object file.
@@ -199,8 +214,64 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 8);
 
-/// Index of the only CONFIG entry.
+/// Index of the only CONFIG entry (and of the only ABI entry).
 pub const CONFIG_INDEX: u32 = 0;
+
+/// The value of the ABI map: which layout the pinned maps were created with.
+///
+/// The version alone relies on every layout change bumping it; the fingerprint catches a
+/// forgotten bump, because it is computed from the sizes of every key and value type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AbiRecord {
+    /// [`ABI_VERSION`] of the creator.
+    pub version: u32,
+    /// [`LAYOUT_FINGERPRINT`] of the creator.
+    pub fingerprint: u32,
+}
+const _: () = assert!(size_of::<AbiRecord>() == 8);
+
+impl AbiRecord {
+    /// The record this build writes and expects.
+    pub const CURRENT: Self = Self {
+        version: ABI_VERSION,
+        fingerprint: LAYOUT_FINGERPRINT,
+    };
+}
+
+/// FNV-1a over the sizes and counts that define the map layouts.
+pub const LAYOUT_FINGERPRINT: u32 = {
+    let parts = [
+        size_of::<Ipv4Key>() as u32,
+        size_of::<Ipv6Key>() as u32,
+        size_of::<SubscriberValue>() as u32,
+        size_of::<AllowValue>() as u32,
+        size_of::<Config>() as u32,
+        size_of::<Counter>() as u32,
+        size_of::<CounterKey>() as u32,
+        size_of::<AbiRecord>() as u32,
+        COUNTER_SLOTS,
+        ParseOutcome::COUNT as u32,
+    ];
+    let mut hash: u32 = 0x811c_9dc5;
+    let mut i = 0;
+    while i < parts.len() {
+        // Constant-evaluated: a bad index is a compile error, not a panic.
+        #[expect(
+            clippy::indexing_slicing,
+            reason = "const context, bounded by the loop"
+        )]
+        let part = parts[i];
+        let mut byte = 0;
+        while byte < 4 {
+            hash ^= (part >> (byte * 8)) & 0xff;
+            hash = hash.wrapping_mul(0x0100_0193);
+            byte += 1;
+        }
+        i += 1;
+    }
+    hash
+};
 
 /// Which rule a verdict counter belongs to.
 #[repr(transparent)]

@@ -15,7 +15,9 @@ pub mod packet;
 
 #[cfg(feature = "user")]
 mod pod {
-    use crate::abi::{AllowValue, Config, Counter, CounterKey, Ipv4Key, Ipv6Key, SubscriberValue};
+    use crate::abi::{
+        AbiRecord, AllowValue, Config, Counter, CounterKey, Ipv4Key, Ipv6Key, SubscriberValue,
+    };
 
     // SAFETY: all of these are #[repr(C)] or #[repr(transparent)] over integers and byte
     // arrays, with explicit padding fields, so every bit pattern is valid and no byte is
@@ -33,4 +35,6 @@ mod pod {
     unsafe impl aya::Pod for Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CounterKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AbiRecord {}
 }

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use filter_common::{
     abi::{
-        ALLOW_MAX_ENTRIES, AllowValue, CONFIG_INDEX, COUNTER_SLOTS, Config, Counter, Ipv4Key,
-        Ipv6Key, ParseOutcome, SUBSCRIBERS_MAX_ENTRIES, SubscriberValue,
+        ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, CONFIG_INDEX, COUNTER_SLOTS, Config, Counter,
+        Ipv4Key, Ipv6Key, ParseOutcome, SUBSCRIBERS_MAX_ENTRIES, SubscriberValue,
     },
     classify::{Action, Tables, classify},
     packet::{OFFSET_MASK, PacketBuf, Plain},
@@ -33,6 +33,10 @@ static ALLOW_V4: LpmTrie<Ipv4Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_
 static ALLOW_V6: LpmTrie<Ipv6Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+// Written once by the control plane when it creates the maps; see AbiRecord.
+#[map]
+static ABI: Array<AbiRecord> = Array::with_max_entries(1, 0);
 
 // Statistics maps: written only by the dataplane, per CPU so no two CPUs share a line.
 #[map]

@@ -1,14 +1,48 @@
-//! Loading the object, verifying its programs, and attaching them.
+//! Loading the object, verifying its programs, attaching them, and pinned state.
+//!
+//! Pinned layout (the daemon's; tests use private, unpinned copies):
+//!
+//! ```text
+//! <root>/                     default /sys/fs/bpf/p25
+//!   v<ABI_VERSION>/
+//!     maps/<MAP NAME>         every map, including ABI (the layout record)
+//!     links/<iface>:xdp       XDP link on <iface>
+//!     links/<iface>:tc        tcx ingress link on <iface>
+//!
+//! (bpffs refuses names containing a dot; interface names cannot contain a colon.)
+//! ```
+//!
+//! Pins keep filtering running while no daemon does: a pinned link holds its program,
+//! which holds its maps. aya reuses a pinned map without checking its layout, so
+//! [`Dataplane::open_pinned`] checks every existing pin (type, key and value sizes) and the
+//! ABI record before reusing anything.
+
+use std::{
+    fs, io,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{Array, MapData, MapType},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkInfo, PinnedLink},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
 };
-use filter_common::abi::program_names;
+use filter_common::abi::{
+    ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, CONFIG_INDEX, COUNTER_SLOTS, Config,
+    Counter, Ipv4Key, Ipv6Key, ParseOutcome, SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names,
+    program_names,
+};
 
 use crate::{EBPF_OBJECT, Error, KernelTables};
+
+/// Default root of the pinned state.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/p25";
 
 /// Capacities of the policy maps. Defaults come from the object (see
 /// `filter_common::abi`); tests and benchmarks may size them differently.
@@ -20,6 +54,172 @@ pub struct Capacity {
     pub allow: Option<u32>,
 }
 
+/// Which hook a link uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    /// XDP (native if the driver supports it, else generic).
+    Xdp,
+    /// TC ingress (tcx).
+    Tc,
+}
+
+impl Hook {
+    const fn suffix(self) -> &'static str {
+        match self {
+            Self::Xdp => "xdp",
+            Self::Tc => "tc",
+        }
+    }
+}
+
+/// Where the pinned state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    /// A layout under `root` (normally [`DEFAULT_PIN_ROOT`]).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of this build's ABI version.
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(format!("v{ABI_VERSION}"))
+    }
+
+    /// Pin path of a map.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir().join("maps").join(name)
+    }
+
+    /// Directory of the link pins.
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir().join("links")
+    }
+
+    /// Pin path of the link of `hook` on `interface`.
+    pub fn link(&self, interface: &str, hook: Hook) -> PathBuf {
+        self.links_dir()
+            .join(format!("{interface}:{}", hook.suffix()))
+    }
+
+    /// Pinned state of other ABI versions under the root: `(version, dir)`.
+    pub fn other_versions(&self) -> Vec<(u32, PathBuf)> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let version = name.strip_prefix('v')?.parse::<u32>().ok()?;
+                (version != ABI_VERSION).then(|| (version, e.path()))
+            })
+            .collect()
+    }
+
+    /// The pinned links: `(interface, hook, path)`.
+    pub fn pinned_links(&self) -> Vec<(String, Hook, PathBuf)> {
+        links_in(&self.links_dir())
+    }
+}
+
+/// The link pins in a `links/` directory of any ABI version: `(interface, hook, path)`.
+pub fn links_in(dir: &Path) -> Vec<(String, Hook, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut links: Vec<_> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let (interface, suffix) = name.rsplit_once(':')?;
+            let hook = match suffix {
+                "xdp" => Hook::Xdp,
+                "tc" => Hook::Tc,
+                _ => return None,
+            };
+            Some((interface.to_owned(), hook, e.path()))
+        })
+        .collect();
+    links.sort();
+    links
+}
+
+/// What a pinned map must look like for this build to reuse it.
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+}
+
+const LPM_PREFIX_LEN: usize = size_of::<u32>();
+
+const MAP_SPECS: [MapSpec; 8] = [
+    MapSpec {
+        name: map_names::SUBSCRIBERS_V4,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
+        value_size: size_of::<SubscriberValue>(),
+    },
+    MapSpec {
+        name: map_names::SUBSCRIBERS_V6,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
+        value_size: size_of::<SubscriberValue>(),
+    },
+    MapSpec {
+        name: map_names::ALLOW_V4,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
+        value_size: size_of::<AllowValue>(),
+    },
+    MapSpec {
+        name: map_names::ALLOW_V6,
+        map_type: MapType::LpmTrie,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
+        value_size: size_of::<AllowValue>(),
+    },
+    MapSpec {
+        name: map_names::CONFIG,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Config>(),
+    },
+    MapSpec {
+        name: map_names::COUNTERS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Counter>(),
+    },
+    MapSpec {
+        name: map_names::PARSE_COUNTERS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Counter>(),
+    },
+    MapSpec {
+        name: map_names::ABI,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<AbiRecord>(),
+    },
+];
+
+// Keep the spec table and the list of maps in step.
+const _: () = assert!(MAP_SPECS.len() == map_names::ALL.len());
+const _: () = assert!(COUNTER_SLOTS > 0 && ParseOutcome::COUNT > 0);
+const _: () = assert!(SUBSCRIBERS_MAX_ENTRIES > 0 && ALLOW_MAX_ENTRIES > 0);
+
 /// The loaded p25 object: both programs verified and ready to attach or test-run.
 #[derive(Debug)]
 pub struct Dataplane {
@@ -27,23 +227,44 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the embedded object with default map capacities and verifies both programs.
+    /// Loads the embedded object with default map capacities and private (unpinned) maps,
+    /// and verifies both programs.
     pub fn load() -> Result<Self, Error> {
         Self::load_with(Capacity::default())
     }
 
-    /// Loads the embedded object with the given capacities and verifies both programs.
+    /// Loads the embedded object with the given capacities and private maps.
     pub fn load_with(capacity: Capacity) -> Result<Self, Error> {
-        use filter_common::abi::map_names::{ALLOW_V4, ALLOW_V6, SUBSCRIBERS_V4, SUBSCRIBERS_V6};
         let mut loader = EbpfLoader::new();
-        if let Some(n) = capacity.subscribers {
-            loader.map_max_entries(SUBSCRIBERS_V4, n);
-            loader.map_max_entries(SUBSCRIBERS_V6, n);
+        set_capacity(&mut loader, capacity);
+        Self::finish(&mut loader)
+    }
+
+    /// Loads the object with its maps pinned under `layout`: existing pins are reused
+    /// after their layout has been checked (so a daemon restart keeps all state), missing
+    /// ones are created and pinned.
+    pub fn open_pinned(layout: &PinLayout) -> Result<Self, Error> {
+        check_pinned_maps(layout)?;
+        let maps_dir = layout.dir().join("maps");
+        fs::create_dir_all(&maps_dir).map_err(|source| Error::Io {
+            what: "creating the pin directory",
+            path: maps_dir.clone(),
+            source,
+        })?;
+        let paths: Vec<(&'static str, PathBuf)> = map_names::ALL
+            .iter()
+            .map(|name| (*name, layout.map(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        if let Some(n) = capacity.allow {
-            loader.map_max_entries(ALLOW_V4, n);
-            loader.map_max_entries(ALLOW_V6, n);
-        }
+        let mut dataplane = Self::finish(&mut loader)?;
+        dataplane.stamp_abi()?;
+        Ok(dataplane)
+    }
+
+    fn finish(loader: &mut EbpfLoader<'_>) -> Result<Self, Error> {
         let ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
         let mut dataplane = Self { ebpf };
         dataplane
@@ -55,6 +276,28 @@ impl Dataplane {
             .load()
             .map_err(|source| program_error(program_names::TC, source))?;
         Ok(dataplane)
+    }
+
+    /// Writes the ABI record into a fresh ABI map, or checks the one already there.
+    fn stamp_abi(&mut self) -> Result<(), Error> {
+        let name = map_names::ABI;
+        let map = self.ebpf.map_mut(name).ok_or(Error::MissingMap(name))?;
+        let mut abi: Array<&mut MapData, AbiRecord> =
+            Array::try_from(map).map_err(|source| Error::Map { name, source })?;
+        let found = abi
+            .get(&CONFIG_INDEX, 0)
+            .map_err(|source| Error::Map { name, source })?;
+        if found == AbiRecord::default() {
+            abi.set(CONFIG_INDEX, AbiRecord::CURRENT, 0)
+                .map_err(|source| Error::Map { name, source })
+        } else if found == AbiRecord::CURRENT {
+            Ok(())
+        } else {
+            Err(Error::AbiMismatch {
+                found,
+                expected: AbiRecord::CURRENT,
+            })
+        }
     }
 
     /// The XDP program.
@@ -96,6 +339,152 @@ impl Dataplane {
             .map_err(|source| program_error(program_names::TC, source))
     }
 
+    /// Makes sure `hook` runs this object's program on `interface` through a pinned link
+    /// at `layout.link(interface, hook)`, which keeps it attached after this process exits.
+    ///
+    /// An existing pinned link is upgraded in place (`bpf_link_update`, via aya's
+    /// `attach_to_link`): the program is swapped atomically, with no instant unfiltered.
+    /// A pinned link whose interface has gone away (or was recreated) cannot be updated;
+    /// it is unpinned and a new link is created.
+    pub fn attach_pinned(
+        &mut self,
+        layout: &PinLayout,
+        interface: &str,
+        hook: Hook,
+        xdp_mode: XdpMode,
+    ) -> Result<Attached, Error> {
+        let path = layout.link(interface, hook);
+        let ifindex = ifindex(interface).ok_or_else(|| Error::NoSuchInterface(interface.into()))?;
+        if let Ok(pinned) = PinnedLink::from_pin(&path) {
+            let linked_ifindex = pinned_link_ifindex(&path);
+            let link = FdLink::from(pinned);
+            if linked_ifindex == Some(ifindex) {
+                match self.upgrade(hook, link) {
+                    Ok(_) => {
+                        return Ok(Attached {
+                            ifindex,
+                            adopted: true,
+                        });
+                    }
+                    Err(err) => {
+                        tracing::warn!(%interface, ?hook, error = %err, "pinned link cannot be updated; replacing it");
+                    }
+                }
+            } else {
+                tracing::info!(%interface, ?hook, ?linked_ifindex, ifindex, "pinned link belongs to a vanished interface; replacing it");
+            }
+            remove_pin(&path)?;
+        }
+        let fd_link = match hook {
+            Hook::Xdp => {
+                let id = self.attach_xdp(interface, xdp_mode)?;
+                let link = self
+                    .xdp()?
+                    .take_link(id)
+                    .map_err(|source| program_error(program_names::XDP, source))?;
+                FdLink::try_from(link).map_err(|source| Error::Link {
+                    what: "an XDP link without bpf_link support cannot be pinned",
+                    source,
+                })?
+            }
+            Hook::Tc => {
+                let id = self.attach_tc(interface, TcAttachType::Ingress)?;
+                let link = self
+                    .tc()?
+                    .take_link(id)
+                    .map_err(|source| program_error(program_names::TC, source))?;
+                FdLink::try_from(link).map_err(|source| Error::Link {
+                    what: "a netlink TC attachment cannot be pinned (kernel without tcx?)",
+                    source,
+                })?
+            }
+        };
+        let links_dir = layout.links_dir();
+        fs::create_dir_all(&links_dir).map_err(|source| Error::Io {
+            what: "creating the link pin directory",
+            path: links_dir,
+            source,
+        })?;
+        fd_link.pin(&path).map_err(|source| Error::Pin {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Attached {
+            ifindex,
+            adopted: false,
+        })
+    }
+
+    /// Moves a link pinned by another ABI version's state (at `old`) into `layout`: its
+    /// program is swapped for this object's in place (`bpf_link_update`), so the interface
+    /// is never unfiltered; then it is pinned here and unpinned there.
+    pub fn migrate_link(
+        &mut self,
+        layout: &PinLayout,
+        interface: &str,
+        hook: Hook,
+        old: &Path,
+    ) -> Result<(), Error> {
+        let pinned = PinnedLink::from_pin(old).map_err(|source| Error::Link {
+            what: "opening a pinned link of another ABI version",
+            source,
+        })?;
+        let link = self.upgrade(hook, FdLink::from(pinned))?;
+        let links_dir = layout.links_dir();
+        fs::create_dir_all(&links_dir).map_err(|source| Error::Io {
+            what: "creating the link pin directory",
+            path: links_dir,
+            source,
+        })?;
+        let new = layout.link(interface, hook);
+        remove_pin(&new)?;
+        link.pin(&new).map_err(|source| Error::Pin {
+            path: new.clone(),
+            source,
+        })?;
+        remove_pin(old)
+    }
+
+    /// Swaps this object's program into an existing link and hands the link back.
+    fn upgrade(&mut self, hook: Hook, link: FdLink) -> Result<FdLink, Error> {
+        let taken = |source| Error::Link {
+            what: "taking the updated link back from aya",
+            source,
+        };
+        Ok(match hook {
+            Hook::Xdp => {
+                let link = XdpLink::try_from(link).map_err(|source| Error::Link {
+                    what: "the pinned link is not an XDP link",
+                    source,
+                })?;
+                let prog = self.xdp()?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|source| program_error(program_names::XDP, source))?;
+                // Take it out of the program's link set: the pin owns the attachment, and
+                // dropping this object must not touch it.
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| program_error(program_names::XDP, source))?;
+                FdLink::try_from(link).map_err(taken)?
+            }
+            Hook::Tc => {
+                let link = SchedClassifierLink::try_from(link).map_err(|source| Error::Link {
+                    what: "the pinned link is not a tcx link",
+                    source,
+                })?;
+                let prog = self.tc()?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(|source| program_error(program_names::TC, source))?;
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| program_error(program_names::TC, source))?;
+                FdLink::try_from(link).map_err(taken)?
+            }
+        })
+    }
+
     /// Takes the maps out of the object as typed tables. Call once; the programs keep
     /// their own references to the maps.
     pub fn take_tables(&mut self) -> Result<KernelTables, Error> {
@@ -103,6 +492,303 @@ impl Dataplane {
     }
 }
 
-fn program_error(name: &'static str, source: aya::programs::ProgramError) -> Error {
+/// The result of [`Dataplane::attach_pinned`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attached {
+    /// The interface's index now.
+    pub ifindex: u32,
+    /// True when an existing pinned link was upgraded in place.
+    pub adopted: bool,
+}
+
+/// A pinned link as found on bpffs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStatus {
+    /// Interface name (from the pin name).
+    pub interface: String,
+    /// Hook.
+    pub hook: Hook,
+    /// The interface index the link is attached to; `None` once the interface is gone
+    /// (the link is then defunct and no longer filters).
+    pub ifindex: Option<u32>,
+    /// The kernel's program id.
+    pub program_id: Option<u32>,
+}
+
+/// Reads the state of every pinned link under `layout`.
+pub fn pinned_link_status(layout: &PinLayout) -> Vec<LinkStatus> {
+    layout
+        .pinned_links()
+        .into_iter()
+        .map(|(interface, hook, path)| {
+            let link = PinnedLink::from_pin(&path).ok().map(FdLink::from);
+            LinkStatus {
+                interface,
+                hook,
+                ifindex: pinned_link_ifindex(&path),
+                program_id: link
+                    .as_ref()
+                    .and_then(|l| l.info().ok())
+                    .map(|info: LinkInfo| info.program_id()),
+            }
+        })
+        .collect()
+}
+
+/// Unpins the link of `hook` on `interface`; the link (and so the attachment) goes away
+/// with its last reference. `Ok(false)` if there was none.
+pub fn detach_pinned(layout: &PinLayout, interface: &str, hook: Hook) -> Result<bool, Error> {
+    let path = layout.link(interface, hook);
+    if !path.exists() {
+        return Ok(false);
+    }
+    remove_pin(&path)?;
+    Ok(true)
+}
+
+/// Removes all pinned state of this ABI version: links first (so nothing filters with
+/// half-removed maps), then maps, then the directories. Returns the number of pins removed.
+pub fn remove_all_pins(layout: &PinLayout) -> Result<usize, Error> {
+    let mut removed = 0;
+    for (_, _, path) in layout.pinned_links() {
+        remove_pin(&path)?;
+        removed += 1;
+    }
+    for name in map_names::ALL {
+        let path = layout.map(name);
+        if path.exists() {
+            remove_pin(&path)?;
+            removed += 1;
+        }
+    }
+    for dir in [layout.links_dir(), layout.dir().join("maps"), layout.dir()] {
+        remove_empty_dir(&dir)?;
+    }
+    remove_empty_dir(layout.root())?;
+    Ok(removed)
+}
+
+fn remove_empty_dir(dir: &Path) -> Result<(), Error> {
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // Something else still lives there (another version, an operator's pin): leave it.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Ok(()),
+        Err(source) => Err(Error::Io {
+            what: "removing a pin directory",
+            path: dir.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<(), Error> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Io {
+            what: "removing a pin",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Checks every map already pinned under `layout` against what this build expects, so an
+/// incompatible pin is reported instead of being reused and misread.
+pub(crate) fn check_pinned_maps(layout: &PinLayout) -> Result<(), Error> {
+    for spec in &MAP_SPECS {
+        let path = layout.map(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&path).map_err(|source| Error::Map {
+            name: spec.name,
+            source,
+        })?;
+        let info = map.info().map_err(|source| Error::Map {
+            name: spec.name,
+            source,
+        })?;
+        let map_type = info.map_type().ok();
+        let found = format!(
+            "type {map_type:?}, key {} bytes, value {} bytes",
+            info.key_size(),
+            info.value_size()
+        );
+        if map_type != Some(spec.map_type)
+            || info.key_size() as usize != spec.key_size
+            || info.value_size() as usize != spec.value_size
+        {
+            return Err(Error::IncompatiblePin {
+                path,
+                found,
+                expected: format!(
+                    "type {:?}, key {} bytes, value {} bytes",
+                    spec.map_type, spec.key_size, spec.value_size
+                ),
+            });
+        }
+    }
+    // The record itself: a pin with the right sizes but another ABI version or
+    // fingerprint is just as incompatible.
+    let path = layout.map(map_names::ABI);
+    if path.exists() {
+        let map = MapData::from_pin(&path).map_err(|source| Error::Map {
+            name: map_names::ABI,
+            source,
+        })?;
+        let abi: Array<MapData, AbiRecord> =
+            Array::try_from(aya::maps::Map::Array(map)).map_err(|source| Error::Map {
+                name: map_names::ABI,
+                source,
+            })?;
+        let found = abi.get(&CONFIG_INDEX, 0).map_err(|source| Error::Map {
+            name: map_names::ABI,
+            source,
+        })?;
+        if found != AbiRecord::default() && found != AbiRecord::CURRENT {
+            return Err(Error::AbiMismatch {
+                found,
+                expected: AbiRecord::CURRENT,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn set_capacity(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
+    if let Some(n) = capacity.subscribers {
+        loader.map_max_entries(map_names::SUBSCRIBERS_V4, n);
+        loader.map_max_entries(map_names::SUBSCRIBERS_V6, n);
+    }
+    if let Some(n) = capacity.allow {
+        loader.map_max_entries(map_names::ALLOW_V4, n);
+        loader.map_max_entries(map_names::ALLOW_V6, n);
+    }
+}
+
+fn program_error(name: &'static str, source: ProgramError) -> Error {
     Error::Program { name, source }
+}
+
+/// The index of `interface` in this thread's network namespace.
+pub fn ifindex(interface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// The interface index the XDP or tcx link pinned at `path` is attached to, from
+/// `bpf_link_info`; `None` once the interface is gone (the link is then defunct) or if the
+/// pin cannot be read. aya's `LinkInfo` does not expose the ifindex, nor `FdLink` its fd,
+/// hence the two raw calls.
+pub fn pinned_link_ifindex(path: &Path) -> Option<u32> {
+    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-byte aligned union
+    // whose xdp and tcx members both start with `__u32 ifindex`.
+    const IFINDEX_OFFSET: usize = 16;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    #[repr(C)]
+    struct GetInfo {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut get = ObjGet {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: `get` points at a valid attr whose pathname outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw mut get,
+            size_of::<ObjGet>(),
+        )
+    };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel just returned this fd to us; OwnedFd closes it on drop.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+
+    let mut info = [0u8; 128];
+    let mut attr = GetInfo {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points at a valid, writable buffer of `info_len` bytes that outlives
+    // the call; the kernel writes at most that much.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<GetInfo>(),
+        )
+    };
+    if ret != 0 {
+        return None;
+    }
+    let bytes: [u8; 4] = info
+        .get(IFINDEX_OFFSET..IFINDEX_OFFSET + 4)?
+        .try_into()
+        .ok()?;
+    let ifindex = u32::from_ne_bytes(bytes);
+    (ifindex != 0).then_some(ifindex)
+}
+
+/// Mounts bpffs at /sys/fs/bpf if nothing is mounted there yet (some distributions leave
+/// it unmounted; pins need it).
+pub fn ensure_bpffs() -> Result<bool, Error> {
+    const BPFFS: &str = "/sys/fs/bpf";
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|source| Error::Io {
+        what: "reading /proc/self/mounts",
+        path: PathBuf::from("/proc/self/mounts"),
+        source,
+    })?;
+    let mounted = mounts.lines().any(|line| {
+        let mut fields = line.split_whitespace();
+        fields.nth(1) == Some(BPFFS) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        return Ok(false);
+    }
+    fs::create_dir_all(BPFFS).map_err(|source| Error::Io {
+        what: "creating the bpffs mount point",
+        path: PathBuf::from(BPFFS),
+        source,
+    })?;
+    let target = std::ffi::CString::new(BPFFS).map_err(|_| Error::NoSuchInterface(BPFFS.into()))?;
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
+    let ret = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if ret != 0 {
+        return Err(Error::Io {
+            what: "mounting bpffs",
+            path: PathBuf::from(BPFFS),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(true)
 }

@@ -102,6 +102,32 @@ impl KernelTables {
         })
     }
 
+    /// Opens the maps pinned under `layout`, e.g. for read-only tools while the daemon is
+    /// down. The layout is checked first, like the daemon does, so nothing is misread.
+    pub fn open_pinned(layout: &crate::loader::PinLayout) -> Result<Self, Error> {
+        crate::loader::check_pinned_maps(layout)?;
+        fn open<T>(
+            layout: &crate::loader::PinLayout,
+            name: &'static str,
+            wrap: fn(MapData) -> Map,
+        ) -> Result<T, Error>
+        where
+            T: TryFrom<Map, Error = MapError>,
+        {
+            let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
+            T::try_from(wrap(data)).map_err(map_err(name))
+        }
+        Ok(Self {
+            subscribers_v4: open(layout, map_names::SUBSCRIBERS_V4, Map::LpmTrie)?,
+            subscribers_v6: open(layout, map_names::SUBSCRIBERS_V6, Map::LpmTrie)?,
+            allow_v4: open(layout, map_names::ALLOW_V4, Map::LpmTrie)?,
+            allow_v6: open(layout, map_names::ALLOW_V6, Map::LpmTrie)?,
+            config: open(layout, map_names::CONFIG, Map::Array)?,
+            counters: open(layout, map_names::COUNTERS, Map::PerCpuArray)?,
+            parse_counters: open(layout, map_names::PARSE_COUNTERS, Map::PerCpuArray)?,
+        })
+    }
+
     /// Adds or replaces a subscriber prefix. Rejects host bits.
     pub fn insert_subscriber(&mut self, net: IpNet, value: SubscriberValue) -> Result<(), Error> {
         match check_prefix(net)? {
