@@ -5,8 +5,12 @@
 //! - [`tables`]: the kernel's policy and counter maps, typed and validated.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
 
+pub mod control;
 pub mod loader;
 pub mod model;
+pub mod policy;
+pub mod runtime;
+pub mod sync;
 pub mod tables;
 
 pub use loader::Dataplane;
@@ -47,6 +51,72 @@ pub enum Error {
         /// What went wrong.
         #[source]
         source: aya::maps::MapError,
+    },
+    /// A file or directory operation failed.
+    #[error("{what} ({}): {source}", path.display())]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: std::path::PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Pinned maps were created by an incompatible build.
+    #[error(
+        "the pinned maps were created with ABI version {} (layout {:#010x}) but this build uses \
+         version {} (layout {:#010x}); remove them with `p25d detach` or run the matching p25d",
+        found.version, found.fingerprint, expected.version, expected.fingerprint
+    )]
+    AbiMismatch {
+        /// The record found in the pinned ABI map.
+        found: filter_common::abi::AbiRecord,
+        /// This build's record.
+        expected: filter_common::abi::AbiRecord,
+    },
+    /// A pinned map's layout differs from what this build expects.
+    #[error(
+        "pinned map {} has {found}, expected {expected}; it was created by another p25 build: \
+         remove it with `p25d detach`",
+        path.display()
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: std::path::PathBuf,
+        /// Its layout.
+        found: String,
+        /// The layout this build needs.
+        expected: String,
+    },
+    /// The interface does not exist (in this network namespace).
+    #[error("no network interface named {0:?}")]
+    NoSuchInterface(String),
+    /// A link could not be converted or updated.
+    #[error("{what}: {source}")]
+    Link {
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// Pinning failed.
+    #[error("pinning {}: {source}", path.display())]
+    Pin {
+        /// Where.
+        path: std::path::PathBuf,
+        /// Why it failed.
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// The runtime state file is unusable.
+    #[error("runtime state file {}: {message}", path.display())]
+    State {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        message: String,
     },
     /// A prefix with bits set past its length: almost always a typo, and ambiguous.
     #[error("{net} has host bits set; the network is {}", net.trunc())]

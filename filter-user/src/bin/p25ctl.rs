@@ -1,0 +1,398 @@
+//! p25ctl: operate a running p25d (allow, deny, reload) and inspect the filter (list,
+//! status, stats). Read commands work without the daemon by reading the pinned maps.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use filter_common::abi::{FragmentPolicy, Mode, Origin};
+use filter_user::{
+    KernelTables, check_prefix,
+    control::{
+        self, AllowEntryView, ClientError, InterfaceView, ListView, Request, Response, Source,
+        StatsView, StatusView, SubscriberView,
+    },
+    loader::{DEFAULT_PIN_ROOT, PinLayout, pinned_link_status},
+};
+use ipnet::IpNet;
+
+/// Control and inspect p25, the port-25 filter.
+#[derive(Debug, Parser)]
+#[command(name = "p25ctl", version)]
+struct Cli {
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = control::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Root of the pinned state (read when the daemon is down).
+    #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Allowlist an address or prefix at run time (survives reloads and restarts).
+    Allow {
+        /// IPv4/IPv6 address or CIDR prefix (host bits must be clear).
+        prefix: String,
+        /// Why, for whom: shown by `p25ctl list`.
+        #[arg(long)]
+        comment: Option<String>,
+        /// Remove the entry automatically after this long (e.g. 2h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// Remove a runtime allowlist entry.
+    Deny {
+        /// The address or prefix given to `allow`.
+        prefix: String,
+    },
+    /// Show the allowlist (policy and runtime entries, apart) and subscriber prefixes.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show attached interfaces, modes, policy generation and reload results.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the verdict and parse-outcome counters.
+    Stats {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the daemon re-read its policy file now.
+    Reload,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("p25ctl: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses an address (as a host prefix) or a CIDR, refusing host bits.
+fn parse_prefix(text: &str) -> Result<IpNet> {
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => bail!("{text:?} is neither an IP address nor a CIDR prefix"),
+        },
+    };
+    Ok(check_prefix(net)?)
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let layout = PinLayout::new(&cli.pin_root);
+    match &cli.command {
+        Command::Allow {
+            prefix,
+            comment,
+            expires,
+        } => {
+            let prefix = parse_prefix(prefix)?;
+            let data = mutate(
+                &cli.socket,
+                &Request::Allow {
+                    prefix,
+                    comment: comment.clone(),
+                    expires_in_secs: expires.map(|d| d.as_secs().max(1)),
+                },
+            )?;
+            match data.get("expires").and_then(|e| e.as_str()) {
+                Some(expires) => println!("allowed {prefix} until {expires}"),
+                None => println!("allowed {prefix}"),
+            }
+        }
+        Command::Deny { prefix } => {
+            let prefix = parse_prefix(prefix)?;
+            mutate(&cli.socket, &Request::Deny { prefix })?;
+            println!("removed {prefix} from the runtime allowlist");
+        }
+        Command::Reload => {
+            let data = mutate(&cli.socket, &Request::Reload)?;
+            let generation = data.get("generation").and_then(serde_json::Value::as_u64);
+            println!("reloaded: generation {}", generation.unwrap_or_default());
+        }
+        Command::List { json } => {
+            let view: ListView = match query(&cli.socket, &Request::List)? {
+                Some(data) => serde_json::from_value(data)?,
+                None => list_from_pins(&layout)?,
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_list(&view);
+            }
+        }
+        Command::Status { json } => {
+            let view: StatusView = match query(&cli.socket, &Request::Status)? {
+                Some(data) => serde_json::from_value(data)?,
+                None => status_from_pins(&layout)?,
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_status(&view);
+            }
+        }
+        Command::Stats { json } => {
+            let view: StatsView = match query(&cli.socket, &Request::Stats)? {
+                Some(data) => serde_json::from_value(data)?,
+                None => StatsView::from(&open_pins(&layout)?.counters()?),
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print_stats(&view);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A change request: only the daemon may write the maps, so no daemon means an error.
+fn mutate(socket: &Path, request: &Request) -> Result<serde_json::Value> {
+    match control::request(socket, request, TIMEOUT) {
+        Ok(Response::Ok { data }) => Ok(data),
+        Ok(Response::Error { message }) => Err(anyhow!(message)),
+        Err(e @ ClientError::NotRunning { .. }) => Err(anyhow!(e)).context(
+            "changes go through p25d, the single writer of the maps; start it (systemctl start p25d)",
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A read request: `Ok(None)` when the daemon is down, so the caller reads the pins.
+fn query(socket: &Path, request: &Request) -> Result<Option<serde_json::Value>> {
+    match control::request(socket, request, TIMEOUT) {
+        Ok(Response::Ok { data }) => Ok(Some(data)),
+        Ok(Response::Error { message }) => Err(anyhow!(message)),
+        Err(ClientError::NotRunning { .. }) => {
+            eprintln!("p25ctl: p25d is not running; reading the pinned maps directly");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn open_pins(layout: &PinLayout) -> Result<KernelTables> {
+    KernelTables::open_pinned(layout).with_context(|| {
+        format!(
+            "reading the pinned maps under {} (is p25 loaded?)",
+            layout.dir().display()
+        )
+    })
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::DEFAULT => "default",
+        Mode::MONITOR => "monitor",
+        _ => "enforce",
+    }
+}
+
+fn list_from_pins(layout: &PinLayout) -> Result<ListView> {
+    let tables = open_pins(layout)?;
+    Ok(ListView {
+        allow: tables
+            .allowlist()?
+            .into_iter()
+            .map(|(prefix, value)| AllowEntryView {
+                prefix,
+                source: if value.origin == Origin::RUNTIME {
+                    Source::Runtime
+                } else {
+                    Source::Policy
+                },
+                comment: None,
+                owner: None,
+                expires: None,
+            })
+            .collect(),
+        subscribers: tables
+            .subscribers()?
+            .into_iter()
+            .map(|(prefix, value)| SubscriberView {
+                prefix,
+                mode: mode_name(value.mode).into(),
+            })
+            .collect(),
+    })
+}
+
+fn status_from_pins(layout: &PinLayout) -> Result<StatusView> {
+    let tables = open_pins(layout)?;
+    let config = tables.config()?;
+    Ok(StatusView {
+        daemon: false,
+        policy: String::new(),
+        generation: config.generation,
+        mode: mode_name(config.mode).into(),
+        fragments: if config.fragments == FragmentPolicy::DROP {
+            "drop"
+        } else {
+            "pass"
+        }
+        .into(),
+        reloads_ok: 0,
+        reloads_failed: 0,
+        last_error: None,
+        interfaces: pinned_link_status(layout)
+            .into_iter()
+            .map(|l| InterfaceView {
+                name: l.interface,
+                role: String::new(),
+                hook: format!("{:?}", l.hook).to_lowercase(),
+                attached: l.ifindex.is_some(),
+                note: if l.ifindex.is_some() {
+                    String::new()
+                } else {
+                    "link defunct: the interface is gone".into()
+                },
+            })
+            .collect(),
+        subscribers: tables.subscribers()?.len(),
+        allow: tables.allowlist()?.len(),
+        runtime_allow: 0,
+        pins: layout.dir().display().to_string(),
+    })
+}
+
+fn source_name(source: Source) -> &'static str {
+    match source {
+        Source::Policy => "policy",
+        Source::Runtime => "runtime",
+        Source::PolicyAndRuntime => "policy+runtime",
+    }
+}
+
+fn print_list(view: &ListView) {
+    println!("ALLOWLIST ({} entries)", view.allow.len());
+    println!(
+        "{:<44} {:<15} {:<21} COMMENT",
+        "PREFIX", "SOURCE", "EXPIRES"
+    );
+    for e in &view.allow {
+        let comment = match (&e.comment, &e.owner) {
+            (Some(c), Some(o)) => format!("{c} (owner: {o})"),
+            (Some(c), None) => c.clone(),
+            (None, Some(o)) => format!("(owner: {o})"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "{:<44} {:<15} {:<21} {comment}",
+            e.prefix.to_string(),
+            source_name(e.source),
+            e.expires.as_deref().unwrap_or("-")
+        );
+    }
+    println!();
+    println!("SUBSCRIBER PREFIXES ({})", view.subscribers.len());
+    for s in &view.subscribers {
+        println!("{:<44} {}", s.prefix.to_string(), s.mode);
+    }
+}
+
+fn print_status(view: &StatusView) {
+    let source = if view.daemon {
+        "p25d"
+    } else {
+        "pinned maps (p25d not running)"
+    };
+    println!("source:      {source}");
+    if !view.policy.is_empty() {
+        println!("policy:      {}", view.policy);
+    }
+    println!("generation:  {}", view.generation);
+    println!("mode:        {}   fragments: {}", view.mode, view.fragments);
+    if view.daemon {
+        println!(
+            "reloads:     {} ok, {} rejected",
+            view.reloads_ok, view.reloads_failed
+        );
+    }
+    if let Some(e) = &view.last_error {
+        println!("last reload: REJECTED: {e}");
+    }
+    println!(
+        "maps:        {} subscriber prefixes, {} allowlist entries ({} runtime)",
+        view.subscribers, view.allow, view.runtime_allow
+    );
+    println!("pins:        {}", view.pins);
+    println!("interfaces:");
+    for i in &view.interfaces {
+        let state = if i.attached {
+            "attached"
+        } else {
+            "NOT ATTACHED"
+        };
+        println!(
+            "  {:<16} {:<11} {:<4} {state} {}",
+            i.name, i.role, i.hook, i.note
+        );
+    }
+}
+
+fn print_stats(view: &StatsView) {
+    println!(
+        "{:<9} {:<5} {:<12} {:>14} {:>16}",
+        "DIRECTION", "FAMILY", "VERDICT", "PACKETS", "BYTES"
+    );
+    for c in &view.verdicts {
+        println!(
+            "{:<9} {:<5} {:<12} {:>14} {:>16}",
+            c.direction, c.family, c.name, c.packets, c.bytes
+        );
+    }
+    println!();
+    println!("{:<28} {:>14} {:>16}", "PARSE OUTCOME", "PACKETS", "BYTES");
+    for c in &view.parse {
+        println!("{:<28} {:>14} {:>16}", c.name, c.packets, c.bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_parse_like_an_operator_expects() -> Result<()> {
+        assert_eq!(parse_prefix("100.64.1.2")?.to_string(), "100.64.1.2/32");
+        assert_eq!(parse_prefix("2001:db8::1")?.to_string(), "2001:db8::1/128");
+        assert_eq!(parse_prefix("100.64.1.0/24")?.to_string(), "100.64.1.0/24");
+        let host_bits = parse_prefix("100.64.1.1/24").err().map(|e| e.to_string());
+        assert!(host_bits.is_some_and(|e| e.contains("100.64.1.0/24")));
+        assert!(parse_prefix("300.1.1.1").is_err());
+        assert!(parse_prefix("mail.example").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+    }
+}

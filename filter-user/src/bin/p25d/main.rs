@@ -1,0 +1,189 @@
+//! p25d: loads and pins the p25 dataplane, keeps its maps in sync with the policy file and
+//! the runtime allowlist, and answers p25ctl.
+//!
+//! Stopping p25d does not stop filtering: programs, links and maps stay pinned under
+//! /sys/fs/bpf/p25 and the next p25d adopts them. `p25d detach` removes everything.
+
+mod daemon;
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use filter_user::{
+    control::DEFAULT_SOCKET,
+    loader::{DEFAULT_PIN_ROOT, PinLayout, remove_all_pins},
+    policy,
+};
+
+/// p25 daemon: port-25 filtering for ISP edge routers (MAAWG / RFC 5068).
+#[derive(Debug, Parser)]
+#[command(name = "p25d", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load, pin and attach the dataplane, then keep it in sync with the policy.
+    Run(RunArgs),
+    /// Validate a policy file without touching the kernel; exit 1 on any error.
+    Check {
+        /// The policy file.
+        policy: PathBuf,
+    },
+    /// Detach and unpin everything p25 left in the kernel (programs, links, maps).
+    Detach {
+        /// Root of the pinned state.
+        #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+        pin_root: PathBuf,
+        /// Also remove pinned state left by other ABI versions.
+        #[arg(long)]
+        all_versions: bool,
+    },
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The policy file (YAML).
+    #[arg(long, default_value = "/etc/p25/policy.yaml")]
+    policy: PathBuf,
+    /// Where runtime allowlist entries (p25ctl allow) are persisted.
+    #[arg(long, default_value = "/var/lib/p25/runtime-allow.json")]
+    state: PathBuf,
+    /// The control socket p25ctl talks to.
+    #[arg(long, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Group allowed to use the control socket (besides root); the socket is mode 0660.
+    #[arg(long)]
+    socket_group: Option<String>,
+    /// Root of the pinned state on bpffs.
+    #[arg(long, default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// Re-sync the maps with the desired state this often, repairing any drift.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    resync: Duration,
+    /// How often to check the policy file and the interfaces for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_format = match &cli.command {
+        Command::Run(args) => args.log_format,
+        _ => LogFormat::Text,
+    };
+    init_logging(log_format);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("p25d: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("P25_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal as _;
+    // Colour only on a terminal: journald and log files get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Check { policy: path } => Ok(check(&path)),
+        Command::Detach {
+            pin_root,
+            all_versions,
+        } => {
+            let layout = PinLayout::new(&pin_root);
+            let mut removed = remove_all_pins(&layout)
+                .with_context(|| format!("removing pinned state under {}", pin_root.display()))?;
+            if all_versions {
+                for (version, dir) in layout.other_versions() {
+                    removed += daemon::remove_version_dir(&dir)
+                        .with_context(|| format!("removing ABI v{version} state"))?;
+                }
+            } else {
+                for (version, dir) in layout.other_versions() {
+                    println!(
+                        "left pinned state of ABI v{version} at {} (use --all-versions)",
+                        dir.display()
+                    );
+                }
+            }
+            println!(
+                "detached: removed {removed} pins under {}",
+                pin_root.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(daemon::Options {
+                policy: args.policy,
+                state: args.state,
+                socket: args.socket,
+                socket_group: args.socket_group,
+                layout: PinLayout::new(args.pin_root),
+                resync: args.resync,
+                poll: args.poll,
+            }))?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `p25d check`: prints every diagnostic as `file:line:column: message`.
+fn check(path: &std::path::Path) -> ExitCode {
+    match policy::load(path) {
+        Ok(checked) => {
+            for warning in &checked.warnings {
+                println!("warning: {warning}");
+            }
+            let p = &checked.policy;
+            println!(
+                "{}: ok: {} subscriber prefixes, {} allowlist entries, {} interfaces, mode {:?}",
+                path.display(),
+                p.subscribers.len(),
+                p.allow.len(),
+                p.interfaces.len(),
+                p.defaults.mode
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
