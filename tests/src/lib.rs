@@ -7,9 +7,12 @@
 //! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
 //! message saying so: they never skip, because a skipped kernel test proves nothing.
 
+pub mod daemon;
 pub mod harness;
+pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod traffic;
 
 /// Fails the calling test unless it runs as root.
 ///

@@ -22,7 +22,7 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
@@ -32,7 +32,13 @@ use filter_common::abi::{
     AllowValue, CounterKey, Direction, Family, Mode, Origin, SubscriberValue, Verdict,
 };
 use filter_user::{CounterSnapshot, Dataplane, KernelTables};
-use p25_tests::netns::{Listener, Netns, dual_stack, veth, wait_until};
+use p25_tests::{
+    lab::{
+        OUTSIDER4, OUTSIDER6, SERVER4, SERVER6, SMTP, SUB_PORT, SUB4, SUB4_ALLOWED, SUB6,
+        SUB6_ALLOWED, SUBMISSION, SUBMISSIONS, Topology,
+    },
+    netns::{Netns, wait_until},
+};
 
 /// A connect that should fail must not complete within this (the SYN is dropped).
 const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -42,32 +48,6 @@ const REACH_TIMEOUT: Duration = Duration::from_secs(5);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between attempts within [`REACH_TIMEOUT`].
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
-/// Upper bound on the listener threads' life, should a test hang.
-const LISTENER_LIFETIME: Duration = Duration::from_secs(60);
-
-const SMTP: u16 = 25;
-const SUBMISSION: u16 = 587;
-const SUBMISSIONS: u16 = 465;
-/// What the subscriber listens on, for the inbound rule.
-const SUB_PORT: u16 = 2525;
-
-// Subscriber side.
-const SUB4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 2);
-const SUB4_ALLOWED: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 3);
-const OUTSIDER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
-const SUB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
-const SUB6_ALLOWED: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 3);
-const OUTSIDER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 0x10);
-// Router.
-const GW_SUB4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 1);
-const GW_OUTSIDER4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-const GW_UP4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
-const GW_SUB6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
-const GW_OUTSIDER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1);
-const GW_UP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
-// Server.
-const SERVER4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 25);
-const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 0x25);
 
 /// The addresses one test run uses: everything in one family.
 struct Plan {
@@ -102,85 +82,6 @@ fn ipv4_real_traffic_through_attached_programs() -> Result<()> {
 #[test]
 fn ipv6_real_traffic_through_attached_programs() -> Result<()> {
     run(&PLAN_V6)
-}
-
-/// The three namespaces, wired and addressed, with the listeners running. Fields drop in
-/// declaration order: the listeners' sockets first, then the namespaces.
-struct Topology {
-    _server_listener: Listener,
-    _sub_listener: Listener,
-    server: Netns,
-    router: Netns,
-    sub: Netns,
-}
-
-impl Topology {
-    fn build() -> Result<Self> {
-        let sub = Netns::new("sub")?;
-        let router = Netns::new("rtr")?;
-        let server = Netns::new("srv")?;
-        veth(&sub, "s0", &router, "r-sub")?;
-        veth(&router, "r-up", &server, "u0")?;
-
-        add_addrs(
-            &sub,
-            "s0",
-            &[
-                format!("{SUB4}/24"),
-                format!("{SUB4_ALLOWED}/24"),
-                format!("{OUTSIDER4}/24"),
-                format!("{SUB6}/64"),
-                format!("{SUB6_ALLOWED}/64"),
-                format!("{OUTSIDER6}/64"),
-            ],
-        )?;
-        add_addrs(
-            &router,
-            "r-sub",
-            &[
-                format!("{GW_SUB4}/24"),
-                format!("{GW_OUTSIDER4}/24"),
-                format!("{GW_SUB6}/64"),
-                format!("{GW_OUTSIDER6}/64"),
-            ],
-        )?;
-        add_addrs(
-            &router,
-            "r-up",
-            &[format!("{GW_UP4}/24"), format!("{GW_UP6}/64")],
-        )?;
-        add_addrs(
-            &server,
-            "u0",
-            &[format!("{SERVER4}/24"), format!("{SERVER6}/64")],
-        )?;
-        sub.add_route("default", &GW_SUB4.to_string())?;
-        sub.add_route("default", &GW_SUB6.to_string())?;
-        server.add_route("default", &GW_UP4.to_string())?;
-        server.add_route("default", &GW_UP6.to_string())?;
-        router.enable_forwarding()?;
-
-        let server_listener = server.listen(
-            &[
-                dual_stack(SMTP),
-                dual_stack(SUBMISSION),
-                dual_stack(SUBMISSIONS),
-            ],
-            LISTENER_LIFETIME,
-        )?;
-        let sub_listener = sub.listen(&[dual_stack(SUB_PORT)], LISTENER_LIFETIME)?;
-        Ok(Self {
-            _server_listener: server_listener,
-            _sub_listener: sub_listener,
-            server,
-            router,
-            sub,
-        })
-    }
-}
-
-fn add_addrs(netns: &Netns, dev: &str, addrs: &[String]) -> Result<()> {
-    addrs.iter().try_for_each(|addr| netns.add_addr(dev, addr))
 }
 
 /// Loads a private dataplane with the test policy and attaches it inside the router:

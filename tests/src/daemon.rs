@@ -1,0 +1,256 @@
+//! Running the real `p25d` and `p25ctl` binaries in tests.
+//!
+//! Every [`DaemonLab`] has its own pin root on bpffs, socket, state file and policy file,
+//! so tests run in parallel, and its `Drop` kills the daemon and removes every pin (the
+//! daemon deliberately leaves them behind when it stops).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde_json::Value;
+
+use crate::netns::{Netns, wait_until};
+
+/// Path of a binary of the workspace (`p25d`, `p25ctl`), built once per test process.
+///
+/// The tests crate is not the package that owns these binaries, so cargo does not hand us
+/// `CARGO_BIN_EXE_*`; instead build them (a no-op when up to date) into the target
+/// directory this test executable lives in.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            // target/<profile>/deps/<test> → target/<profile>
+            let profile_dir = exe
+                .parent()
+                .and_then(Path::parent)
+                .ok_or("test executable has no profile directory")?
+                .to_path_buf();
+            let target_dir = profile_dir.parent().ok_or("no target directory")?;
+            let release = profile_dir.file_name().is_some_and(|n| n == "release");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "--package", "filter-user", "--bins"])
+                .arg("--target-dir")
+                .arg(target_dir);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd
+                .status()
+                .map_err(|e| format!("running cargo build: {e}"))?;
+            if !status.success() {
+                return Err(format!("cargo build of the p25 binaries failed: {status}"));
+            }
+            Ok(profile_dir)
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(dir.join(name))
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A p25d with private pins, socket, state and policy, running inside a namespace.
+#[derive(Debug)]
+pub struct DaemonLab {
+    /// Scratch directory: policy, state, socket, logs.
+    pub dir: PathBuf,
+    /// Root of this lab's pins on bpffs.
+    pub pin_root: PathBuf,
+    /// The namespace the daemon runs in (path of its netns file).
+    netns_path: PathBuf,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl DaemonLab {
+    /// Prepares (does not start) a daemon for the namespace `netns`.
+    pub fn new(netns: &Netns) -> Result<Self> {
+        crate::require_root();
+        let id = format!(
+            "p25t-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let dir = std::env::temp_dir().join(&id);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            pin_root: PathBuf::from("/sys/fs/bpf").join(id),
+            netns_path: netns.path(),
+            child: None,
+            starts: 0,
+        })
+    }
+
+    /// The policy file the daemon watches.
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.join("policy.yaml")
+    }
+
+    /// The control socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("p25.sock")
+    }
+
+    /// Writes the policy file atomically (the daemon never sees half a file).
+    pub fn write_policy(&self, text: &str) -> Result<()> {
+        let tmp = self.dir.join(".policy.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(&tmp, self.policy_path())?;
+        Ok(())
+    }
+
+    /// Starts p25d and waits until it answers `p25ctl status`.
+    pub fn start(&mut self) -> Result<()> {
+        ensure!(self.child.is_none(), "p25d already running");
+        self.starts += 1;
+        let log = fs::File::create(self.dir.join(format!("p25d-{}.log", self.starts)))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .arg(bin("p25d")?)
+            .args(["run", "--poll", "100ms", "--resync", "2s"])
+            .arg("--policy")
+            .arg(self.policy_path())
+            .arg("--state")
+            .arg(self.dir.join("state.json"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning p25d")?;
+        self.child = Some(child);
+        let ready = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("p25d exited during start-up ({status}):\n{}", self.log());
+            }
+            Ok(self.ctl(&["status", "--json"])?.status.success()
+                && self.status()?.get("daemon") == Some(&Value::Bool(true)))
+        })?;
+        ensure!(ready, "p25d did not answer within 15 s:\n{}", self.log());
+        Ok(())
+    }
+
+    /// Starts p25d and waits (up to `timeout`) for it to exit, for start-up failures.
+    /// Returns its exit status and log.
+    pub fn run_to_exit(&mut self, timeout: Duration) -> Result<(std::process::ExitStatus, String)> {
+        ensure!(self.child.is_none(), "p25d already running");
+        self.starts += 1;
+        let log_path = self.dir.join(format!("p25d-{}.log", self.starts));
+        let log = fs::File::create(&log_path)?;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", self.netns_path.display()))
+            .arg(bin("p25d")?)
+            .arg("run")
+            .arg("--policy")
+            .arg(self.policy_path())
+            .arg("--state")
+            .arg(self.dir.join("state.json"))
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning p25d")?;
+        let mut status = None;
+        wait_until(timeout, Duration::from_millis(50), || {
+            status = child.try_wait()?;
+            Ok(status.is_some())
+        })?;
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("p25d kept running, expected it to exit:\n{}", self.log());
+        };
+        Ok((status, self.log()))
+    }
+
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The daemon's log of the latest start.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join(format!("p25d-{}.log", self.starts))).unwrap_or_default()
+    }
+
+    /// SIGKILLs the daemon: no chance to clean up, as in a crash.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().context("killing p25d")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs p25ctl against this daemon (or its pins) and returns its output.
+    pub fn ctl(&self, args: &[&str]) -> Result<Output> {
+        Command::new(bin("p25ctl")?)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--pin-root")
+            .arg(&self.pin_root)
+            .args(args)
+            .output()
+            .context("running p25ctl")
+    }
+
+    /// Runs p25ctl and fails unless it succeeds; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl(args)?;
+        ensure!(
+            out.status.success(),
+            "p25ctl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `p25ctl status --json`.
+    pub fn status(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&self.ctl_ok(&["status", "--json"])?)?)
+    }
+
+    /// `p25ctl list --json`.
+    pub fn list(&self) -> Result<Value> {
+        Ok(serde_json::from_str(&self.ctl_ok(&["list", "--json"])?)?)
+    }
+}
+
+impl Drop for DaemonLab {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+        // The daemon leaves its pins on purpose; the test must not.
+        if let Ok(p25d) = bin("p25d") {
+            let _ = Command::new(p25d)
+                .args(["detach", "--all-versions", "--pin-root"])
+                .arg(&self.pin_root)
+                .output();
+        }
+        let _ = fs::remove_dir_all(&self.pin_root);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

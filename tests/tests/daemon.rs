@@ -1,0 +1,606 @@
+//! End to end: the real p25d and p25ctl on the namespace lab (see `p25_tests::lab`).
+//!
+//! One daemon per test, with private pins, socket and state, running in the router
+//! namespace with XDP on the subscriber side and TC on the upstream side, per its policy.
+
+#![expect(
+    clippy::indexing_slicing,
+    reason = "serde_json::Value indexing yields Null for a missing key or index; it never panics"
+)]
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, ensure};
+use p25_tests::{
+    daemon::DaemonLab,
+    lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
+    netns::{Netns, wait_until},
+    traffic::{SynCounters, SynSender},
+};
+
+const POLICY: &str = r"version: 1
+defaults:
+  mode: enforce
+  fragments: pass
+interfaces:
+  - name: r-sub
+    role: subscriber
+    attach: xdp
+  - name: r-up
+    role: upstream
+    attach: tc
+subscribers:
+  - prefix: 100.64.1.0/24
+  - prefix: 2001:db8:1::/64
+allow:
+  - prefix: 100.64.1.3/32
+    comment: business customer
+  - prefix: 2001:db8:1::3/128
+    comment: business customer
+";
+
+/// A connect that should fail must not complete within this (the SYN is dropped).
+const BLOCKED: Duration = Duration::from_millis(1200);
+/// Time for a verdict change (reload, allow) to be visible to a new connection.
+const CONVERGE: Duration = Duration::from_secs(8);
+
+fn connects(sub: &Netns, src: IpAddr, dst: SocketAddr, timeout: Duration) -> Result<bool> {
+    Ok(sub.connect_from(src, None, dst, timeout)?.is_ok())
+}
+
+/// Polls until a connection from `src` to `dst` succeeds (`want`) or times out (`!want`).
+fn expect(sub: &Netns, src: IpAddr, dst: SocketAddr, want: bool, what: &str) -> Result<()> {
+    let ok = wait_until(CONVERGE, Duration::from_millis(50), || {
+        Ok(connects(sub, src, dst, BLOCKED)? == want)
+    })?;
+    let verb = if want { "connect" } else { "be blocked" };
+    ensure!(
+        ok,
+        "{what}: {src} → {dst} should {verb} (waited {CONVERGE:?})"
+    );
+    Ok(())
+}
+
+fn smtp4() -> SocketAddr {
+    SocketAddr::new(SERVER4.into(), SMTP)
+}
+
+fn generation(lab: &DaemonLab) -> Result<u64> {
+    lab.status()?["generation"]
+        .as_u64()
+        .context("status without generation")
+}
+
+#[test]
+fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
+    let topology = Topology::build()?;
+    let sub = &topology.sub;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    lab.start()?;
+
+    // Baseline: the policy's verdicts.
+    expect(sub, SUB4.into(), smtp4(), false, "subscriber, baseline")?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        "allowlisted, baseline",
+    )?;
+    expect(
+        sub,
+        SUB4.into(),
+        SocketAddr::new(SERVER4.into(), SUBMISSION),
+        true,
+        "587",
+    )?;
+    let status = lab.status()?;
+    let attached: Vec<_> = status["interfaces"]
+        .as_array()
+        .context("interfaces")?
+        .iter()
+        .map(|i| (i["name"].clone(), i["hook"].clone(), i["attached"].clone()))
+        .collect();
+    ensure!(
+        attached
+            == vec![
+                ("r-sub".into(), "xdp".into(), true.into()),
+                ("r-up".into(), "tc".into(), true.into()),
+            ],
+        "status interfaces: {attached:?}\n{}",
+        lab.log()
+    );
+
+    // p25ctl allow / deny change the verdict for a real connection.
+    lab.ctl_ok(&["allow", &SUB4.to_string(), "--comment", "ticket 7"])?;
+    expect(sub, SUB4.into(), smtp4(), true, "after p25ctl allow")?;
+    let list = lab.list()?;
+    let runtime: Vec<_> = list["allow"]
+        .as_array()
+        .context("allow list")?
+        .iter()
+        .filter(|e| e["source"] == "runtime")
+        .map(|e| e["prefix"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    ensure!(
+        runtime == vec!["100.64.1.2/32"],
+        "runtime entries shown apart: {runtime:?}"
+    );
+    lab.ctl_ok(&["deny", &SUB4.to_string()])?;
+    expect(sub, SUB4.into(), smtp4(), false, "after p25ctl deny")?;
+
+    // Bad input: clear error, non-zero exit, nothing changed.
+    let before = lab.list()?;
+    for args in [
+        vec!["allow", "300.1.2.3"],
+        vec!["allow", "100.64.1.1/24"],
+        vec!["allow", "mail.example.net"],
+        vec!["deny", "100.64.1.3"],
+        vec!["frobnicate"],
+    ] {
+        let out = lab.ctl(&args)?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "p25ctl {args:?} should fail");
+        ensure!(
+            !stderr.trim().is_empty(),
+            "p25ctl {args:?} failed without a message"
+        );
+    }
+    let host_bits =
+        String::from_utf8_lossy(&lab.ctl(&["allow", "100.64.1.1/24"])?.stderr).into_owned();
+    ensure!(
+        host_bits.contains("100.64.1.0/24"),
+        "host-bits error should name the network: {host_bits}"
+    );
+    let from_policy =
+        String::from_utf8_lossy(&lab.ctl(&["deny", "100.64.1.3"])?.stderr).into_owned();
+    ensure!(
+        from_policy.contains("policy"),
+        "denying a policy entry should say so: {from_policy}"
+    );
+    ensure!(
+        lab.list()? == before,
+        "rejected commands must not change anything"
+    );
+
+    // Editing the policy file changes verdicts without a restart.
+    let g0 = generation(&lab)?;
+    let edited = POLICY.replace(
+        "  - prefix: 100.64.1.3/32\n",
+        "  - prefix: 100.64.1.2/32\n    comment: added by edit\n  - prefix: 100.64.1.3/32\n",
+    );
+    lab.write_policy(&edited)?;
+    expect(sub, SUB4.into(), smtp4(), true, "after editing the policy")?;
+    ensure!(
+        generation(&lab)? > g0,
+        "the generation must move on a reload"
+    );
+    lab.write_policy(POLICY)?;
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        "after reverting the policy",
+    )?;
+
+    // A broken policy is rejected; the old verdicts stay in force.
+    let g1 = generation(&lab)?;
+    lab.write_policy("version: 1\nsubscribers:\n  - prefix: 100.64.1.0/33\n")?;
+    let rejected = wait_until(CONVERGE, Duration::from_millis(50), || {
+        Ok(lab.status()?["reloads_failed"].as_u64().unwrap_or(0) >= 1)
+    })?;
+    ensure!(rejected, "the broken policy should be counted as rejected");
+    let reload = lab.ctl(&["reload"])?;
+    ensure!(
+        !reload.status.success(),
+        "p25ctl reload of a broken policy must fail"
+    );
+    let status = lab.status()?;
+    ensure!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("policy.yaml:3:")),
+        "the rejection should name file:line: {status}"
+    );
+    ensure!(
+        generation(&lab)? == g1,
+        "a rejected policy must not change the generation"
+    );
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        "subscriber under a broken policy",
+    )?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        "allowlisted under a broken policy",
+    )?;
+    lab.write_policy(POLICY)?;
+
+    // A runtime allow (IPv6 this time) that must survive a crash and a restart.
+    lab.ctl_ok(&["allow", "2001:db8:1::2", "--comment", "survives"])?;
+    let smtp6 = SocketAddr::new(SERVER6.into(), SMTP);
+    expect(
+        sub,
+        SUB6.into(),
+        smtp6,
+        true,
+        "runtime-allowed IPv6 subscriber",
+    )?;
+
+    // kill -9: filtering continues from the pins, read commands fall back to them.
+    let g2 = generation(&lab)?;
+    lab.kill9()?;
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        "subscriber with the daemon dead",
+    )?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        "allowlisted with the daemon dead",
+    )?;
+    expect(
+        sub,
+        SUB6.into(),
+        smtp6,
+        true,
+        "runtime entry with the daemon dead",
+    )?;
+    let from_pins = lab.status()?;
+    ensure!(
+        from_pins["daemon"] == false,
+        "status should come from the pins: {from_pins}"
+    );
+    ensure!(
+        from_pins["interfaces"]
+            .as_array()
+            .is_some_and(|i| i.len() == 2),
+        "both pinned links should be listed: {from_pins}"
+    );
+    ensure!(
+        lab.ctl(&["allow", "100.64.1.9"])?.status.code() == Some(1),
+        "changes must fail while the daemon is down"
+    );
+
+    // A new daemon adopts the state and reconciles.
+    lab.start()?;
+    ensure!(
+        generation(&lab)? > g2,
+        "the new daemon continues the generation"
+    );
+    ensure!(
+        lab.log().contains("adopted=true"),
+        "links should be adopted:\n{}",
+        lab.log()
+    );
+    expect(sub, SUB6.into(), smtp6, true, "runtime entry after restart")?;
+    expect(sub, SUB4.into(), smtp4(), false, "subscriber after restart")?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        "allowlisted after restart",
+    )?;
+    let list = lab.list()?;
+    ensure!(
+        list["allow"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["prefix"] == "2001:db8:1::2/128" && e["source"] == "runtime")),
+        "the runtime entry survives the restart: {list}"
+    );
+    Ok(())
+}
+
+#[test]
+fn fifty_reloads_under_a_syn_stream_lose_and_leak_nothing() -> Result<()> {
+    const PER_SOURCE: u16 = 1500;
+    const RELOADS: usize = 50;
+    let topology = Topology::build()?;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    lab.start()?;
+    let counters = SynCounters::install(&topology.server, SMTP, &[SUB4, SUB4_ALLOWED])?;
+    let allowed = SynSender::new(&topology.sub, SUB4_ALLOWED)?;
+    let blocked = SynSender::new(&topology.sub, SUB4)?;
+    // Warm up ARP on both sides so the first SYNs are not queued behind resolution.
+    expect(&topology.sub, SUB4_ALLOWED.into(), smtp4(), true, "warm-up")?;
+    let base_allowed = counters.settled(SUB4_ALLOWED)?;
+    let base_blocked = counters.settled(SUB4)?;
+
+    let dst = SocketAddrV4::new(SERVER4, SMTP);
+    let sender = thread::spawn(move || -> Result<()> {
+        for i in 0..PER_SOURCE {
+            let sport = 20_000 + i;
+            allowed.send(sport, dst)?;
+            blocked.send(sport, dst)?;
+            thread::sleep(Duration::from_millis(4));
+        }
+        Ok(())
+    });
+    // Alternate between two valid policies that differ in unrelated entries, so every
+    // reload really rewrites the maps.
+    let other = POLICY.replace(
+        "subscribers:\n",
+        "subscribers:\n  - prefix: 100.64.200.0/24\n    mode: monitor\n",
+    ) + "  - prefix: 100.64.7.7/32\n";
+    for i in 0..RELOADS {
+        lab.write_policy(if i % 2 == 0 { &other } else { POLICY })?;
+        lab.ctl_ok(&["reload"])?;
+    }
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+
+    let got_allowed = counters.settled(SUB4_ALLOWED)? - base_allowed;
+    let got_blocked = counters.settled(SUB4)? - base_blocked;
+    let reloads = lab.status()?["reloads_ok"].as_u64().unwrap_or(0);
+    p25_tests::summary!(
+        "{RELOADS} reloads under a SYN stream: allowlisted {got_allowed}/{PER_SOURCE} received, \
+         blocked {got_blocked}/{PER_SOURCE} leaked ({reloads} reloads applied)"
+    );
+    ensure!(
+        reloads as usize >= RELOADS,
+        "only {reloads} reloads were applied"
+    );
+    ensure!(
+        got_allowed == u64::from(PER_SOURCE),
+        "{} allowlisted SYNs lost",
+        u64::from(PER_SOURCE) - got_allowed
+    );
+    ensure!(got_blocked == 0, "{got_blocked} blocked SYNs leaked");
+    Ok(())
+}
+
+fn interface_attached(lab: &DaemonLab, name: &str) -> Result<bool> {
+    Ok(lab.status()?["interfaces"]
+        .as_array()
+        .is_some_and(|i| i.iter().any(|i| i["name"] == name && i["attached"] == true)))
+}
+
+#[test]
+fn flapped_and_recreated_interfaces_are_filtered_again() -> Result<()> {
+    let topology = Topology::build()?;
+    let sub = &topology.sub;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    lab.start()?;
+    expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
+
+    // Down and up: the XDP link survives; filtering continues.
+    topology.router.ip(&["link", "set", "r-sub", "down"])?;
+    topology.router.ip(&["link", "set", "r-sub", "up"])?;
+    expect(
+        sub,
+        SUB4.into(),
+        SocketAddr::new(SERVER4.into(), SUBMISSION),
+        true,
+        "587 after a flap",
+    )?;
+    expect(sub, SUB4.into(), smtp4(), false, "subscriber after a flap")?;
+
+    // Delete and recreate: the old link died with the interface; the daemon must notice
+    // and attach to the new one.
+    topology.recreate_subscriber_link()?;
+    let back = wait_until(CONVERGE, Duration::from_millis(100), || {
+        interface_attached(&lab, "r-sub")
+    })?;
+    ensure!(
+        back,
+        "r-sub was not re-attached after being recreated:\n{}",
+        lab.log()
+    );
+    expect(
+        sub,
+        SUB4.into(),
+        SocketAddr::new(SERVER4.into(), SUBMISSION),
+        true,
+        "587 on the new link",
+    )?;
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        "subscriber on the recreated link",
+    )?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        "allowlisted on the recreated link",
+    )?;
+    Ok(())
+}
+
+#[test]
+fn sighup_reloads_the_policy() -> Result<()> {
+    let topology = Topology::build()?;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    lab.start()?;
+    let before = lab.status()?["reloads_ok"].as_u64().unwrap_or(0);
+    let pid = lab.pid().context("daemon pid")?;
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    ensure!(kill.success(), "kill -HUP failed");
+    let reloaded = wait_until(CONVERGE, Duration::from_millis(50), || {
+        Ok(lab.status()?["reloads_ok"].as_u64().unwrap_or(0) > before)
+    })?;
+    ensure!(reloaded, "SIGHUP did not reload:\n{}", lab.log());
+    Ok(())
+}
+
+/// Pins left by another build must be reported, never reused and misread.
+#[test]
+fn incompatible_pinned_maps_are_reported() -> Result<()> {
+    let topology = Topology::build()?;
+    // A CONFIG map whose value is twice the size this build uses.
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    let maps = lab.pin_root.join("v1/maps");
+    std::fs::create_dir_all(&maps)?;
+    let config = maps.join("CONFIG");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&config)
+        .args([
+            "type", "array", "key", "4", "value", "16", "entries", "1", "name", "CONFIG",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
+    ensure!(
+        !status.success(),
+        "p25d must refuse incompatible pins:\n{log}"
+    );
+    ensure!(
+        log.contains("CONFIG") && log.contains("value 16 bytes") && log.contains("expected"),
+        "the error should name the map and both layouts:\n{log}"
+    );
+    ensure!(
+        !lab.pin_root.join("v1/links").exists(),
+        "nothing may be attached:\n{log}"
+    );
+
+    // An ABI record of another version, with the right sizes everywhere.
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    let maps = lab.pin_root.join("v1/maps");
+    std::fs::create_dir_all(&maps)?;
+    let abi = maps.join("ABI");
+    for args in [
+        vec![
+            "map",
+            "create",
+            abi.to_str().unwrap_or_default(),
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "1",
+            "name",
+            "ABI",
+        ],
+        vec![
+            "map",
+            "update",
+            "pinned",
+            abi.to_str().unwrap_or_default(),
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+            "value",
+            "99",
+            "0",
+            "0",
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+        ],
+    ] {
+        let out = std::process::Command::new("bpftool").args(&args).output()?;
+        ensure!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
+    ensure!(
+        !status.success(),
+        "p25d must refuse a foreign ABI record:\n{log}"
+    );
+    ensure!(
+        log.contains("ABI version 99"),
+        "the error should name the version found:\n{log}"
+    );
+    Ok(())
+}
+
+/// State pinned by another ABI version is taken over without a gap: its links get the new
+/// program in place, move to the new directory, and the old directory disappears.
+#[test]
+fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
+    let topology = Topology::build()?;
+    let sub = &topology.sub;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    lab.start()?;
+    expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
+    lab.kill9()?;
+    // Make the pinned state look like an older ABI version's.
+    std::fs::rename(lab.pin_root.join("v1"), lab.pin_root.join("v0"))
+        .context("renaming the pin directory on bpffs")?;
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        "old-version links still filter",
+    )?;
+
+    lab.start()?;
+    ensure!(
+        !lab.pin_root.join("v0").exists(),
+        "the old state should be gone:\n{}",
+        lab.log()
+    );
+    ensure!(
+        lab.log().contains("migrated link from ABI v0"),
+        "links should be migrated:\n{}",
+        lab.log()
+    );
+    for name in ["r-sub", "r-up"] {
+        ensure!(
+            interface_attached(&lab, name)?,
+            "{name} should be attached after migration:\n{}",
+            lab.log()
+        );
+    }
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        "subscriber after migration",
+    )?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        "allowlisted after migration",
+    )?;
+    Ok(())
+}
