@@ -343,3 +343,51 @@ fn load_names_the_missing_file() -> Result<()> {
         other => bail!("loading a missing file gave {other:?}"),
     }
 }
+
+/// `p25d check` is what an operator runs before deploying a policy: it must print the
+/// located diagnostic and exit non-zero on a broken file, and exit 0 on a good one, without
+/// touching the kernel (it runs here without any pin root or bpffs access).
+#[test]
+fn p25d_check_exit_codes() -> Result<()> {
+    let p25d = p25_tests::daemon::bin("p25d")?;
+    let good = example("residential-isp.yaml")?;
+    let out = std::process::Command::new(&p25d)
+        .arg("check")
+        .arg(&good)
+        .output()
+        .context("running p25d check")?;
+    ensure!(
+        out.status.success(),
+        "p25d check rejected a good policy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(String::from_utf8_lossy(&out.stdout).contains(": ok: "));
+
+    let bad = crate_dir().join("policies/bad/allow-flow-entry-host-bits.yaml");
+    let want = expectation(&fs::read_to_string(&bad)?)?;
+    let out = std::process::Command::new(&p25d)
+        .arg("check")
+        .arg(&bad)
+        .output()
+        .context("running p25d check")?;
+    ensure!(
+        out.status.code() == Some(1),
+        "p25d check exited {:?} on a broken policy",
+        out.status.code()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let location = format!("{}:{}:{}:", bad.display(), want.line, want.column);
+    ensure!(
+        stderr.contains(&location) && stderr.contains(&want.needle),
+        "p25d check printed {stderr:?}, expected {location} ... {}",
+        want.needle
+    );
+
+    let out = std::process::Command::new(&p25d)
+        .arg("check")
+        .arg(crate_dir().join("policies/does-not-exist.yaml"))
+        .output()
+        .context("running p25d check")?;
+    ensure!(!out.status.success(), "p25d check accepted a missing file");
+    Ok(())
+}
