@@ -6,7 +6,7 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{
         OnceLock,
@@ -30,12 +30,17 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     let dir = BUILT
         .get_or_init(|| {
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            // target/<profile>/deps/<test> → target/<profile>
-            let profile_dir = exe
-                .parent()
-                .and_then(Path::parent)
-                .ok_or("test executable has no profile directory")?
-                .to_path_buf();
+            // target/<profile>/deps/<test> → target/<profile>; a binary of this crate
+            // (the demo) lives in target/<profile> itself.
+            let exe_dir = exe.parent().ok_or("executable has no directory")?;
+            let profile_dir = if exe_dir.file_name().is_some_and(|n| n == "deps") {
+                exe_dir
+                    .parent()
+                    .ok_or("test executable has no profile directory")?
+            } else {
+                exe_dir
+            }
+            .to_path_buf();
             let target_dir = profile_dir.parent().ok_or("no target directory")?;
             let release = profile_dir.file_name().is_some_and(|n| n == "release");
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -89,6 +94,22 @@ impl DaemonLab {
         Ok(Self {
             dir,
             pin_root: PathBuf::from("/sys/fs/bpf").join(id),
+            netns_path: netns.path(),
+            child: None,
+            starts: 0,
+        })
+    }
+
+    /// Prepares (does not start) a daemon for `netns` with a chosen scratch directory and
+    /// pin root, for the demo lab, whose state must be findable by `--down`. The directory
+    /// is emptied first; both are removed on drop, like [`DaemonLab::new`]'s.
+    pub fn at(netns: &Netns, dir: PathBuf, pin_root: PathBuf) -> Result<Self> {
+        crate::require_root();
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self {
+            dir,
+            pin_root,
             netns_path: netns.path(),
             child: None,
             starts: 0,

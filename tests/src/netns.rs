@@ -61,6 +61,24 @@ impl Netns {
         Ok(netns)
     }
 
+    /// Creates a namespace with exactly this name (for the demo lab, whose names must be
+    /// known to `cargo xtask demo --down` in another process) and sets its `lo` up. Fails
+    /// if the name is taken, leaving the existing namespace alone.
+    pub fn named(name: &str) -> Result<Self> {
+        ensure!(
+            !PathBuf::from(NETNS_RUN_DIR).join(name).exists(),
+            "network namespace {name} already exists"
+        );
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "add", name]);
+        run(cmd)?;
+        let netns = Self {
+            name: name.to_owned(),
+        };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
     /// The namespace's name, as `ip netns` knows it.
     pub fn name(&self) -> &str {
         &self.name

@@ -222,6 +222,7 @@ fn lab_policy_has_the_lab_topology() -> Result<()> {
         interfaces
             == [
                 ("r-sub", policy::Role::Subscriber, policy::Attach::Xdp),
+                ("r-vlan", policy::Role::Subscriber, policy::Attach::Xdp),
                 ("r-up", policy::Role::Upstream, policy::Attach::Tc),
             ],
         "lab interfaces: {interfaces:?}"

@@ -16,6 +16,11 @@ use crate::cmd;
 /// maps, iproute2 builds the network namespaces and veths, nftables is the comparison
 /// filter for the differential tests, tcpdump captures traffic, swaks speaks SMTP, ping
 /// checks reachability and procps provides sysctl.
+///
+/// The SMTP lab (`cargo xtask demo`, tests/tests/e2e.rs) adds: python3-aiosmtpd, the real
+/// SMTP server on the lab's "internet" (a library, so no mail service is installed or left
+/// listening on the host); the Perl modules swaks needs for TLS (465, STARTTLS) and IPv6;
+/// openssl for the lab's throwaway certificate; ethtool to put VLAN tags into frames.
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -24,6 +29,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "swaks",
     "iputils-ping",
     "procps",
+    "python3-aiosmtpd",
+    "libnet-ssleay-perl",
+    "libio-socket-ssl-perl",
+    "libio-socket-inet6-perl",
+    "openssl",
+    "ethtool",
 ];
 
 /// LLVM major version bpf-linker is built against; must match the `llvm-NN` cargo feature
