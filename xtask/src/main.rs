@@ -4,6 +4,7 @@
 //! exactly what CI runs.
 
 mod cmd;
+mod demo;
 mod setup;
 
 use std::process::ExitCode;
@@ -42,6 +43,22 @@ enum Task {
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
+    /// The main command: a lab that shows p25 doing its job, with real SMTP (needs root).
+    ///
+    /// Runs setup, builds everything, creates network namespaces (subscribers, a spam bot,
+    /// an allowlisted business, dual-stack and VLAN subscribers, a border router running
+    /// p25d with policies/lab.yaml, an internet mail server on 25, 587 and 465), has every
+    /// subscriber send mail with swaks and prints what happened, then shows `p25ctl top`,
+    /// /metrics, `p25ctl allow`/`deny` and monitor mode. Exits non-zero if p25 misbehaved.
+    /// Tears everything down at the end, and checks that nothing is left.
+    Demo {
+        /// Leave the lab up for exploring (remove it later with --down).
+        #[arg(long, conflicts_with = "down")]
+        keep: bool,
+        /// Remove a lab left up by --keep (or by an interrupted run), then exit.
+        #[arg(long)]
+        down: bool,
+    },
     /// Run setup, then check formatting and run clippy.
     ///
     /// Setup is needed because clippy runs filter-user's build script, which builds the
@@ -77,6 +94,11 @@ fn run(task: Task) -> Result<()> {
             setup::run()?;
             lint()
         }
+        Task::Demo { keep, down } => demo::run(match (keep, down) {
+            (_, true) => demo::Mode::Down,
+            (true, false) => demo::Mode::Keep,
+            (false, false) => demo::Mode::Run,
+        }),
     }
 }
 
@@ -116,6 +138,8 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         // so, because a skipped kernel test proves nothing.
         .args(cargo_test_args);
     cmd::run(&mut cargo).context("tests failed")?;
+    // The README's main command is tested as such: it must pass and leave nothing behind.
+    demo::run(demo::Mode::Run).context("the demo (cargo xtask demo) failed")?;
     println!("xtask test: all steps passed");
     Ok(())
 }
