@@ -21,6 +21,10 @@ use crate::cmd;
 /// SMTP server on the lab's "internet" (a library, so no mail service is installed or left
 /// listening on the host); the Perl modules swaks needs for TLS (465, STARTTLS) and IPv6;
 /// openssl for the lab's throwaway certificate; ethtool to put VLAN tags into frames.
+///
+/// prometheus provides promtool (checks and unit-tests deploy/prometheus/alerts.yml) and
+/// the server the tests start on a free loopback port to scrape p25d; the service its
+/// package starts is stopped again, see [`SERVICES_TO_STOP`].
 const DEBIAN_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -35,7 +39,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libio-socket-inet6-perl",
     "openssl",
     "ethtool",
+    "prometheus",
 ];
+
+/// Services that installing a package of [`DEBIAN_PACKAGES`] starts (package, service).
+/// Nothing of ours may be left running on the host: the tests start their own servers,
+/// and a system Prometheus would listen on :9090 and scrape on its own. Recommends (such
+/// as prometheus-node-exporter) are not installed at all.
+const SERVICES_TO_STOP: &[(&str, &str)] = &[("prometheus", "prometheus")];
 
 /// LLVM major version bpf-linker is built against; must match the `llvm-NN` cargo feature
 /// and the LLVM that ships inside the nightly toolchain (rustc and bpf-linker have to agree
@@ -313,7 +324,34 @@ fn ensure_debian_packages() -> Result<String> {
         "apt-get succeeded but these packages are still not installed: {}",
         still_missing.join(" ")
     );
+    stop_services_started_by(&missing)?;
     Ok(format!("installed {list}"))
+}
+
+/// Stops and disables the [`SERVICES_TO_STOP`] of packages that were just installed.
+///
+/// Only right after installing them: a service that was already there is the operator's.
+/// Under systemd the unit is also masked, so that a later package upgrade does not start
+/// it again; without systemd (containers, CI) the init script is used, which is harmless
+/// when the service never started (e.g. because policy-rc.d forbade it).
+fn stop_services_started_by(installed: &[&str]) -> Result<()> {
+    for &(package, service) in SERVICES_TO_STOP {
+        if !installed.contains(&package) {
+            continue;
+        }
+        if Path::new("/run/systemd/system").is_dir() {
+            cmd::run(Command::new("systemctl").args(["disable", "--now", service]))
+                .with_context(|| format!("could not stop the {service} service"))?;
+            cmd::run(Command::new("systemctl").args(["mask", service]))
+                .with_context(|| format!("could not mask the {service} service"))?;
+        } else if Path::new("/etc/init.d").join(service).is_file() {
+            cmd::run(Command::new(format!("/etc/init.d/{service}")).arg("stop"))
+                .with_context(|| format!("could not stop the {service} service"))?;
+            cmd::run(Command::new("update-rc.d").args([service, "disable"]))
+                .with_context(|| format!("could not disable the {service} service"))?;
+        }
+    }
+    Ok(())
 }
 
 /// Which of [`DEBIAN_PACKAGES`] dpkg does not report as "install ok installed".
