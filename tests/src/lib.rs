@@ -14,6 +14,7 @@ pub mod harness;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod prometheus;
 pub mod smtp_lab;
 pub mod traffic;
 pub mod vlan_tag;
