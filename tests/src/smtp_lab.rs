@@ -96,10 +96,14 @@ pub const DEMO_VLAN_PIN_DIR: &str = "/sys/fs/bpf/p25-demo-vlan";
 const TEST_SERVER_LIFETIME: Duration = Duration::from_secs(600);
 /// Upper bound on the SMTP server's life in the demo (long, for `--keep`).
 const DEMO_SERVER_LIFETIME: Duration = Duration::from_secs(8 * 3600);
-/// swaks' own timeout per step (connect included): a dropped SYN shows up as this.
-pub const SWAKS_TIMEOUT: Duration = Duration::from_secs(2);
+/// swaks' own timeout per step (connect included) when the attempt is expected to be
+/// blocked: a dropped SYN shows up as this.
+pub const BLOCK_TIMEOUT: Duration = Duration::from_secs(2);
+/// swaks' timeout per step when delivery is expected: generous, so that a loaded machine
+/// (CI runs the tests in parallel on two cores) is not mistaken for a block.
+pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Hard limit on one swaks run, after which it is killed.
-const SWAKS_LIMIT: Duration = Duration::from_secs(20);
+const SWAKS_LIMIT: Duration = Duration::from_secs(60);
 
 /// Who a lab host is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -260,6 +264,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The swaks timeout to use when expecting this outcome.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Self::Blocked => BLOCK_TIMEOUT,
+            _ => DELIVERY_TIMEOUT,
+        }
+    }
+
     /// Short form for tables.
     pub fn describe(&self) -> String {
         match self {
@@ -433,8 +445,15 @@ impl SmtpLab {
 
     /// Starts one swaks run from `src` (an address of `role`'s host) to the server's
     /// address of the same family on `port`: plain on 25, STARTTLS on 587, implicit TLS
-    /// on 465.
-    pub fn spawn_mail(&self, role: Role, src: IpAddr, port: u16) -> Result<PendingAttempt> {
+    /// on 465. `timeout` is swaks' per-step timeout ([`BLOCK_TIMEOUT`] or
+    /// [`DELIVERY_TIMEOUT`]).
+    pub fn spawn_mail(
+        &self,
+        role: Role,
+        src: IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<PendingAttempt> {
         let host = self.host(role)?;
         let dst: IpAddr = if src.is_ipv4() {
             SERVER4.into()
@@ -458,7 +477,7 @@ impl SmtpLab {
                 "--helo",
                 &format!("{}.subscribers.lab.example", host.spec.short),
             ])
-            .args(["--timeout", &format!("{}s", SWAKS_TIMEOUT.as_secs())])
+            .args(["--timeout", &format!("{}s", timeout.as_secs().max(1))])
             .args([
                 "--header",
                 &format!("Subject: p25 lab: {} to port {port}", host.spec.label),
@@ -540,8 +559,14 @@ impl SmtpLab {
     }
 
     /// One swaks run, start to end.
-    pub fn send_mail(&self, role: Role, src: IpAddr, port: u16) -> Result<Attempt> {
-        let pending = self.spawn_mail(role, src, port)?;
+    pub fn send_mail(
+        &self,
+        role: Role,
+        src: IpAddr,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Attempt> {
+        let pending = self.spawn_mail(role, src, port, timeout)?;
         self.finish(pending)
     }
 

@@ -15,8 +15,8 @@ use anyhow::{Context as _, Result, ensure};
 use p25_tests::{
     netns::wait_until,
     smtp_lab::{
-        Attempt, Naming, Outcome, PORTS, Role, SERVER4, SMTP, SUBMISSION, SUBMISSIONS, SmtpLab,
-        spec,
+        Attempt, DELIVERY_TIMEOUT, Naming, Outcome, PORTS, Role, SERVER4, SMTP, SUBMISSION,
+        SUBMISSIONS, SmtpLab, spec,
     },
     summary,
     traffic::{SynCounters, SynSender},
@@ -27,7 +27,7 @@ const CONVERGE: Duration = Duration::from_secs(8);
 
 /// Runs one attempt and checks its outcome; returns it for the summary.
 fn check(lab: &SmtpLab, role: Role, src: IpAddr, port: u16, want: &Outcome) -> Result<Attempt> {
-    let attempt = lab.send_mail(role, src, port)?;
+    let attempt = lab.send_mail(role, src, port, want.timeout())?;
     ensure!(
         &attempt.outcome == want,
         "{role:?} {src} → port {port}: expected {}, got {}\n--- swaks transcript ---\n{}",
@@ -87,7 +87,10 @@ fn smtp_verdicts_over_ipv4_ipv6_and_vlan() -> Result<()> {
         lab.daemon
             .ctl_ok(&["allow", &src.to_string(), "--comment", "e2e"])?;
         let passed = wait_until(CONVERGE, Duration::from_millis(100), || {
-            Ok(lab.send_mail(Role::Vlan, src, SMTP)?.outcome == Outcome::Delivered)
+            Ok(lab
+                .send_mail(Role::Vlan, src, SMTP, DELIVERY_TIMEOUT)?
+                .outcome
+                == Outcome::Delivered)
         })?;
         ensure!(
             passed,

@@ -21,8 +21,8 @@ use anyhow::{Context as _, Result, bail};
 use p25_tests::{
     daemon::bin,
     smtp_lab::{
-        self, Attempt, DEMO_DIR, DEMO_PIN_ROOT, HOSTS, Naming, Outcome, PORTS, Role, SMTP, SmtpLab,
-        spec,
+        self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS, Naming,
+        Outcome, PORTS, Role, SMTP, SmtpLab, spec,
     },
 };
 
@@ -233,7 +233,8 @@ fn mail_table(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     ] {
         for src in sources(role)? {
             for port in PORTS {
-                pending.push(lab.spawn_mail(role, src, port)?);
+                let timeout = expected(role, port)?.timeout();
+                pending.push(lab.spawn_mail(role, src, port, timeout)?);
             }
         }
     }
@@ -254,7 +255,7 @@ fn mail_table(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     }
     println!("  Outside subscriber space, p25 does not look at port 25 at all:");
     for src in sources(Role::Infra)? {
-        let attempt = lab.send_mail(Role::Infra, src, SMTP)?;
+        let attempt = lab.send_mail(Role::Infra, src, SMTP, DELIVERY_TIMEOUT)?;
         let verdict = checks.check(
             attempt.outcome == Outcome::Delivered,
             format!("infrastructure {src} port 25"),
@@ -272,7 +273,7 @@ fn spam_bot(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
         bot.v4
     ));
     let pending = (0..BOT_ATTEMPTS)
-        .map(|_| lab.spawn_mail(Role::Infected, IpAddr::V4(bot.v4), SMTP))
+        .map(|_| lab.spawn_mail(Role::Infected, IpAddr::V4(bot.v4), SMTP, BLOCK_TIMEOUT))
         .collect::<Result<Vec<_>>>()?;
     let mut blocked = 0;
     for attempt in pending {
@@ -377,7 +378,7 @@ fn allow_deny(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
         "demo: customer runs a mail server",
     ])?;
     println!("  $ p25ctl allow {src} --comment ...   → {}", said.trim());
-    let attempt = lab.send_mail(Role::Residential, src, SMTP)?;
+    let attempt = lab.send_mail(Role::Residential, src, SMTP, DELIVERY_TIMEOUT)?;
     let verdict = checks.check(
         attempt.outcome == Outcome::Delivered,
         "residential port 25 after p25ctl allow",
@@ -385,7 +386,7 @@ fn allow_deny(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     print_attempt(&attempt, verdict);
     let said = lab.daemon.ctl_ok(&["deny", &src.to_string()])?;
     println!("  $ p25ctl deny {src}   → {}", said.trim());
-    let attempt = lab.send_mail(Role::Residential, src, SMTP)?;
+    let attempt = lab.send_mail(Role::Residential, src, SMTP, BLOCK_TIMEOUT)?;
     let verdict = checks.check(
         attempt.outcome == Outcome::Blocked,
         "residential port 25 after p25ctl deny",
@@ -402,7 +403,7 @@ fn monitor(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     let dropped_before = lab.verdict_packets("egress", "ipv4", "dropped")?;
     let mut delivered = 0;
     for _ in 0..POOL_MAILS {
-        let attempt = lab.send_mail(Role::NewPool, IpAddr::V4(pool.v4), SMTP)?;
+        let attempt = lab.send_mail(Role::NewPool, IpAddr::V4(pool.v4), SMTP, DELIVERY_TIMEOUT)?;
         let verdict = checks.check(
             attempt.outcome == Outcome::Delivered,
             "monitor pool port 25 should be delivered",
