@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Version of the map layouts below. Recorded next to the pinned maps so that a newer
 /// daemon never misreads maps pinned by an older one.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of the maps, shared so that userspace cannot drift from the object file.
 pub mod map_names {
@@ -27,16 +27,25 @@ pub mod map_names {
     pub const ALLOW_V6: &str = "ALLOW_V6";
     /// Single-entry array holding the global [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
-    /// Per-CPU array of verdict counters, indexed by [`super::CounterKey::index`].
+    /// Per-CPU array of verdict counters, indexed by [`super::counter_index`] (interface
+    /// slot and [`super::CounterKey`]).
     pub const COUNTERS: &str = "COUNTERS";
     /// Per-CPU array of parse-outcome counters, indexed by [`super::ParseOutcome`].
     pub const PARSE_COUNTERS: &str = "PARSE_COUNTERS";
     /// Single-entry array holding the [`super::AbiRecord`] of whoever created the maps.
     /// The dataplane never reads it: it exists so that pinned maps describe themselves.
     pub const ABI: &str = "ABI";
+    /// LRU hash of offenders: [`super::OffenderKey`] → [`super::OffenderValue`].
+    pub const OFFENDERS: &str = "OFFENDERS";
+    /// Ring buffer of sampled [`super::Event`]s.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of event outcomes (`u64`), indexed by [`super::EventStat`].
+    pub const EVENT_STATS: &str = "EVENT_STATS";
+    /// Per-CPU token bucket ([`super::Bucket`]) that rate-limits [`EVENTS`].
+    pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
 
     /// Every map, in creation order.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 12] = [
         SUBSCRIBERS_V4,
         SUBSCRIBERS_V6,
         ALLOW_V4,
@@ -45,6 +54,10 @@ pub mod map_names {
         COUNTERS,
         PARSE_COUNTERS,
         ABI,
+        OFFENDERS,
+        EVENTS,
+        EVENT_STATS,
+        EVENT_BUCKET,
     ];
 }
 
@@ -61,6 +74,14 @@ pub mod program_names {
 pub const SUBSCRIBERS_MAX_ENTRIES: u32 = 1 << 18;
 /// Default capacity of the allowlist tries (per family); sized for 1M entries with room.
 pub const ALLOW_MAX_ENTRIES: u32 = 1 << 21;
+
+/// Default capacity of the offender LRU: how many subscribers (IPv4 /32, IPv6 /64 by
+/// default) with blocked port-25 attempts are remembered before the least recently seen
+/// is evicted.
+pub const OFFENDERS_MAX_ENTRIES: u32 = 1 << 16;
+/// Size of the event ring buffer in bytes (a power-of-two multiple of the page size):
+/// about 4,600 events, which the daemon drains many times a second.
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 /// The well-known SMTP relay port (RFC 5321) this whole project is about.
 pub const SMTP_PORT: u16 = 25;
@@ -198,8 +219,9 @@ impl AllowValue {
 }
 
 /// The single entry of the CONFIG array. All zeroes (the state of a freshly created map)
-/// means: enforce, fragments fail open, generation 0. Nothing is dropped until subscriber
-/// prefixes are loaded, so the zero state is safe.
+/// means: enforce, fragments fail open, generation 0, offenders keyed by IPv6 /64, no drop
+/// events. Nothing is dropped until subscriber prefixes are loaded, so the zero state is
+/// safe.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
@@ -207,12 +229,26 @@ pub struct Config {
     pub mode: Mode,
     /// Treatment of TCP fragments without visible ports.
     pub fragments: FragmentPolicy,
-    pub _pad: [u8; 2],
+    /// Prefix length that identifies one IPv6 subscriber in the offender table; 0 means
+    /// [`DEFAULT_OFFENDER_V6_PREFIX`]. Per-/128 keys would be trivially evaded by a host
+    /// that rotates addresses inside its /64.
+    pub offender_v6_prefix: u8,
+    pub _pad: u8,
     /// Written by the control plane so that anyone reading the pinned map can tell which
     /// policy is in force. The dataplane never reads it.
     pub generation: u32,
+    /// Drop events allowed per second **per CPU** (the bucket is per CPU so that CPUs never
+    /// contend); 0 disables events.
+    pub event_rate: u32,
+    /// Burst size of each CPU's event bucket (at least 1 when events are on).
+    pub event_burst: u32,
 }
-const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// Offender key length for IPv6 when [`Config::offender_v6_prefix`] is 0.
+pub const DEFAULT_OFFENDER_V6_PREFIX: u8 = 64;
+/// Upper bound of [`Config::event_rate`]; keeps the bucket arithmetic far from overflow.
+pub const MAX_EVENT_RATE: u32 = 1_000_000;
 
 /// Index of the only CONFIG entry (and of the only ABI entry).
 pub const CONFIG_INDEX: u32 = 0;
@@ -250,7 +286,13 @@ pub const LAYOUT_FINGERPRINT: u32 = {
         size_of::<Counter>() as u32,
         size_of::<CounterKey>() as u32,
         size_of::<AbiRecord>() as u32,
+        size_of::<OffenderKey>() as u32,
+        size_of::<OffenderValue>() as u32,
+        size_of::<Event>() as u32,
+        size_of::<Bucket>() as u32,
         COUNTER_SLOTS,
+        IFACE_SLOTS,
+        EventStat::COUNT as u32,
         ParseOutcome::COUNT as u32,
     ];
     let mut hash: u32 = 0x811c_9dc5;
@@ -370,9 +412,30 @@ pub struct CounterKey {
 }
 const _: () = assert!(size_of::<CounterKey>() == 4);
 
-/// Number of entries in the COUNTERS map.
+/// Number of verdict counters per interface slot.
 pub const COUNTER_SLOTS: u32 =
     Direction::COUNT as u32 * Family::COUNT as u32 * Verdict::COUNT as u32;
+
+/// Number of interface slots in the COUNTERS map. An interface's slot is its ifindex
+/// modulo this (see [`iface_slot`]): an array index costs the dataplane nothing, where a
+/// hash keyed by ifindex would cost a lookup per counted packet. Two attached interfaces
+/// can share a slot; the daemon detects that and labels the slot with both names.
+pub const IFACE_SLOTS: u32 = 64;
+
+/// Number of entries in the COUNTERS map.
+pub const COUNTERS_ENTRIES: u32 = IFACE_SLOTS * COUNTER_SLOTS;
+
+/// The interface slot of an ifindex.
+#[inline(always)]
+pub const fn iface_slot(ifindex: u32) -> u32 {
+    ifindex % IFACE_SLOTS
+}
+
+/// Index into the COUNTERS map: `iface_slot(ifindex) * COUNTER_SLOTS + key.index()`.
+#[inline(always)]
+pub const fn counter_index(ifindex: u32, key: CounterKey) -> u32 {
+    iface_slot(ifindex) * COUNTER_SLOTS + key.index()
+}
 
 impl CounterKey {
     /// A key with zeroed padding.
@@ -484,5 +547,122 @@ impl Counter {
             packets: self.packets.wrapping_add(other.packets),
             bytes: self.bytes.wrapping_add(other.bytes),
         }
+    }
+}
+
+/// Key of the OFFENDERS LRU: one subscriber, as an address masked to its family's
+/// subscriber length (IPv4 /32; IPv6 [`Config::offender_v6_prefix`], /64 by default).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OffenderKey {
+    pub family: Family,
+    /// Number of leading bits of `addr` that are significant (the rest are zero).
+    pub prefix_len: u8,
+    pub _pad: [u8; 2],
+    /// Network-order address; IPv4 uses the first 4 bytes.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<OffenderKey>() == 20);
+
+/// Value of the OFFENDERS LRU: the evidence an abuse desk hands to the customer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OffenderValue {
+    /// Blocked TCP/25 connection attempts (SYNs dropped, or would-dropped in monitor mode).
+    pub attempts: u64,
+    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) of the first and the latest attempt.
+    pub first_seen_ns: u64,
+    pub last_seen_ns: u64,
+    /// Destination of the latest attempt (network order; IPv4 in the first 4 bytes).
+    pub last_dst: [u8; 16],
+    /// Destination port of the latest attempt (host order).
+    pub last_dport: u16,
+    /// Verdict of the latest attempt ([`Verdict::DROPPED`] or [`Verdict::WOULD_DROP`]).
+    pub last_verdict: Verdict,
+    pub _pad: [u8; 5],
+}
+const _: () = assert!(size_of::<OffenderValue>() == 48);
+
+/// Which hook produced an [`Event`].
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HookKind(pub u8);
+
+impl HookKind {
+    /// The XDP program.
+    pub const XDP: Self = Self(0);
+    /// The TC classifier.
+    pub const TC: Self = Self(1);
+    /// Label for tools.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "xdp",
+            1 => "tc",
+            _ => "unknown",
+        }
+    }
+}
+
+/// One sampled drop (or would-drop) event in the EVENTS ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Event {
+    /// `CLOCK_MONOTONIC` nanoseconds (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+    /// Interface the packet was seen on.
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub family: Family,
+    pub verdict: Verdict,
+    pub hook: HookKind,
+    /// Network-order addresses; IPv4 uses the first 4 bytes.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host-order ports; both 0 for a fragment without visible ports.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags byte (0 when not visible).
+    pub tcp_flags: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<Event>() == 56);
+
+/// Per-CPU token bucket state of the event rate limit. Tokens are kept in units of
+/// 1e-9 token so that refilling needs only a multiplication (no division in the kernel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Bucket {
+    pub nano_tokens: u64,
+    pub last_ns: u64,
+}
+const _: () = assert!(size_of::<Bucket>() == 16);
+
+/// What happened to one would-be event: the index into EVENT_STATS.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventStat(pub u8);
+
+impl EventStat {
+    /// Written to the ring buffer.
+    pub const EMITTED: Self = Self(0);
+    /// Suppressed by the rate limit.
+    pub const RATE_LIMITED: Self = Self(1);
+    /// Lost because the ring buffer was full (userspace too slow).
+    pub const RING_FULL: Self = Self(2);
+    /// Number of stats.
+    pub const COUNT: u8 = 3;
+    /// Label for metrics.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "emitted",
+            1 => "rate_limited",
+            2 => "ring_full",
+            _ => "unknown",
+        }
+    }
+    /// Index into EVENT_STATS.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self.0 as u32
     }
 }

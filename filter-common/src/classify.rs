@@ -90,6 +90,12 @@ pub struct Outcome {
     pub parse: ParseOutcome,
     /// The verdict counter to bump, when one of the rules looked at the packet.
     pub counter: Option<CounterKey>,
+    /// Offset of the IP header; meaningful only when `counter` is set. Offsets rather
+    /// than addresses and ports, so that the common path copies nothing: the hook reads the
+    /// flow back (with [`crate::track::fill_event`]) only for a drop or would-drop.
+    pub l3: u16,
+    /// Offset of the TCP header, or 0 when the ports are not visible (fragments).
+    pub l4: u16,
 }
 
 impl Outcome {
@@ -99,6 +105,8 @@ impl Outcome {
             action: Action::Pass,
             parse,
             counter: None,
+            l3: 0,
+            l4: 0,
         }
     }
 }
@@ -233,10 +241,11 @@ fn classify_ipv4<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
     let dst = Ipv4Key([d0, d1, d2, d3]);
     let frag = u16::from_be_bytes([frag_hi, frag_lo]);
     if frag & IPV4_OFFSET_MASK != 0 {
-        return fragment(ParseOutcome::NON_FIRST_FRAGMENT, src, dst, tables);
+        return fragment(ParseOutcome::NON_FIRST_FRAGMENT, offset, src, dst, tables);
     }
     // IHL counts 32-bit words and is at most 15, so options never push this past 60.
-    classify_tcp(pkt, offset + ihl * 4, frag & IPV4_MF != 0, src, dst, tables)
+    let l4 = offset + ihl * 4;
+    classify_tcp(pkt, offset, l4, frag & IPV4_MF != 0, src, dst, tables)
 }
 
 #[inline(always)]
@@ -316,13 +325,13 @@ fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
         // The fragment header names the first header of the fragmentable part: TCP, or an
         // extension header that may precede it. Either way the ports are out of sight.
         return if next == IPPROTO_TCP || is_ipv6_ext(next) {
-            fragment(ParseOutcome::NON_FIRST_FRAGMENT, src, dst, tables)
+            fragment(ParseOutcome::NON_FIRST_FRAGMENT, offset, src, dst, tables)
         } else {
             Outcome::pass(ParseOutcome::NOT_TCP)
         };
     }
     if next == IPPROTO_TCP {
-        classify_tcp(pkt, l4, more_fragments, src, dst, tables)
+        classify_tcp(pkt, offset, l4, more_fragments, src, dst, tables)
     } else if is_ipv6_ext(next) {
         Outcome::pass(ParseOutcome::EXT_CHAIN_TOO_LONG)
     } else {
@@ -334,6 +343,7 @@ fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
 #[inline(always)]
 fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
     pkt: &P,
+    l3: usize,
     l4: usize,
     more_fragments: bool,
     src: A,
@@ -355,10 +365,15 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
                 action,
                 parse: ParseOutcome::TCP,
                 counter,
+                // Both are below MAX_OFFSET here, so they fit.
+                l3: l3 as u16,
+                l4: l4 as u16,
             }
         }
         // A first fragment cut before the ports is as blind as a non-first one.
-        None if more_fragments => fragment(ParseOutcome::SHORT_FIRST_FRAGMENT, src, dst, tables),
+        None if more_fragments => {
+            fragment(ParseOutcome::SHORT_FIRST_FRAGMENT, l3, src, dst, tables)
+        }
         None => Outcome::pass(ParseOutcome::TRUNCATED),
     }
 }
@@ -366,7 +381,13 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
 /// A TCP fragment without visible ports: fail open, or (fail closed) treat it as a match
 /// of both rules so that only allowlisted or non-subscriber traffic gets through.
 #[inline(always)]
-fn fragment<T: Tables, A: Address>(parse: ParseOutcome, src: A, dst: A, tables: &T) -> Outcome {
+fn fragment<T: Tables, A: Address>(
+    parse: ParseOutcome,
+    l3: usize,
+    src: A,
+    dst: A,
+    tables: &T,
+) -> Outcome {
     if tables.config().fragments != FragmentPolicy::DROP {
         return Outcome::pass(parse);
     }
@@ -375,6 +396,8 @@ fn fragment<T: Tables, A: Address>(parse: ParseOutcome, src: A, dst: A, tables: 
         action,
         parse,
         counter,
+        l3: l3 as u16,
+        l4: 0,
     }
 }
 

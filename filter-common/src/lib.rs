@@ -4,6 +4,8 @@
 //! - [`packet`]: the [`packet::PacketBuf`] trait the classifier reads packets through.
 //! - [`classify`]: the one classifier, run by the XDP and TC hooks and, on the host, as
 //!   the reference model.
+//! - [`track`]: what the hooks record after a verdict (offender keys, the event rate
+//!   limit), also shared with the model.
 //!
 //! `no_std` so the eBPF crate can use it; the `user` feature adds the `aya::Pod` impls
 //! userspace needs to put these types in maps.
@@ -12,11 +14,13 @@
 pub mod abi;
 pub mod classify;
 pub mod packet;
+pub mod track;
 
 #[cfg(feature = "user")]
 mod pod {
     use crate::abi::{
-        AbiRecord, AllowValue, Config, Counter, CounterKey, Ipv4Key, Ipv6Key, SubscriberValue,
+        AbiRecord, AllowValue, Bucket, Config, Counter, CounterKey, Event, Ipv4Key, Ipv6Key,
+        OffenderKey, OffenderValue, SubscriberValue,
     };
 
     // SAFETY: all of these are #[repr(C)] or #[repr(transparent)] over integers and byte
@@ -37,4 +41,12 @@ mod pod {
     unsafe impl aya::Pod for CounterKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AbiRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OffenderKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for OffenderValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Bucket {}
 }

@@ -34,9 +34,9 @@ use aya::{
     },
 };
 use filter_common::abi::{
-    ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, CONFIG_INDEX, COUNTER_SLOTS, Config,
-    Counter, Ipv4Key, Ipv6Key, ParseOutcome, SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names,
-    program_names,
+    ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS,
+    Config, Counter, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
+    SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names, program_names,
 };
 
 use crate::{EBPF_OBJECT, Error, KernelTables};
@@ -164,7 +164,7 @@ struct MapSpec {
 
 const LPM_PREFIX_LEN: usize = size_of::<u32>();
 
-const MAP_SPECS: [MapSpec; 8] = [
+const MAP_SPECS: [MapSpec; 12] = [
     MapSpec {
         name: map_names::SUBSCRIBERS_V4,
         map_type: MapType::LpmTrie,
@@ -212,6 +212,30 @@ const MAP_SPECS: [MapSpec; 8] = [
         map_type: MapType::Array,
         key_size: size_of::<u32>(),
         value_size: size_of::<AbiRecord>(),
+    },
+    MapSpec {
+        name: map_names::OFFENDERS,
+        map_type: MapType::LruHash,
+        key_size: size_of::<OffenderKey>(),
+        value_size: size_of::<OffenderValue>(),
+    },
+    MapSpec {
+        name: map_names::EVENTS,
+        map_type: MapType::RingBuf,
+        key_size: 0,
+        value_size: 0,
+    },
+    MapSpec {
+        name: map_names::EVENT_STATS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u64>(),
+    },
+    MapSpec {
+        name: map_names::EVENT_BUCKET,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Bucket>(),
     },
 ];
 
@@ -489,6 +513,14 @@ impl Dataplane {
     /// their own references to the maps.
     pub fn take_tables(&mut self) -> Result<KernelTables, Error> {
         KernelTables::from_ebpf(&mut self.ebpf)
+    }
+
+    /// Takes the drop-event ring buffer out of the object, for the one reader that drains
+    /// it.
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<MapData>, Error> {
+        let name = map_names::EVENTS;
+        let map = self.ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+        aya::maps::RingBuf::try_from(map).map_err(|source| Error::Map { name, source })
     }
 }
 

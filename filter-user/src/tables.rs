@@ -1,16 +1,17 @@
-//! The kernel's maps, typed: policy (subscribers, allowlist, config) and statistics
-//! (verdict and parse counters, summed over CPUs).
+//! The kernel's maps, typed: policy (subscribers, allowlist, config), statistics (verdict,
+//! parse and event counters, summed over CPUs) and the offender table.
 
 use std::{collections::BTreeMap, io};
 
 use aya::{
     Ebpf,
-    maps::{Array, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
 };
 use filter_common::{
     abi::{
-        AllowValue, CONFIG_INDEX, COUNTER_SLOTS, Config, Counter, CounterKey, Ipv4Key, Ipv6Key,
-        ParseOutcome, SubscriberValue, map_names,
+        AllowValue, CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter, CounterKey,
+        EventStat, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome, SubscriberValue,
+        map_names,
     },
     classify::Outcome,
 };
@@ -18,6 +19,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{Error, check_prefix};
 
+// Batched variants of the policy-map operations (`insert_allow_many` etc.); a child module
 /// Typed handles on all of the object's maps.
 pub struct KernelTables {
     subscribers_v4: LpmTrie<MapData, Ipv4Key, SubscriberValue>,
@@ -27,6 +29,8 @@ pub struct KernelTables {
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counter>,
     parse_counters: PerCpuArray<MapData, Counter>,
+    event_stats: PerCpuArray<MapData, u64>,
+    offenders: HashMap<MapData, OffenderKey, OffenderValue>,
 }
 
 impl std::fmt::Debug for KernelTables {
@@ -99,6 +103,8 @@ impl KernelTables {
             config: take(ebpf, map_names::CONFIG)?,
             counters: take(ebpf, map_names::COUNTERS)?,
             parse_counters: take(ebpf, map_names::PARSE_COUNTERS)?,
+            event_stats: take(ebpf, map_names::EVENT_STATS)?,
+            offenders: take(ebpf, map_names::OFFENDERS)?,
         })
     }
 
@@ -125,6 +131,8 @@ impl KernelTables {
             config: open(layout, map_names::CONFIG, Map::Array)?,
             counters: open(layout, map_names::COUNTERS, Map::PerCpuArray)?,
             parse_counters: open(layout, map_names::PARSE_COUNTERS, Map::PerCpuArray)?,
+            event_stats: open(layout, map_names::EVENT_STATS, Map::PerCpuArray)?,
+            offenders: open(layout, map_names::OFFENDERS, Map::LruHashMap)?,
         })
     }
 
@@ -227,9 +235,68 @@ impl KernelTables {
             .map_err(map_err(map_names::CONFIG))
     }
 
-    /// One verdict counter, summed over CPUs.
+    /// One verdict counter, summed over CPUs and interfaces.
     pub fn verdict_counter(&self, key: CounterKey) -> Result<Counter, Error> {
-        sum(&self.counters, key.index(), map_names::COUNTERS)
+        let mut total = Counter::default();
+        for slot in 0..filter_common::abi::IFACE_SLOTS {
+            let index = slot * COUNTER_SLOTS + key.index();
+            total = total.plus(sum(&self.counters, index, map_names::COUNTERS)?);
+        }
+        Ok(total)
+    }
+
+    /// Every non-zero verdict counter by interface slot (see
+    /// [`filter_common::abi::iface_slot`]), summed over CPUs.
+    pub fn interface_counters(&self) -> Result<BTreeMap<(u32, CounterKey), Counter>, Error> {
+        let mut out = BTreeMap::new();
+        for index in 0..COUNTERS_ENTRIES {
+            let total = sum(&self.counters, index, map_names::COUNTERS)?;
+            if total == Counter::default() {
+                continue;
+            }
+            if let Some(key) = CounterKey::from_index(index % COUNTER_SLOTS) {
+                out.insert((index / COUNTER_SLOTS, key), total);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The event outcome counters (emitted, rate-limited, ring full), summed over CPUs.
+    pub fn event_stats(&self) -> Result<BTreeMap<EventStat, u64>, Error> {
+        let mut out = BTreeMap::new();
+        for stat in 0..EventStat::COUNT {
+            let values = self
+                .event_stats
+                .get(&u32::from(stat), 0)
+                .map_err(map_err(map_names::EVENT_STATS))?;
+            let total = values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
+            out.insert(EventStat(stat), total);
+        }
+        Ok(out)
+    }
+
+    /// Every subscriber in the offender table. Entries that vanish while being read (the
+    /// LRU evicts them under load) are skipped, not errors.
+    pub fn offenders(&self) -> Result<Vec<(OffenderKey, OffenderValue)>, Error> {
+        let mut out = Vec::new();
+        for item in self.offenders.iter() {
+            match item {
+                Ok(entry) => out.push(entry),
+                Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(Error::Map {
+                        name: map_names::OFFENDERS,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets one offender (after the abuse desk dealt with it).
+    pub fn forget_offender(&mut self, key: &OffenderKey) -> Result<bool, Error> {
+        removed(map_names::OFFENDERS, self.offenders.remove(key))
     }
 
     /// One parse-outcome counter, summed over CPUs.
@@ -241,14 +308,17 @@ impl KernelTables {
         )
     }
 
-    /// Reads all counters, summed over CPUs.
+    /// Reads all counters, summed over CPUs (and, for verdicts, over interfaces).
     pub fn counters(&self) -> Result<CounterSnapshot, Error> {
         let mut snapshot = CounterSnapshot::default();
         for index in 0..COUNTER_SLOTS {
-            let total = sum(&self.counters, index, map_names::COUNTERS)?;
             if let Some(key) = CounterKey::from_index(index) {
-                snapshot.verdicts.insert(key, total);
+                snapshot.verdicts.insert(key, Counter::default());
             }
+        }
+        for ((_, key), counter) in self.interface_counters()? {
+            let total = snapshot.verdicts.entry(key).or_default();
+            *total = total.plus(counter);
         }
         for index in 0..ParseOutcome::COUNT {
             let total = sum(

@@ -77,8 +77,11 @@ struct Case {
 const ENFORCE: Config = Config {
     mode: Mode::ENFORCE,
     fragments: FragmentPolicy::PASS,
-    _pad: [0; 2],
+    offender_v6_prefix: 0,
+    _pad: 0,
     generation: 0,
+    event_rate: 0,
+    event_burst: 0,
 };
 const GLOBAL_MONITOR: Config = Config {
     mode: Mode::MONITOR,
@@ -98,7 +101,15 @@ fn outcome(
         action,
         parse,
         counter: counter.map(|(d, f, v)| CounterKey::new(d, f, v)),
+        // Offsets are the classifier's business; cases compare the verdict (see `essence`).
+        l3: 0,
+        l4: 0,
     }
+}
+
+/// What a case states: the action and what is counted (not the header offsets).
+fn essence(o: &Outcome) -> (Action, ParseOutcome, Option<CounterKey>) {
+    (o.action, o.parse, o.counter)
 }
 
 /// Parse-only outcome: passes, no verdict counter.
@@ -778,7 +789,7 @@ fn every_rule_and_parse_path_matches_model_xdp_and_tc() -> Result<()> {
         model.config = case.config;
 
         let from_model = model.classify(&case.frame);
-        if from_model != case.expected {
+        if essence(&from_model) != essence(&case.expected) {
             failures.push(format!(
                 "{}: model says {from_model:?}, expected {:?}",
                 case.name, case.expected

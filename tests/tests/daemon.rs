@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
+use filter_common::abi::{ABI_VERSION, Config};
 use p25_tests::{
     daemon::DaemonLab,
     lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
@@ -455,16 +456,26 @@ fn sighup_reloads_the_policy() -> Result<()> {
 fn incompatible_pinned_maps_are_reported() -> Result<()> {
     let topology = Topology::build()?;
     // A CONFIG map whose value is twice the size this build uses.
+    let config_size = (2 * size_of::<Config>()).to_string();
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.write_policy(POLICY)?;
-    let maps = lab.pin_root.join("v1/maps");
+    let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let config = maps.join("CONFIG");
     let out = std::process::Command::new("bpftool")
         .args(["map", "create"])
         .arg(&config)
         .args([
-            "type", "array", "key", "4", "value", "16", "entries", "1", "name", "CONFIG",
+            "type",
+            "array",
+            "key",
+            "4",
+            "value",
+            &config_size,
+            "entries",
+            "1",
+            "name",
+            "CONFIG",
         ])
         .output()?;
     ensure!(
@@ -482,14 +493,14 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
         "the error should name the map and both layouts:\n{log}"
     );
     ensure!(
-        !lab.pin_root.join("v1/links").exists(),
+        !lab.pin_root.join(format!("v{ABI_VERSION}/links")).exists(),
         "nothing may be attached:\n{log}"
     );
 
     // An ABI record of another version, with the right sizes everywhere.
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.write_policy(POLICY)?;
-    let maps = lab.pin_root.join("v1/maps");
+    let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let abi = maps.join("ABI");
     for args in [
@@ -560,8 +571,11 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
     expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
     lab.kill9()?;
     // Make the pinned state look like an older ABI version's.
-    std::fs::rename(lab.pin_root.join("v1"), lab.pin_root.join("v0"))
-        .context("renaming the pin directory on bpffs")?;
+    std::fs::rename(
+        lab.pin_root.join(format!("v{ABI_VERSION}")),
+        lab.pin_root.join("v0"),
+    )
+    .context("renaming the pin directory on bpffs")?;
     expect(
         sub,
         SUB4.into(),

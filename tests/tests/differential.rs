@@ -4,7 +4,8 @@
 //! Packets are random and mutated from valid ones (truncations, bad IHL, odd extension-
 //! header chains, tag stacks, PPPoE variants, random bytes). For every packet, both hooks
 //! must return the model's action and bump exactly the model's counters; at the end of
-//! every round the full counter maps must equal the model's tally.
+//! every round the full counter maps, the offender table (attempts and latest destination
+//! per subscriber) and the event outcome counters must equal the model's tally.
 //!
 //! Reproduce a run with `P25_DIFF_SEED=<seed printed by the test>`.
 
@@ -16,9 +17,11 @@ use std::{
 use anyhow::{Context as _, Result};
 use filter_common::{
     abi::{
-        AllowValue, Config, Counter, FragmentPolicy, Mode, Origin, ParseOutcome, SubscriberValue,
+        AllowValue, Config, Counter, Event, EventStat, FragmentPolicy, Mode, OffenderKey, Origin,
+        ParseOutcome, SubscriberValue,
     },
     classify::Outcome,
+    track::{fill_event, is_event, offender_key},
 };
 use filter_user::{CounterSnapshot, model::ModelTables};
 use ipnet::IpNet;
@@ -130,8 +133,15 @@ fn random_policy(
         ]
         .choose(rng)
         .unwrap_or(&FragmentPolicy::PASS),
-        _pad: [0; 2],
+        offender_v6_prefix: *[0, 48, 56, 64, 128, rng.random()].choose(rng).unwrap_or(&0),
+        _pad: 0,
         generation: rng.random(),
+        // No reader drains the ring here, so with events on it fills up: both the emit and
+        // the ring-full paths run, and every event-worthy packet must be counted once.
+        event_rate: *[0, 1_000_000, 1_000_000, 1_000_000]
+            .choose(rng)
+            .unwrap_or(&0),
+        event_burst: 1_000_000,
     };
     harness.tables.set_config(config)?;
     model.config = config;
@@ -324,6 +334,47 @@ fn check(
     Ok((!problems.is_empty()).then(|| format!("{hook:?}: {}", problems.join("; "))))
 }
 
+/// What the model expects in the offender table: attempts and the latest destination.
+type OffenderTally = BTreeMap<OffenderKey, (u64, [u8; 16], u16)>;
+
+/// The offender evidence and event the model derives for one packet, with the same shared
+/// code the hooks run after their verdict.
+fn model_record(
+    frame: &[u8],
+    expected: &Outcome,
+    config: &Config,
+    offenders: &mut OffenderTally,
+    events: &mut u64,
+) {
+    if !is_event(expected) {
+        return;
+    }
+    let mut event = Event::default();
+    if !fill_event(&frame, expected, &mut event) {
+        return;
+    }
+    if config.event_rate != 0 {
+        *events += 1;
+    }
+    if let Some(key) = offender_key(&event, config) {
+        let entry = offenders.entry(key).or_insert((0, [0; 16], 0));
+        *entry = (entry.0 + 1, event.dst, event.dport);
+    }
+}
+
+fn kernel_offenders(harness: &Harness) -> Result<OffenderTally> {
+    Ok(harness
+        .tables
+        .offenders()?
+        .into_iter()
+        .map(|(k, v)| (k, (v.attempts, v.last_dst, v.last_dport)))
+        .collect())
+}
+
+fn kernel_events(harness: &Harness) -> Result<u64> {
+    Ok(harness.tables.event_stats()?.values().sum())
+}
+
 fn delta(now: Counter, before: Counter) -> Counter {
     Counter {
         packets: now.packets.wrapping_sub(before.packets),
@@ -347,12 +398,20 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
     let mut tc_impossible = 0_usize;
     let mut parse_seen: BTreeMap<&str, usize> = BTreeMap::new();
     let mut verdicts_seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut offender_keys_seen = 0_usize;
+    let mut events_seen = 0_u64;
 
     for round in 0..ROUNDS {
         let universe = Universe::new(&mut rng);
         let model = random_policy(&mut rng, &universe, &mut harness)?;
         let round_start = harness.tables.counters()?;
         let mut expected_round = CounterSnapshot::default();
+        for (key, _) in harness.tables.offenders()? {
+            harness.tables.forget_offender(&key)?;
+        }
+        let events_start = kernel_events(&harness)?;
+        let mut expected_offenders = OffenderTally::new();
+        let mut expected_events = 0_u64;
 
         for _ in 0..PACKETS_PER_ROUND {
             let frame = frame(&mut rng, &universe);
@@ -374,6 +433,13 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
                     continue;
                 }
                 expected_round.record(&expected, frame.len() as u64);
+                model_record(
+                    &frame,
+                    &expected,
+                    &model.config,
+                    &mut expected_offenders,
+                    &mut expected_events,
+                );
                 if let Some(problem) = check(&mut harness, hook, &frame, &expected)? {
                     problems.push(problem);
                 }
@@ -400,6 +466,22 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
                 "round {round}: counter maps differ:\n kernel {counted:?}\n model  {expected_round:?}"
             ));
         }
+        let offenders = kernel_offenders(&harness)?;
+        if offenders != expected_offenders {
+            disagreements += 1;
+            reports.push(format!(
+                "round {round}: offender tables differ:\n kernel {offenders:?}\n model  {expected_offenders:?}"
+            ));
+        }
+        offender_keys_seen += offenders.len();
+        let events = kernel_events(&harness)? - events_start;
+        if events != expected_events {
+            disagreements += 1;
+            reports.push(format!(
+                "round {round}: {events} event outcomes counted, model expects {expected_events}"
+            ));
+        }
+        events_seen += events;
     }
 
     println!("parse outcomes generated: {parse_seen:?}");
@@ -407,6 +489,9 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
     println!(
         "{tc_impossible} frames too short for the kernel's skb test run (compared on XDP only)"
     );
+    println!("offender entries compared: {offender_keys_seen}; event outcomes: {events_seen}");
+    let emitted = harness.tables.event_stats()?;
+    println!("event outcomes by kind: {emitted:?}");
     p25_tests::summary!("{compared} packets compared, {disagreements} disagreements");
     assert!(
         disagreements == 0,
@@ -422,6 +507,18 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
             seen >= 10,
             "generator produced only {seen} packets with outcome {}",
             outcome.name()
+        );
+    }
+    // The offender and event paths must have run for real, or their comparison is empty.
+    assert!(
+        offender_keys_seen >= 100,
+        "only {offender_keys_seen} offender entries"
+    );
+    for stat in [EventStat::EMITTED, EventStat::RING_FULL] {
+        assert!(
+            emitted.get(&stat).copied().unwrap_or(0) > 0,
+            "no event took the {} path",
+            stat.name()
         );
     }
     assert!(

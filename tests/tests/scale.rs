@@ -57,8 +57,8 @@ fn one_million_allow_entries_and_100k_prefixes() -> Result<()> {
     let config = Config {
         mode: Mode::ENFORCE,
         fragments: FragmentPolicy::DROP,
-        _pad: [0; 2],
         generation: 1,
+        ..Config::default()
     };
     harness.tables.set_config(config)?;
     model.config = config;
