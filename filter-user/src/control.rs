@@ -48,6 +48,29 @@ pub enum Request {
     Stats,
     /// Re-read the policy file now.
     Reload,
+    /// The offender table, worst first.
+    Offenders {
+        /// Only subscribers whose latest attempt is at most this many seconds old.
+        #[serde(default)]
+        since_secs: Option<u64>,
+        /// At most this many rows.
+        #[serde(default)]
+        limit: Option<usize>,
+    },
+}
+
+/// Applies `p25ctl top`/`offenders` filters to views sorted worst first.
+pub fn filter_offenders(
+    views: Vec<crate::offenders::OffenderView>,
+    since_secs: Option<u64>,
+    limit: Option<usize>,
+    now_unix: u64,
+) -> Vec<crate::offenders::OffenderView> {
+    views
+        .into_iter()
+        .filter(|v| since_secs.is_none_or(|s| v.last_seen_unix.saturating_add(s) >= now_unix))
+        .take(limit.unwrap_or(usize::MAX))
+        .collect()
 }
 
 /// The daemon's answer.

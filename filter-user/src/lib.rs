@@ -7,7 +7,9 @@
 
 pub mod control;
 pub mod loader;
+pub mod metrics;
 pub mod model;
+pub mod offenders;
 pub mod policy;
 pub mod runtime;
 pub mod sync;

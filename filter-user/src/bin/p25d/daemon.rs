@@ -4,14 +4,18 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::SocketAddr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
-use filter_common::abi::{AllowValue, Config, FragmentPolicy, Mode, Origin, SubscriberValue};
+use filter_common::abi::{
+    AllowValue, Config, FragmentPolicy, Mode, Origin, SubscriberValue, iface_slot,
+};
 use filter_user::{
     Dataplane, KernelTables, check_prefix,
     control::{
@@ -21,6 +25,8 @@ use filter_user::{
     loader::{
         Hook, PinLayout, ensure_bpffs, ifindex, links_in, pinned_link_ifindex, pinned_link_status,
     },
+    metrics,
+    offenders::{self, AlertTracker, monotonic_ns},
     policy::{self, Attach, Policy, Role},
     runtime::{RuntimeEntry, RuntimeStore, rfc3339, unix},
     sync::{Desired, reconcile},
@@ -34,6 +40,9 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+pub use crate::observe::EventSink;
+use crate::observe::{self, MetricsJob};
+
 /// Settings of `p25d run`.
 #[derive(Debug)]
 pub struct Options {
@@ -44,6 +53,15 @@ pub struct Options {
     pub layout: PinLayout,
     pub resync: Duration,
     pub poll: Duration,
+    pub metrics_listen: Option<SocketAddr>,
+    pub metrics_top_offenders: usize,
+    pub offender_v6_prefix: u8,
+    pub alert_threshold: u64,
+    pub alert_window: Duration,
+    pub offender_scan: Duration,
+    pub events: EventSink,
+    pub events_rate: u32,
+    pub events_burst: u32,
 }
 
 /// Identifies a version of the policy file cheaply, to notice edits.
@@ -87,6 +105,14 @@ struct Daemon {
     last_error: Option<String>,
     seen: Option<FileStamp>,
     interfaces: BTreeMap<String, IfaceState>,
+    /// Unix time of the last successful reconcile (for the staleness alert).
+    last_sync_unix: f64,
+    alerts: AlertTracker,
+    offender_alerts: u64,
+    offenders_tracked: usize,
+    event_counts: Arc<observe::EventCounts>,
+    /// Possible CPUs: the event rate limit is per CPU, so the total is split over them.
+    cpus: u32,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -106,10 +132,21 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
     migrate_other_versions(&mut dataplane, &opts.layout);
     let tables = dataplane.take_tables()?;
+    let events = dataplane.take_events()?;
     let generation = tables.config()?.generation;
+    let cpus = aya::util::nr_cpus()
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX).max(1))
+        .unwrap_or(1);
     info!(pins = %opts.layout.dir().display(), adopting, generation, "dataplane loaded");
 
+    let alerts = AlertTracker::new(opts.alert_threshold, opts.alert_window);
     let mut daemon = Daemon {
+        alerts,
+        offender_alerts: 0,
+        offenders_tracked: 0,
+        event_counts: Arc::new(observe::EventCounts::default()),
+        last_sync_unix: 0.0,
+        cpus,
         opts,
         _dataplane: dataplane,
         tables,
@@ -127,14 +164,25 @@ pub async fn run(opts: Options) -> Result<()> {
     let listener = bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
     tokio::spawn(accept_loop(listener, jobs_tx));
+    let (metrics_tx, mut metrics_jobs) = mpsc::channel::<MetricsJob>(16);
+    if let Some(addr) = daemon.opts.metrics_listen {
+        observe::serve_metrics(addr, metrics_tx).await?;
+    }
+    tokio::spawn(observe::drain_events(
+        events,
+        daemon.opts.events.clone(),
+        daemon.event_counts.clone(),
+    ));
 
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut poll = tokio::time::interval(daemon.opts.poll);
     let mut resync = tokio::time::interval(daemon.opts.resync);
+    let mut scan = tokio::time::interval(daemon.opts.offender_scan);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     info!(socket = %daemon.opts.socket.display(), "ready");
     loop {
@@ -151,6 +199,10 @@ pub async fn run(opts: Options) -> Result<()> {
                 daemon.check_interfaces();
             }
             _ = resync.tick() => { daemon.resync(); }
+            _ = scan.tick() => { daemon.scan_offenders(); }
+            Some(reply) = metrics_jobs.recv() => {
+                let _ = reply.send(daemon.render_metrics());
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -313,11 +365,24 @@ impl Daemon {
     /// The maps' target state for `policy`, the runtime entries, and `generation`.
     fn desired(&self, policy: &Policy, generation: u32) -> Desired {
         let now = SystemTime::now();
+        let (event_rate, event_burst) = if self.opts.events == EventSink::Off {
+            (0, 0)
+        } else {
+            // The kernel's bucket is per CPU; split the operator's total evenly, rounding
+            // up so that a small total never becomes zero.
+            (
+                self.opts.events_rate.div_ceil(self.cpus),
+                self.opts.events_burst.div_ceil(self.cpus).max(1),
+            )
+        };
         let config = Config {
             mode: policy.defaults.mode.into(),
             fragments: FragmentPolicy::from(policy.defaults.fragments),
-            _pad: [0; 2],
+            offender_v6_prefix: self.opts.offender_v6_prefix,
+            _pad: 0,
             generation,
+            event_rate,
+            event_burst,
         };
         let subscribers = policy
             .subscribers
@@ -353,6 +418,7 @@ impl Daemon {
         let generation = self.generation.wrapping_add(1);
         let desired = self.desired(&policy, generation);
         let report = reconcile(&mut self.tables, &desired).context("updating the maps")?;
+        self.synced();
         self.generation = generation;
         self.sync_interfaces(&policy);
         self.policy = policy;
@@ -414,15 +480,144 @@ impl Daemon {
         }
         let desired = self.desired(&self.policy, self.generation);
         match reconcile(&mut self.tables, &desired) {
-            Ok(report) if report.changed() => info!(
-                added = report.added,
-                updated = report.updated,
-                removed = report.removed,
-                "resync repaired drift"
-            ),
-            Ok(_) => {}
+            Ok(report) => {
+                self.synced();
+                if report.changed() {
+                    info!(
+                        added = report.added,
+                        updated = report.updated,
+                        removed = report.removed,
+                        "resync repaired drift"
+                    );
+                }
+            }
             Err(e) => error!(error = %e, "resync failed"),
         }
+    }
+
+    fn synced(&mut self) {
+        self.last_sync_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+    }
+
+    /// Reads the offender table and raises the alerts it warrants.
+    fn scan_offenders(&mut self) {
+        let entries = match self.tables.offenders() {
+            Ok(entries) => entries,
+            Err(e) => {
+                warn!(error = %e, "reading the offender table failed");
+                return;
+            }
+        };
+        self.offenders_tracked = entries.len();
+        let now = Duration::from_nanos(monotonic_ns());
+        for alert in self.alerts.observe(now, &entries) {
+            self.offender_alerts += 1;
+            let subscriber = offenders::subscriber(&alert.key)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            warn!(
+                event = "offender_alert",
+                %subscriber,
+                attempts_in_window = alert.attempts_in_window,
+                attempts_total = alert.attempts_total,
+                threshold = self.opts.alert_threshold,
+                window_secs = self.opts.alert_window.as_secs(),
+                "offender alert: subscriber exceeded the blocked port-25 attempt threshold"
+            );
+        }
+    }
+
+    /// The offender table as views, filtered as asked.
+    fn offender_views(&self, since_secs: Option<u64>, limit: Option<usize>) -> Response {
+        match self.tables.offenders() {
+            Ok(entries) => {
+                let views = offenders::views(&entries, &offenders::Clock::now());
+                let now = unix(SystemTime::now());
+                ok(filter_user::control::filter_offenders(
+                    views, since_secs, limit, now,
+                ))
+            }
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// One `/metrics` page. Empty on failure (the HTTP side answers 503), with the reason
+    /// logged.
+    fn render_metrics(&self) -> String {
+        match self.metrics_snapshot() {
+            Ok(snapshot) => metrics::render(&snapshot).unwrap_or_else(|e| {
+                error!(error = %e, "rendering metrics failed");
+                String::new()
+            }),
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "reading the maps for metrics failed");
+                String::new()
+            }
+        }
+    }
+
+    fn metrics_snapshot(&self) -> Result<metrics::Snapshot> {
+        // Interface slot → the attached interfaces' names (normally one).
+        let mut slot_names: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+        for (name, state) in &self.interfaces {
+            if let Some(ifindex) = state.ifindex {
+                slot_names
+                    .entry(iface_slot(ifindex))
+                    .or_default()
+                    .push(name);
+            }
+        }
+        let mut packets = BTreeMap::new();
+        for ((slot, key), counter) in self.tables.interface_counters()? {
+            let interface = match slot_names.get(&slot) {
+                Some(names) => names.join("+"),
+                None => format!("ifindex-slot-{slot}"),
+            };
+            let total = packets.entry((interface, key)).or_default();
+            *total = filter_common::abi::Counter::plus(*total, counter);
+        }
+        let desired = self.desired(&self.policy, self.generation);
+        let allow_policy = desired
+            .allow
+            .values()
+            .filter(|v| v.origin == Origin::POLICY)
+            .count();
+        let top_offenders = if self.opts.metrics_top_offenders == 0 {
+            Vec::new()
+        } else {
+            let entries = self.tables.offenders()?;
+            offenders::views(&entries, &offenders::Clock::now())
+                .into_iter()
+                .take(self.opts.metrics_top_offenders)
+                .map(|v| (v.subscriber.to_string(), v.attempts))
+                .collect()
+        };
+        Ok(metrics::Snapshot {
+            packets,
+            parse: self.tables.counters()?.parse,
+            reloads_ok: self.reloads_ok,
+            reloads_failed: self.reloads_failed,
+            generation: self.generation,
+            last_sync_unix: self.last_sync_unix,
+            allow_policy,
+            allow_runtime: desired.allow.len() - allow_policy,
+            subscriber_prefixes: desired.subscribers.len(),
+            offenders: self.offenders_tracked,
+            offender_alerts: self.offender_alerts,
+            events: self.tables.event_stats()?,
+            events_written: self.event_counts.written.load(Ordering::Relaxed),
+            events_log_dropped: self.event_counts.dropped.load(Ordering::Relaxed),
+            interfaces: self
+                .interface_views()
+                .into_iter()
+                .map(|v| (v.name, v.hook, v.attached))
+                .collect(),
+            top_offenders,
+        })
     }
 
     /// Attaches the policy's interfaces and detaches pinned links of interfaces that left
@@ -568,6 +763,7 @@ impl Daemon {
                 },
             },
             Request::Reload => self.reload("p25ctl reload"),
+            Request::Offenders { since_secs, limit } => self.offender_views(since_secs, limit),
         }
     }
 
@@ -684,11 +880,9 @@ impl Daemon {
         }
     }
 
-    fn status(&self) -> Result<StatusView> {
-        let config = self.tables.config()?;
+    fn interface_views(&self) -> Vec<InterfaceView> {
         let links = pinned_link_status(&self.opts.layout);
-        let interfaces = self
-            .interfaces
+        self.interfaces
             .iter()
             .map(|(name, state)| {
                 let live = links.iter().any(|l| {
@@ -708,7 +902,12 @@ impl Daemon {
                     note: state.note.clone(),
                 }
             })
-            .collect();
+            .collect()
+    }
+
+    fn status(&self) -> Result<StatusView> {
+        let config = self.tables.config()?;
+        let interfaces = self.interface_views();
         Ok(StatusView {
             daemon: true,
             policy: self.opts.policy.display().to_string(),

@@ -5,6 +5,7 @@
 //! /sys/fs/bpf/p25 and the next p25d adopts them. `p25d detach` removes everything.
 
 mod daemon;
+mod observe;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
@@ -79,6 +80,37 @@ struct RunArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics on this address (`off` disables the exporter).
+    #[arg(long, default_value = filter_user::metrics::DEFAULT_LISTEN)]
+    metrics_listen: String,
+    /// Also export the attempts of the N worst offenders as labelled series. Off (0) by
+    /// default: it puts subscriber addresses into the metrics.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    metrics_top_offenders: u16,
+    /// Prefix length that identifies one IPv6 subscriber in the offender table. Per-/128
+    /// keys would let a host evade tracking by rotating its address.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..=128))]
+    offender_v6_prefix: u8,
+    /// Alert when a subscriber makes at least this many blocked port-25 attempts within
+    /// --alert-window.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    alert_threshold: u64,
+    /// The offender alert window.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    alert_window: Duration,
+    /// How often to scan the offender table for alerts.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    offender_scan: Duration,
+    /// Where to write sampled drop events as JSON lines: a file (appended), `-` for stdout,
+    /// or `off`.
+    #[arg(long, default_value = "-")]
+    events: String,
+    /// Drop events per second, in total over all CPUs (enforced in the kernel, per CPU).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    events_rate: u32,
+    /// Burst size of the drop-event rate limit.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    events_burst: u32,
 }
 
 fn main() -> ExitCode {
@@ -157,6 +189,24 @@ fn run(command: Command) -> Result<ExitCode> {
                 layout: PinLayout::new(args.pin_root),
                 resync: args.resync,
                 poll: args.poll,
+                metrics_listen: match args.metrics_listen.as_str() {
+                    "off" => None,
+                    addr => Some(addr.parse().with_context(|| {
+                        format!("--metrics-listen {addr:?} is not an address:port or `off`")
+                    })?),
+                },
+                metrics_top_offenders: usize::from(args.metrics_top_offenders),
+                offender_v6_prefix: args.offender_v6_prefix,
+                alert_threshold: args.alert_threshold,
+                alert_window: args.alert_window,
+                offender_scan: args.offender_scan,
+                events: match args.events.as_str() {
+                    "off" => daemon::EventSink::Off,
+                    "-" => daemon::EventSink::Stdout,
+                    path => daemon::EventSink::File(path.into()),
+                },
+                events_rate: args.events_rate,
+                events_burst: args.events_burst,
             }))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -1,0 +1,251 @@
+//! The daemon's outputs for humans and machines besides the control socket: the
+//! Prometheus `/metrics` endpoint and the JSON-lines drop-event log.
+
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use anyhow::{Context as _, Result};
+use axum::{Router, http::header, response::IntoResponse, routing::get};
+use aya::maps::{MapData, RingBuf};
+use filter_common::abi::{Event, Family};
+use filter_user::{metrics, offenders::Clock};
+use serde::Serialize;
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot},
+};
+use tracing::{error, info, warn};
+
+/// Where drop events go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventSink {
+    /// Nowhere; the kernel is told to emit none.
+    Off,
+    /// Standard output (logs go to standard error, so the two never mix).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+/// A request for a metrics page, answered by the task that owns the maps.
+pub type MetricsJob = oneshot::Sender<String>;
+
+/// Serves `/metrics` on `addr`. Binding happens before this returns, so a taken port is a
+/// startup error and not a silent background failure.
+pub async fn serve_metrics(addr: SocketAddr, jobs: mpsc::Sender<MetricsJob>) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let jobs = jobs.clone();
+                async move {
+                    let (tx, rx) = oneshot::channel();
+                    let body = if jobs.send(tx).await.is_ok() {
+                        rx.await.unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
+                    if body.is_empty() {
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "p25d is shutting down\n",
+                        )
+                            .into_response();
+                    }
+                    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
+                }
+            }),
+        )
+        .route("/", get(|| async { "p25d: metrics at /metrics\n" }));
+    info!(%addr, "serving Prometheus metrics at /metrics");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            error!(error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// One drop event as written to the event log.
+#[derive(Debug, Serialize)]
+struct EventLine<'a> {
+    time: String,
+    interface: &'a str,
+    hook: &'static str,
+    direction: &'static str,
+    family: &'static str,
+    verdict: &'static str,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+}
+
+fn address(family: Family, bytes: [u8; 16]) -> IpAddr {
+    if family == Family::IPV4 {
+        let [a, b, c, d, ..] = bytes;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    }
+}
+
+fn interface_name(cache: &mut HashMap<u32, String>, ifindex: u32) -> &str {
+    cache.entry(ifindex).or_insert_with(|| {
+        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
+        let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+        if ret.is_null() {
+            format!("ifindex-{ifindex}")
+        } else {
+            // SAFETY: on success buf holds a NUL-terminated name.
+            unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    })
+}
+
+/// Most events written per wake-up before yielding to the other tasks; the in-kernel rate
+/// limit keeps the ring far below this anyway.
+const MAX_EVENTS_PER_WAKE: usize = 4096;
+/// Lines queued for the writer thread before new ones are dropped (and counted).
+const WRITER_QUEUE: usize = 16 * 1024;
+
+/// How many events reached the log, and how many were dropped because it was too slow.
+#[derive(Debug, Default)]
+pub struct EventCounts {
+    pub written: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// Writes lines on a thread of its own: a sink that blocks (a full pipe, a slow disk) must
+/// never stall the task that owns the maps and answers p25ctl.
+fn spawn_writer(
+    mut out: Box<dyn io::Write + Send>,
+    counts: Arc<EventCounts>,
+) -> io::Result<std::sync::mpsc::SyncSender<Vec<u8>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITER_QUEUE);
+    std::thread::Builder::new()
+        .name("p25d-events".into())
+        .spawn(move || {
+            while let Ok(line) = rx.recv() {
+                match out.write_all(&line) {
+                    Ok(()) => {
+                        counts.written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        counts.dropped.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "writing a drop event failed");
+                    }
+                }
+                // Flush when the queue is drained, so lines appear promptly but a burst is
+                // written in one go.
+                if rx.try_recv().is_err() {
+                    let _ = out.flush();
+                }
+            }
+        })?;
+    Ok(tx)
+}
+
+/// Drains the ring buffer forever, writing one JSON line per event.
+pub async fn drain_events(ring: RingBuf<MapData>, sink: EventSink, counts: Arc<EventCounts>) {
+    let out: Box<dyn io::Write + Send> = match &sink {
+        EventSink::Off => return,
+        EventSink::Stdout => Box::new(io::LineWriter::new(io::stdout())),
+        EventSink::File(path) => {
+            match fs::OpenOptions::new().create(true).append(true).open(path) {
+                Ok(file) => Box::new(io::BufWriter::new(file)),
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "cannot open the event log; events are not written");
+                    return;
+                }
+            }
+        }
+    };
+    let writer = match spawn_writer(out, counts.clone()) {
+        Ok(writer) => writer,
+        Err(e) => {
+            error!(error = %e, "cannot start the event writer; events are not written");
+            return;
+        }
+    };
+    // SAFETY: the RingBuf owns its map fd for as long as it lives, and the AsyncFd owns the
+    // RingBuf, so the fd stays open and the same until the AsyncFd is dropped.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered.map_err(io::Error::from) {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(error = %e, "cannot poll the event ring buffer; events are not written");
+            return;
+        }
+    };
+    let mut names = HashMap::new();
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(guard) => guard,
+            Err(e) => {
+                error!(error = %e, "polling the event ring buffer failed; events stop");
+                return;
+            }
+        };
+        let clock = Clock::now();
+        let ring = guard.get_inner_mut();
+        let mut count = 0;
+        while count < MAX_EVENTS_PER_WAKE {
+            let Some(item) = ring.next() else { break };
+            count += 1;
+            if item.len() < size_of::<Event>() {
+                warn!(len = item.len(), "short record in the event ring buffer");
+                continue;
+            }
+            // SAFETY: the record holds at least size_of::<Event>() bytes written by the
+            // dataplane as an Event, and every bit pattern is a valid Event (Pod).
+            let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            drop(item);
+            let line = EventLine {
+                time: humantime::format_rfc3339_millis(clock.wall(event.ts_ns)).to_string(),
+                interface: interface_name(&mut names, event.ifindex),
+                hook: event.hook.name(),
+                direction: event.direction.name(),
+                family: event.family.name(),
+                verdict: event.verdict.name(),
+                src: address(event.family, event.src),
+                dst: address(event.family, event.dst),
+                sport: event.sport,
+                dport: event.dport,
+                tcp_flags: event.tcp_flags,
+            };
+            let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+            bytes.push(b'\n');
+            if writer.try_send(bytes).is_err() {
+                counts.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if count < MAX_EVENTS_PER_WAKE {
+            guard.clear_ready();
+        } else {
+            tokio::task::yield_now().await;
+        }
+        // Forget interface names now and then: an interface can be recreated under the same
+        // index with another name.
+        if names.len() > 1024 {
+            names.clear();
+        }
+    }
+}
