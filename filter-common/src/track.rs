@@ -76,10 +76,10 @@ pub fn fill_event<P: PacketBuf>(pkt: &P, outcome: &Outcome, event: &mut Event) -
         // Optional: a header cut after the ports still had its verdict. Two bytes (data
         // offset, flags) rather than one: for a 1-byte load LLVM rewrites `p + 1 > end` as
         // `p >= end`, which the verifier cannot turn into a packet range.
-        if l4 + TCP_FLAGS_OFFSET <= MAX_OFFSET {
-            if let Some([_offset, flags]) = pkt.load::<[u8; 2]>(l4 + TCP_FLAGS_OFFSET - 1) {
-                event.tcp_flags = flags;
-            }
+        if l4 + TCP_FLAGS_OFFSET <= MAX_OFFSET
+            && let Some([_offset, flags]) = pkt.load::<[u8; 2]>(l4 + TCP_FLAGS_OFFSET - 1)
+        {
+            event.tcp_flags = flags;
         }
     }
     event._pad = [0; 3];

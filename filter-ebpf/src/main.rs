@@ -179,15 +179,15 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Ac
     if let Some(key) = outcome.counter {
         bump(&COUNTERS, counter_index(ifindex, key), bytes);
         // Only drops and would-drops get this far: the common path pays nothing more.
-        if is_event(&outcome) {
-            if let Some(event) = SCRATCH.get_ptr_mut(0) {
-                // SAFETY: per-CPU slot, only this CPU touches it during this run.
-                let event = unsafe { &mut *event };
-                if fill_event(packet, &outcome, event) {
-                    event.ifindex = ifindex;
-                    event.hook = hook;
-                    record(event);
-                }
+        if is_event(&outcome)
+            && let Some(event) = SCRATCH.get_ptr_mut(0)
+        {
+            // SAFETY: per-CPU slot, only this CPU touches it during this run.
+            let event = unsafe { &mut *event };
+            if fill_event(packet, &outcome, event) {
+                event.ifindex = ifindex;
+                event.hook = hook;
+                record(event);
             }
         }
     }
@@ -265,13 +265,12 @@ fn track_offender(key: &OffenderKey, event: &Event) {
     // NOEXIST: if another CPU created the entry in the meantime, add to it instead of
     // overwriting its count.
     if OFFENDERS
-        .insert(key, &value, u64::from(BPF_NOEXIST))
+        .insert(key, value, u64::from(BPF_NOEXIST))
         .is_err()
+        && let Some(existing) = OFFENDERS.get_ptr_mut(key)
     {
-        if let Some(existing) = OFFENDERS.get_ptr_mut(key) {
-            // SAFETY: as above.
-            unsafe { atomic_add(&raw mut (*existing).attempts) };
-        }
+        // SAFETY: as above.
+        unsafe { atomic_add(&raw mut (*existing).attempts) };
     }
 }
 

@@ -266,8 +266,8 @@ fn print_top(views: &[OffenderView]) {
         return;
     }
     println!(
-        "{:<4} {:<26} {:>9}  {:<20}  {:<28} {}",
-        "rank", "subscriber", "attempts", "last seen", "last destination", "verdict"
+        "{:<4} {:<26} {:>9}  {:<20}  {:<28} verdict",
+        "rank", "subscriber", "attempts", "last seen", "last destination"
     );
     for (rank, v) in views.iter().enumerate() {
         println!(

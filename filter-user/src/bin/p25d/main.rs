@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load, pin and attach the dataplane, then keep it in sync with the policy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Validate a policy file without touching the kernel; exit 1 on any error.
     Check {
         /// The policy file.
