@@ -77,6 +77,8 @@ pub struct DaemonLab {
     netns_path: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Extra arguments for `p25d run`.
+    args: Vec<String>,
 }
 
 impl DaemonLab {
@@ -97,6 +99,7 @@ impl DaemonLab {
             netns_path: netns.path(),
             child: None,
             starts: 0,
+            args: Vec::new(),
         })
     }
 
@@ -113,7 +116,13 @@ impl DaemonLab {
             netns_path: netns.path(),
             child: None,
             starts: 0,
+            args: Vec::new(),
         })
+    }
+
+    /// Adds arguments to every later `p25d run` of this lab.
+    pub fn run_args(&mut self, args: &[&str]) {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
     }
 
     /// The policy file the daemon watches.
@@ -143,6 +152,7 @@ impl DaemonLab {
             .arg(format!("--net={}", self.netns_path.display()))
             .arg(bin("p25d")?)
             .args(["run", "--poll", "100ms", "--resync", "2s"])
+            .args(&self.args)
             .arg("--policy")
             .arg(self.policy_path())
             .arg("--state")

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     fs,
-    io::{self},
+    io::{self, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     sync::{
@@ -142,20 +142,26 @@ fn spawn_writer(
     std::thread::Builder::new()
         .name("p25d-events".into())
         .spawn(move || {
-            while let Ok(line) = rx.recv() {
-                match out.write_all(&line) {
-                    Ok(()) => {
-                        counts.written.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        counts.dropped.fetch_add(1, Ordering::Relaxed);
-                        warn!(error = %e, "writing a drop event failed");
-                    }
+            let write = |out: &mut Box<dyn io::Write + Send>, line: Vec<u8>| match out
+                .write_all(&line)
+            {
+                Ok(()) => {
+                    counts.written.fetch_add(1, Ordering::Relaxed);
                 }
-                // Flush when the queue is drained, so lines appear promptly but a burst is
-                // written in one go.
-                if rx.try_recv().is_err() {
-                    let _ = out.flush();
+                Err(e) => {
+                    counts.dropped.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, "writing a drop event failed");
+                }
+            };
+            while let Ok(line) = rx.recv() {
+                write(&mut out, line);
+                // Write what else is queued, then flush once: lines appear promptly, and a
+                // burst is written in one go.
+                while let Ok(line) = rx.try_recv() {
+                    write(&mut out, line);
+                }
+                if let Err(e) = out.flush() {
+                    warn!(error = %e, "flushing the event log failed");
                 }
             }
         })?;
