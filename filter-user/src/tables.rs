@@ -20,6 +20,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use crate::{Error, check_prefix};
 
 // Batched variants of the policy-map operations (`insert_allow_many` etc.); a child module
+// so that it can use the private map handles without widening this module's API.
+mod batch;
+
 /// Typed handles on all of the object's maps.
 pub struct KernelTables {
     subscribers_v4: LpmTrie<MapData, Ipv4Key, SubscriberValue>,

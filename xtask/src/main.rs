@@ -3,6 +3,7 @@
 //! CI and the README both use `cargo xtask test`, so what a developer runs locally is
 //! exactly what CI runs.
 
+mod bench;
 mod cmd;
 mod demo;
 mod setup;
@@ -64,6 +65,12 @@ enum Task {
     /// Setup is needed because clippy runs filter-user's build script, which builds the
     /// eBPF object with bpf-linker.
     Lint,
+    /// Run setup, build release binaries, then run the benchmarks as root.
+    ///
+    /// Per-packet cost (BPF_PROG_TEST_RUN), veth drop throughput against an XDP_DROP floor
+    /// and nftables, and the control plane at scale. Prints a table and writes JSON
+    /// (target/bench/bench.json).
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +101,7 @@ fn run(task: Task) -> Result<()> {
             setup::run()?;
             lint()
         }
+        Task::Bench(args) => bench::run(&args),
         Task::Demo { keep, down } => demo::run(match (keep, down) {
             (_, true) => demo::Mode::Down,
             (true, false) => demo::Mode::Keep,
@@ -111,6 +119,8 @@ fn build(release: bool) -> Result<()> {
         "--workspace",
         "--exclude",
         "filter-ebpf",
+        "--exclude",
+        "bench-ebpf",
         "--all-targets",
     ]);
     if release {
@@ -132,6 +142,8 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
             "--workspace",
             "--exclude",
             "filter-ebpf",
+            "--exclude",
+            "bench-ebpf",
             "--no-fail-fast",
         ])
         // The privileged tests never skip: without root they fail with a message saying
@@ -153,13 +165,15 @@ fn lint() -> Result<()> {
         "--workspace",
         "--exclude",
         "filter-ebpf",
+        "--exclude",
+        "bench-ebpf",
         "--all-targets",
         "--",
         "-D",
         "warnings",
     ]))
     .context("clippy found problems")?;
-    // The eBPF crate is linted as what it is: a no_std program for the BPF target, built by
+    // The eBPF crates are linted as what they are: no_std programs for the BPF target, built by
     // nightly with build-std (host clippy would lint a binary that can never exist).
     let mut ebpf = std::process::Command::new("rustup");
     ebpf.current_dir(cmd::workspace_root()?)
@@ -172,6 +186,8 @@ fn lint() -> Result<()> {
             "clippy",
             "--package",
             "filter-ebpf",
+            "--package",
+            "bench-ebpf",
         ])
         .args([
             "--target",

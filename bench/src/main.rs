@@ -1,0 +1,172 @@
+//! `p25-bench`: p25's benchmarks, normally run through `cargo xtask bench`.
+//!
+//! 1. dataplane: per-packet cost of `p25_xdp` and `p25_tc` under BPF_PROG_TEST_RUN, net
+//!    of a trivial program of the same hook, per packet class, maps at full scale;
+//! 2. throughput: drop rate through a veth into a router namespace pinned to one CPU,
+//!    p25's XDP program against an XDP_DROP floor and against nftables, same run;
+//! 3. control: p25d loading and reconciling a 1M-entry policy (cold and as a 1% diff),
+//!    the latency of one `p25ctl allow`, and the daemon's peak RSS.
+//!
+//! Prints a table and writes JSON. Everything it creates (namespaces, pins, nft tables,
+//! processes) is removed on exit, also on failure.
+
+mod control;
+mod dataplane;
+mod floors;
+mod netns;
+mod report;
+mod scale;
+mod stats;
+mod sys;
+mod throughput;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, ValueEnum};
+use filter_user::{Dataplane, loader::Capacity};
+
+/// p25 benchmarks: dataplane cost per packet, veth drop throughput against nftables, and
+/// the control plane at scale. Needs root.
+#[derive(Debug, Parser)]
+#[command(name = "p25-bench")]
+struct Cli {
+    /// Rounds of the per-packet benchmark (K; the issue asks for at least 15).
+    #[arg(long, default_value_t = 15)]
+    rounds: usize,
+    /// Packets per BPF_PROG_TEST_RUN call in the per-packet benchmark.
+    #[arg(long, default_value_t = 1_000_000)]
+    repeat: u32,
+    /// Runs per configuration of the throughput benchmark (at least 5 for the report).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Frames the generator sends per throughput run.
+    #[arg(long, default_value_t = 10_000_000)]
+    frames: u32,
+    /// Single `p25ctl allow` latency samples.
+    #[arg(long, default_value_t = 20)]
+    allows: usize,
+    /// Smoke run: small maps and policy, few rounds and packets. Not for the record.
+    #[arg(long)]
+    quick: bool,
+    /// Only these sections (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Section>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "target/bench/bench.json")]
+    json: PathBuf,
+    /// Directory holding the release `p25d` and `p25ctl` (default: next to this binary).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+/// A benchmark section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// Per-packet cost (BPF_PROG_TEST_RUN).
+    Dataplane,
+    /// veth drop throughput against an XDP_DROP floor and nftables.
+    Throughput,
+    /// p25d and p25ctl at scale.
+    Control,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("p25-bench: error: {err}");
+            for cause in err.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(mut cli: Cli) -> Result<()> {
+    sys::require_root()?;
+    let wants = |s: Section| cli.only.is_empty() || cli.only.contains(&s);
+    let scale = if cli.quick {
+        cli.rounds = cli.rounds.min(3);
+        cli.repeat = cli.repeat.min(100_000);
+        cli.runs = cli.runs.min(2);
+        cli.frames = cli.frames.min(1_000_000);
+        cli.allows = cli.allows.min(5);
+        scale::Scale::QUICK
+    } else {
+        scale::Scale::FULL
+    };
+    let cpus = sys::online_cpus();
+    let mut report = report::Report::new(&cli_summary(&cli), scale)?;
+    eprintln!(
+        "p25-bench: generating the policy ({} subscriber prefixes, {} allowlist entries)",
+        scale.subscribers(),
+        scale.allow()
+    );
+    let set = scale::generate(scale, 0x5053_2525)?;
+
+    if wants(Section::Dataplane) || wants(Section::Throughput) {
+        let mut dataplane =
+            Dataplane::load_with(Capacity::default()).context("loading the p25 dataplane")?;
+        let mut tables = dataplane.take_tables()?;
+        let started = std::time::Instant::now();
+        scale::fill(&mut tables, &set)?;
+        report.fill_seconds = Some(started.elapsed().as_secs_f64());
+        eprintln!(
+            "p25-bench: maps filled in {:.2} s",
+            started.elapsed().as_secs_f64()
+        );
+        let mut bench = floors::BenchObject::load()?;
+        if wants(Section::Dataplane) {
+            eprintln!("p25-bench: dataplane cost per packet (BPF_PROG_TEST_RUN)");
+            let opts = dataplane::Options {
+                rounds: cli.rounds,
+                repeat: cli.repeat,
+                cpu: cpus.saturating_sub(1),
+            };
+            sys::pin_to_cpu(0, opts.cpu)?;
+            report.dataplane = Some(dataplane::run(
+                opts,
+                &mut dataplane,
+                &mut bench,
+                &set.probes,
+            )?);
+        }
+        if wants(Section::Throughput) {
+            eprintln!("p25-bench: drop throughput through veth (XDP floor, p25, nftables)");
+            let opts = throughput::Options {
+                runs: cli.runs,
+                frames: cli.frames,
+                dut_cpu: 0,
+                gen_cpu: cpus.saturating_sub(1),
+            };
+            report.throughput = Some(throughput::run(opts, &mut dataplane, &mut bench, &set)?);
+        }
+    }
+    if wants(Section::Control) {
+        eprintln!("p25-bench: control plane (p25d, p25ctl)");
+        let bin_dir = match cli.bin_dir.clone() {
+            Some(dir) => dir,
+            None => std::env::current_exe()?
+                .parent()
+                .context("binary has no directory")?
+                .to_path_buf(),
+        };
+        report.control = Some(control::run(
+            &control::Options {
+                bin_dir,
+                allows: cli.allows,
+            },
+            &set,
+        )?);
+    }
+    report.print();
+    report.write_json(&cli.json)?;
+    eprintln!("p25-bench: JSON written to {}", cli.json.display());
+    Ok(())
+}
+
+fn cli_summary(cli: &Cli) -> String {
+    format!("{cli:?}")
+}

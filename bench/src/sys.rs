@@ -1,0 +1,83 @@
+//! Small OS helpers: root check, CPU pinning, per-thread CPU time, command running.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+/// Fails unless running as root (the benchmarks load BPF programs and create netns).
+pub fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    ensure!(
+        euid == 0,
+        "p25-bench loads eBPF programs and creates network namespaces: run it as root \
+         (`cargo xtask bench` as root); euid is {euid}"
+    );
+    Ok(())
+}
+
+/// Number of CPUs this process may run on.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Pins the calling thread (`tid` 0) or another task to one CPU.
+pub fn pin_to_cpu(tid: libc::pid_t, cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes one bit inside `set`; `cpu` is bounds-checked by the macro's
+    // implementation against the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(tid, size_of::<libc::cpu_set_t>(), &raw const set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning task {tid} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// CPU time consumed by the calling thread, in nanoseconds (user + system). Time the
+/// thread spends preempted by other work does not count, which is what a per-packet
+/// figure on a shared machine needs.
+pub fn thread_cpu_ns() -> u128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write into.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    u128::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u128::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Runs a command, returns its stdout; the error names the command and carries stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run `{line}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{line}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a shell-free command line given as words.
+pub fn cmd(words: &[&str]) -> Result<String> {
+    let Some((program, args)) = words.split_first() else {
+        bail!("empty command");
+    };
+    run(Command::new(program).args(args))
+}

@@ -1,0 +1,445 @@
+//! Batched map operations (`BPF_MAP_UPDATE_BATCH`, `BPF_MAP_DELETE_BATCH`,
+//! `BPF_MAP_LOOKUP_BATCH`) for the policy tries, so that reconciling a million-entry
+//! policy costs a few hundred syscalls instead of a few million.
+//!
+//! The LPM trie has the kernel's *generic* batch operations (`generic_map_*_batch` in
+//! `kernel/bpf/lpm_trie.c`): the kernel still updates one element at a time, under the
+//! same per-element atomicity as `BPF_MAP_UPDATE_ELEM`, so batching changes nothing about
+//! what a packet can observe; it only removes the per-entry syscall round trip and copy.
+//! aya 0.14 does not expose batch operations, hence the raw `bpf(2)` call.
+//!
+//! Kernels without batch support for the map answer `EINVAL`/`EOPNOTSUPP`; every function
+//! here then falls back to the per-entry path, so callers never need to care.
+
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{IterableMap as _, LpmTrie, MapData, MapError, lpm_trie::Key},
+};
+use filter_common::abi::{AllowValue, Ipv4Key, Ipv6Key, SubscriberValue, map_names};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{KernelTables, entries, map_err, removed, v4_key, v6_key};
+use crate::{Error, check_prefix};
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// `ENOTSUPP`: kernel-internal, but leaks to userspace from some map types.
+const ENOTSUPP: i32 = 524;
+
+/// Entries per batch syscall: large enough that the syscall cost vanishes, small enough
+/// that the key and value buffers stay in cache-friendly sizes (a few hundred KiB).
+const CHUNK: usize = 16_384;
+/// Upper bound on batch reads of one map (see [`lookup_all`]).
+const MAX_LOOKUP_ROUNDS: usize = 1 << 16;
+
+/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Issues one batch command; returns the kernel's `count` (entries processed) with the
+/// result, because the batch commands report partial progress on failure.
+fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, io::Result<()>) {
+    // SAFETY: `attr` is a valid, exclusively borrowed `bpf_attr` prefix of the size passed;
+    // the pointers in it come from live slices of the lengths the kernel will read or
+    // write (`count` elements of the map's key and value sizes), owned by the caller for
+    // the duration of the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            size_of::<BatchAttr>(),
+        )
+    };
+    let result = if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    (attr.count, result)
+}
+
+/// Whether an error means "this map has no batch operations here".
+fn unsupported(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
+}
+
+fn fd<K: Pod, V: Pod>(trie: &LpmTrie<MapData, K, V>) -> BorrowedFd<'_> {
+    trie.map().fd().as_fd()
+}
+
+fn syscall_error(name: &'static str, call: &'static str, io_error: io::Error) -> Error {
+    Error::Map {
+        name,
+        source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+    }
+}
+
+/// Outcome of trying a batch operation.
+enum Batched<T> {
+    Done(T),
+    /// The kernel has no batch support for this map: use the per-entry path.
+    Unsupported,
+}
+
+/// Upserts `entries` in chunks; `Unsupported` if the very first call says so.
+fn update<K: Pod, V: Pod>(
+    name: &'static str,
+    trie: &LpmTrie<MapData, K, V>,
+    keys: &[Key<K>],
+    values: &[V],
+) -> Result<Batched<()>, Error> {
+    let fd = fd(trie);
+    let mut first = true;
+    for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut done = 0_usize;
+        // Each round makes progress or fails, so `keys.len() + 1` rounds always suffice.
+        for _ in 0..=keys.len() {
+            let (Some(k), Some(v)) = (keys.get(done..), values.get(done..)) else {
+                break;
+            };
+            if k.is_empty() {
+                break;
+            }
+            let mut attr = BatchAttr {
+                keys: k.as_ptr() as u64,
+                values: v.as_ptr() as u64,
+                count: k.len() as u32,
+                map_fd: fd.as_raw_fd() as u32,
+                ..BatchAttr::default()
+            };
+            let (count, result) = batch(BPF_MAP_UPDATE_BATCH, &mut attr);
+            match result {
+                Ok(()) => done = keys.len(),
+                Err(e) if first && done == 0 && count == 0 && unsupported(&e) => {
+                    return Ok(Batched::Unsupported);
+                }
+                // Interrupted part-way (e.g. a signal): carry on after what was applied.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => done += count as usize,
+                Err(e) => return Err(syscall_error(name, "bpf_map_update_batch", e)),
+            }
+            first = false;
+        }
+    }
+    Ok(Batched::Done(()))
+}
+
+/// Deletes `keys` in chunks; keys that are already gone are skipped. Returns how many
+/// were deleted, or `Unsupported`.
+fn delete<K: Pod, V: Pod>(
+    name: &'static str,
+    trie: &LpmTrie<MapData, K, V>,
+    keys: &[Key<K>],
+) -> Result<Batched<usize>, Error> {
+    let fd = fd(trie);
+    let mut deleted = 0;
+    let mut first = true;
+    for keys in keys.chunks(CHUNK) {
+        let mut done = 0_usize;
+        for _ in 0..=keys.len() {
+            let Some(k) = keys.get(done..).filter(|k| !k.is_empty()) else {
+                break;
+            };
+            let mut attr = BatchAttr {
+                keys: k.as_ptr() as u64,
+                count: k.len() as u32,
+                map_fd: fd.as_raw_fd() as u32,
+                ..BatchAttr::default()
+            };
+            let (count, result) = batch(BPF_MAP_DELETE_BATCH, &mut attr);
+            match result {
+                Ok(()) => {
+                    deleted += k.len();
+                    done = keys.len();
+                }
+                Err(e) if first && done == 0 && count == 0 && unsupported(&e) => {
+                    return Ok(Batched::Unsupported);
+                }
+                // The generic delete stops at the first missing key: skip it, go on.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    deleted += count as usize;
+                    done += count as usize + 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    deleted += count as usize;
+                    done += count as usize;
+                }
+                Err(e) => return Err(syscall_error(name, "bpf_map_delete_batch", e)),
+            }
+            first = false;
+        }
+    }
+    Ok(Batched::Done(deleted))
+}
+
+/// Every entry of a trie, as raw keys and values.
+type RawEntries<K, V> = Vec<(Key<K>, V)>;
+
+/// Entries split by family: IPv4 keys and values, IPv6 keys and values.
+struct ByFamily<V> {
+    k4: Vec<Key<Ipv4Key>>,
+    v4: Vec<V>,
+    k6: Vec<Key<Ipv6Key>>,
+    v6: Vec<V>,
+}
+
+/// Reads every entry; `Unsupported` if the kernel cannot batch-read this map.
+fn lookup_all<K: Pod, V: Pod>(
+    name: &'static str,
+    trie: &LpmTrie<MapData, K, V>,
+) -> Result<Batched<RawEntries<K, V>>, Error> {
+    let fd = fd(trie);
+    let mut out = Vec::new();
+    // SAFETY: Key<K> is a packed pair of Pod types, for which all-zero bytes are valid.
+    let zero_key: Key<K> = unsafe { std::mem::zeroed() };
+    // SAFETY: V is Pod, for which all-zero bytes are a valid value.
+    let zero_value: V = unsafe { std::mem::zeroed() };
+    let mut keys = vec![zero_key; CHUNK];
+    let mut values = vec![zero_value; CHUNK];
+    let mut cursor = zero_key;
+    let mut next = zero_key;
+    let mut first = true;
+    // Every round returns at least one entry or ends the walk; the bound (a billion
+    // entries) only guards against a map that keeps growing while we read it.
+    for _ in 0..MAX_LOOKUP_ROUNDS {
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { (&raw const cursor) as u64 },
+            out_batch: (&raw mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let (count, result) = batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let got = keys.iter().zip(values.iter()).take(count as usize);
+        match result {
+            Ok(()) => out.extend(got.map(|(k, v)| (*k, *v))),
+            // ENOENT: the walk reached the end; `count` entries came with it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(got.map(|(k, v)| (*k, *v)));
+                return Ok(Batched::Done(out));
+            }
+            Err(e) if first && unsupported(&e) => return Ok(Batched::Unsupported),
+            Err(e) => return Err(syscall_error(name, "bpf_map_lookup_batch", e)),
+        }
+        if count == 0 {
+            return Ok(Batched::Done(out));
+        }
+        cursor = next;
+        first = false;
+    }
+    Ok(Batched::Done(out))
+}
+
+fn split<V: Copy>(entries: &[(IpNet, V)]) -> Result<ByFamily<V>, Error> {
+    let (mut k4, mut v4, mut k6, mut v6) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (net, value) in entries {
+        match check_prefix(*net)? {
+            IpNet::V4(net) => {
+                k4.push(v4_key(net));
+                v4.push(*value);
+            }
+            IpNet::V6(net) => {
+                k6.push(v6_key(net));
+                v6.push(*value);
+            }
+        }
+    }
+    Ok(ByFamily { k4, v4, k6, v6 })
+}
+
+fn split_keys(nets: &[IpNet]) -> Result<ByFamily<()>, Error> {
+    let (mut k4, mut k6) = (Vec::new(), Vec::new());
+    for net in nets {
+        match check_prefix(*net)? {
+            IpNet::V4(net) => k4.push(v4_key(net)),
+            IpNet::V6(net) => k6.push(v6_key(net)),
+        }
+    }
+    Ok(ByFamily {
+        k4,
+        v4: Vec::new(),
+        k6,
+        v6: Vec::new(),
+    })
+}
+
+fn v4_net(key: &Key<Ipv4Key>) -> Option<IpNet> {
+    let len = u8::try_from(key.prefix_len()).ok()?;
+    Ipv4Net::new(key.data().into(), len).ok().map(IpNet::V4)
+}
+
+fn v6_net(key: &Key<Ipv6Key>) -> Option<IpNet> {
+    let len = u8::try_from(key.prefix_len()).ok()?;
+    Ipv6Net::new(key.data().into(), len).ok().map(IpNet::V6)
+}
+
+/// Upserts into one trie, batched or (if unsupported) entry by entry.
+fn upsert_into<K: Pod, V: Pod>(
+    name: &'static str,
+    trie: &mut LpmTrie<MapData, K, V>,
+    keys: &[Key<K>],
+    values: &[V],
+) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    match update(name, trie, keys, values)? {
+        Batched::Done(()) => Ok(()),
+        Batched::Unsupported => {
+            for (key, value) in keys.iter().zip(values) {
+                trie.insert(key, *value, 0).map_err(map_err(name))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Deletes from one trie, batched or entry by entry; returns how many were deleted.
+fn delete_from<K: Pod, V: Pod>(
+    name: &'static str,
+    trie: &mut LpmTrie<MapData, K, V>,
+    keys: &[Key<K>],
+) -> Result<usize, Error> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    match delete(name, trie, keys)? {
+        Batched::Done(n) => Ok(n),
+        Batched::Unsupported => {
+            let mut n = 0;
+            for key in keys {
+                n += usize::from(removed(name, trie.remove(key))?);
+            }
+            Ok(n)
+        }
+    }
+}
+
+/// Reads one trie, batched or by iteration.
+fn read_all<K: Pod, V: Pod>(
+    name: &'static str,
+    trie: &LpmTrie<MapData, K, V>,
+    net: fn(&Key<K>) -> Option<IpNet>,
+) -> Result<Vec<(IpNet, V)>, Error> {
+    match lookup_all(name, trie)? {
+        Batched::Done(all) => Ok(all
+            .iter()
+            .filter_map(|(k, v)| net(k).map(|n| (n, *v)))
+            .collect()),
+        Batched::Unsupported => {
+            entries(name, trie, |len, data| net(&Key::new(u32::from(len), data)))
+        }
+    }
+}
+
+impl KernelTables {
+    /// Adds or replaces many allowlist prefixes with batched updates. Rejects host bits
+    /// (before changing anything).
+    pub fn insert_allow_many(&mut self, entries: &[(IpNet, AllowValue)]) -> Result<(), Error> {
+        let ByFamily { k4, v4, k6, v6 } = split(entries)?;
+        upsert_into(map_names::ALLOW_V4, &mut self.allow_v4, &k4, &v4)?;
+        upsert_into(map_names::ALLOW_V6, &mut self.allow_v6, &k6, &v6)
+    }
+
+    /// Adds or replaces many subscriber prefixes with batched updates. Rejects host bits
+    /// (before changing anything).
+    pub fn insert_subscribers_many(
+        &mut self,
+        entries: &[(IpNet, SubscriberValue)],
+    ) -> Result<(), Error> {
+        let ByFamily { k4, v4, k6, v6 } = split(entries)?;
+        upsert_into(
+            map_names::SUBSCRIBERS_V4,
+            &mut self.subscribers_v4,
+            &k4,
+            &v4,
+        )?;
+        upsert_into(
+            map_names::SUBSCRIBERS_V6,
+            &mut self.subscribers_v6,
+            &k6,
+            &v6,
+        )
+    }
+
+    /// Removes many allowlist prefixes with batched deletes; returns how many were there.
+    pub fn remove_allow_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
+        let ByFamily { k4, k6, .. } = split_keys(nets)?;
+        Ok(delete_from(map_names::ALLOW_V4, &mut self.allow_v4, &k4)?
+            + delete_from(map_names::ALLOW_V6, &mut self.allow_v6, &k6)?)
+    }
+
+    /// Removes many subscriber prefixes with batched deletes; returns how many were there.
+    pub fn remove_subscribers_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
+        let ByFamily { k4, k6, .. } = split_keys(nets)?;
+        Ok(
+            delete_from(map_names::SUBSCRIBERS_V4, &mut self.subscribers_v4, &k4)?
+                + delete_from(map_names::SUBSCRIBERS_V6, &mut self.subscribers_v6, &k6)?,
+        )
+    }
+
+    /// All allowlist prefixes, IPv4 then IPv6, read with batched lookups.
+    pub fn allowlist_batched(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
+        let mut out = read_all(map_names::ALLOW_V4, &self.allow_v4, v4_net)?;
+        out.extend(read_all(map_names::ALLOW_V6, &self.allow_v6, v6_net)?);
+        Ok(out)
+    }
+
+    /// All subscriber prefixes, IPv4 then IPv6, read with batched lookups.
+    pub fn subscribers_batched(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
+        let mut out = read_all(map_names::SUBSCRIBERS_V4, &self.subscribers_v4, v4_net)?;
+        out.extend(read_all(
+            map_names::SUBSCRIBERS_V6,
+            &self.subscribers_v6,
+            v6_net,
+        )?);
+        Ok(out)
+    }
+}
+
+impl KernelTables {
+    /// Whether any allowlist entry covers `net` (a longest-prefix lookup of its network
+    /// address at its length). One syscall: lets the daemon skip work for the common case
+    /// of a new, uncovered runtime entry.
+    pub fn allow_covers(&self, net: IpNet) -> Result<bool, Error> {
+        let found = match check_prefix(net)? {
+            IpNet::V4(net) => self.allow_v4.get(&v4_key(net), 0).map(drop),
+            IpNet::V6(net) => self.allow_v6.get(&v6_key(net), 0).map(drop),
+        };
+        match found {
+            Ok(()) => Ok(true),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                Ok(false)
+            }
+            Err(source) => Err(Error::Map {
+                name: match net {
+                    IpNet::V4(_) => map_names::ALLOW_V4,
+                    IpNet::V6(_) => map_names::ALLOW_V6,
+                },
+                source,
+            }),
+        }
+    }
+}
