@@ -59,9 +59,13 @@ fn scrape(netns: &Netns) -> Result<String> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .context("no HTTP header/body split")?;
-    ensure!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
     ensure!(
-        head.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"),
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
         "wrong content type: {head}"
     );
     Ok(body.to_owned())
@@ -80,9 +84,11 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         if series_name != name {
             continue;
         }
-        let matches = labels
-            .iter()
-            .all(|(k, v)| series_labels.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+        let matches = labels.iter().all(|(k, v)| {
+            series_labels
+                .split(',')
+                .any(|kv| kv == format!("{k}=\"{v}\""))
+        });
         if matches {
             *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
         }
@@ -161,17 +167,24 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
 
     let sub = &topology.sub;
     send_syns(sub, SUB4, SocketAddrV4::new(SERVER4, SMTP), BLOCKED)?;
-    send_syns(sub, SUB4_ALLOWED, SocketAddrV4::new(NOWHERE4, SMTP), ALLOWED)?;
+    send_syns(
+        sub,
+        SUB4_ALLOWED,
+        SocketAddrV4::new(NOWHERE4, SMTP),
+        ALLOWED,
+    )?;
     send_syns(sub, OUTSIDER4, SocketAddrV4::new(NOWHERE4, SMTP), OUTSIDE)?;
 
     // Exact counts on /metrics, per interface and verdict.
     let mut text = String::new();
     let counted = wait_until(SETTLE, POLL, || {
         text = scrape(&topology.router)?;
-        Ok(metric(&text, "p25_packets_total", &rsub("dropped")) == Some(f64::from(BLOCKED))
-            && metric(&text, "p25_packets_total", &rsub("allowlisted"))
-                == Some(f64::from(ALLOWED))
-            && metric(&text, "p25_packets_total", &rsub("passed")) == Some(f64::from(OUTSIDE)))
+        Ok(
+            metric(&text, "p25_packets_total", &rsub("dropped")) == Some(f64::from(BLOCKED))
+                && metric(&text, "p25_packets_total", &rsub("allowlisted"))
+                    == Some(f64::from(ALLOWED))
+                && metric(&text, "p25_packets_total", &rsub("passed")) == Some(f64::from(OUTSIDE)),
+        )
     })?;
     ensure!(counted, "metrics never matched the packets sent:\n{text}");
     promtool_accepts(&text)?;
@@ -200,7 +213,10 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
         .filter(|v| v["name"] == "dropped")
         .filter_map(|v| v["packets"].as_u64())
         .sum();
-    ensure!(dropped == u64::from(BLOCKED), "p25ctl stats says {dropped} dropped");
+    ensure!(
+        dropped == u64::from(BLOCKED),
+        "p25ctl stats says {dropped} dropped"
+    );
 
     // A real Prometheus server scraping p25d sees the same number through its query API.
     let query = r#"sum(p25_packets_total{job="p25",interface="r-sub",direction="egress",verdict="dropped"})"#;
@@ -211,16 +227,29 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
     let mut rows = Vec::new();
     let tracked = wait_until(SETTLE, POLL, || {
         rows = top(&lab)?;
-        Ok(rows.first().is_some_and(|r| r["attempts"] == u64::from(BLOCKED)))
+        Ok(rows
+            .first()
+            .is_some_and(|r| r["attempts"] == u64::from(BLOCKED)))
     })?;
     ensure!(tracked, "p25ctl top: {rows:?}");
     let first = rows.first().context("no offender")?;
-    ensure!(first["subscriber"] == "100.64.1.2/32", "top offender {first}");
-    ensure!(first["last_destination"] == format!("{SERVER4}:{SMTP}"), "{first}");
-    ensure!(rows.len() == 1, "only the blocked subscriber offends: {rows:?}");
+    ensure!(
+        first["subscriber"] == "100.64.1.2/32",
+        "top offender {first}"
+    );
+    ensure!(
+        first["last_destination"] == format!("{SERVER4}:{SMTP}"),
+        "{first}"
+    );
+    ensure!(
+        rows.len() == 1,
+        "only the blocked subscriber offends: {rows:?}"
+    );
     let csv = lab.ctl_ok(&["offenders", "--since", "1h", "--format", "csv"])?;
     ensure!(
-        csv.lines().nth(1).is_some_and(|l| l.starts_with("100.64.1.2/32,150,")),
+        csv.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("100.64.1.2/32,150,")),
         "p25ctl offenders csv:\n{csv}"
     );
 
@@ -252,14 +281,22 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
             && Some(emitted + limited.unwrap_or(0.0) + full.unwrap_or(0.0))
                 == Some(f64::from(BLOCKED)))
     })?;
-    ensure!(written, "event counters do not add up:\n{}", scrape(&topology.router)?);
+    ensure!(
+        written,
+        "event counters do not add up:\n{}",
+        scrape(&topology.router)?
+    );
     let log = std::fs::read_to_string(&events).context("reading the event log")?;
     let lines: Vec<Value> = log
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()
         .context("event log line is not JSON")?;
-    ensure!(lines.len() as f64 == emitted, "{} lines, {emitted} emitted", lines.len());
+    ensure!(
+        lines.len() as f64 == emitted,
+        "{} lines, {emitted} emitted",
+        lines.len()
+    );
     ensure!(emitted >= 1.0, "no event was emitted");
     for line in &lines {
         ensure!(
@@ -297,14 +334,21 @@ fn ipv6_rotation_inside_one_64_is_one_offender() -> Result<()> {
     for src in &sources {
         // Well under the initial SYN retransmission timeout (1 s): one SYN per source.
         let attempt = sub.connect_from(IpAddr::V6(*src), None, dst, Duration::from_millis(300))?;
-        ensure!(attempt.is_err(), "{src} reached port 25: it must be blocked");
+        ensure!(
+            attempt.is_err(),
+            "{src} reached port 25: it must be blocked"
+        );
     }
     let mut rows = Vec::new();
     let tracked = wait_until(SETTLE, POLL, || {
         rows = top(&lab)?;
         Ok(rows.len() == 1 && rows.first().is_some_and(|r| r["attempts"] == sources.len()))
     })?;
-    ensure!(tracked, "expected one /64 offender with {} attempts: {rows:?}", sources.len());
+    ensure!(
+        tracked,
+        "expected one /64 offender with {} attempts: {rows:?}",
+        sources.len()
+    );
     let first = rows.first().context("no offender")?;
     ensure!(first["subscriber"] == "2001:db8:1::/64", "{first}");
     Ok(())
