@@ -142,17 +142,16 @@ fn spawn_writer(
     std::thread::Builder::new()
         .name("p25d-events".into())
         .spawn(move || {
-            let write = |out: &mut Box<dyn io::Write + Send>, line: Vec<u8>| match out
-                .write_all(&line)
-            {
-                Ok(()) => {
-                    counts.written.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    counts.dropped.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, "writing a drop event failed");
-                }
-            };
+            let write =
+                |out: &mut Box<dyn io::Write + Send>, line: Vec<u8>| match out.write_all(&line) {
+                    Ok(()) => {
+                        counts.written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        counts.dropped.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "writing a drop event failed");
+                    }
+                };
             while let Ok(line) = rx.recv() {
                 write(&mut out, line);
                 // Write what else is queued, then flush once: lines appear promptly, and a
