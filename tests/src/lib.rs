@@ -3,12 +3,14 @@
 //! - [`harness`]: load the real programs and run them with BPF_PROG_TEST_RUN.
 //! - [`packet`]: build frames (VLAN, QinQ, PPPoE, IPv4 options, IPv6 extension headers).
 //! - [`netns`]: network namespaces with cleanup on drop, for real-traffic tests.
+//! - [`chaos`]: the reliability suite of `cargo xtask chaos` (faults under a SYN stream).
 //! - [`smtp_lab`]: the SMTP lab (real swaks, aiosmtpd and p25d) of the e2e tests and the
 //!   demo.
 //!
 //! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
 //! message saying so: they never skip, because a skipped kernel test proves nothing.
 
+pub mod chaos;
 pub mod daemon;
 pub mod harness;
 pub mod lab;

@@ -4,6 +4,7 @@
 //! exactly what CI runs.
 
 mod bench;
+mod chaos;
 mod cmd;
 mod demo;
 mod setup;
@@ -71,6 +72,15 @@ enum Task {
     /// and nftables, and the control plane at scale. Prints a table and writes JSON
     /// (target/bench/bench.json).
     Bench(bench::Args),
+    /// Run setup, build, then the reliability suite as root (faults under a SYN stream).
+    ///
+    /// 100 policy reloads (valid and invalid alternating), 20 kill -9 restarts of p25d, 5
+    /// flaps of the subscriber interface (down/up, delete/recreate), a start with bpffs
+    /// unmounted and 4 concurrent p25ctl clients, under a SYN stream counted at the
+    /// receiver. Prints a table, writes JSON (target/chaos/chaos.json) and exits non-zero
+    /// if a blocked SYN leaked, an allowlisted or 587 SYN was lost, or an invalid policy
+    /// replaced the one in force.
+    Chaos(chaos::Args),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +112,7 @@ fn run(task: Task) -> Result<()> {
             lint()
         }
         Task::Bench(args) => bench::run(&args),
+        Task::Chaos(args) => chaos::run(&args),
         Task::Demo { keep, down } => demo::run(match (keep, down) {
             (_, true) => demo::Mode::Down,
             (true, false) => demo::Mode::Keep,
