@@ -86,6 +86,7 @@ fn main() -> ExitCode {
 
 fn run(mut cli: Cli) -> Result<()> {
     sys::require_root()?;
+    netns::sweep_stale();
     let wants = |s: Section| cli.only.is_empty() || cli.only.contains(&s);
     let scale = if cli.quick {
         cli.rounds = cli.rounds.min(3);

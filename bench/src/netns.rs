@@ -143,6 +143,35 @@ fn setns(ns: &File) -> io::Result<()> {
     }
 }
 
+/// Removes namespaces and pins left by a p25-bench that was killed (names carry the pid,
+/// so only those of processes that no longer exist are touched).
+pub fn sweep_stale() {
+    let Ok(list) = sys::cmd(&["ip", "netns", "list"]) else {
+        return;
+    };
+    let dead = |name: &str| {
+        name.strip_prefix("p25b-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists())
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if dead(name) {
+            eprintln!("p25-bench: removing stale namespace {name}");
+            let _ = sys::cmd(&["ip", "netns", "del", name]);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if dead(&name) {
+                eprintln!("p25-bench: removing stale pins {name}");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
 /// A veth pair `a_if` (in `a`) / `b_if` (in `b`), both up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
     for name in [a_if, b_if] {
