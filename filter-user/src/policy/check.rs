@@ -96,20 +96,33 @@ struct SubscriberSpace {
     prefixes: HashSet<IpNet>,
     /// Network addresses of all prefixes, to find those inside a given prefix.
     starts: BTreeSet<IpAddr>,
+    /// The prefix lengths in use, per family (IPv4, IPv6): a supernet lookup only needs
+    /// to try these, typically a handful, instead of every length up to /32 or /128
+    /// (which made checking a million-entry allowlist take seconds).
+    lengths_v4: BTreeSet<u8>,
+    lengths_v6: BTreeSet<u8>,
 }
 
 impl SubscriberSpace {
     fn insert(&mut self, net: IpNet) {
         self.prefixes.insert(net);
         self.starts.insert(net.network());
+        match net {
+            IpNet::V4(_) => self.lengths_v4.insert(net.prefix_len()),
+            IpNet::V6(_) => self.lengths_v6.insert(net.prefix_len()),
+        };
     }
 
     /// Whether `net` shares any address with subscriber space. Two prefixes overlap only
     /// if one contains the other: either a subscriber prefix is a supernet of `net`, or
     /// one starts inside `net`.
     fn overlaps(&self, net: IpNet) -> bool {
-        let inside_one = (0..=net.prefix_len()).any(|len| {
-            IpNet::new(net.network(), len).is_ok_and(|s| self.prefixes.contains(&s.trunc()))
+        let lengths = match net {
+            IpNet::V4(_) => &self.lengths_v4,
+            IpNet::V6(_) => &self.lengths_v6,
+        };
+        let inside_one = lengths.range(..=net.prefix_len()).any(|len| {
+            IpNet::new(net.network(), *len).is_ok_and(|s| self.prefixes.contains(&s.trunc()))
         });
         inside_one
             || self

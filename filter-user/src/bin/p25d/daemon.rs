@@ -790,8 +790,24 @@ impl Daemon {
                 message: e.to_string(),
             };
         }
-        let desired = self.desired(&self.policy, self.generation);
-        if let Err(e) = reconcile(&mut self.tables, &desired) {
+        // Write just this entry instead of a full reconcile, which reads every map entry
+        // back (seconds at a million entries). A policy entry keeps its origin, as in
+        // `desired`; only a prefix the maps already cover can be one, so the scan of the
+        // policy is skipped in the common case. The periodic resync still repairs drift.
+        let now = SystemTime::now();
+        let in_policy = self.tables.allow_covers(prefix).unwrap_or(true)
+            && self
+                .policy
+                .allow
+                .iter()
+                .any(|a| a.prefix == prefix && !a.is_expired(now));
+        let written = if in_policy {
+            Ok(())
+        } else {
+            self.tables
+                .insert_allow(prefix, AllowValue::new(Origin::RUNTIME))
+        };
+        if let Err(e) = written {
             return Response::Error {
                 message: format!(
                     "saved, but updating the maps failed (the next resync retries): {e}"
@@ -828,8 +844,19 @@ impl Daemon {
                 };
             }
         }
-        let desired = self.desired(&self.policy, self.generation);
-        if let Err(e) = reconcile(&mut self.tables, &desired) {
+        // Remove just this entry (see `allow`), unless the policy allows the same prefix.
+        let now = SystemTime::now();
+        let in_policy = self
+            .policy
+            .allow
+            .iter()
+            .any(|a| a.prefix == prefix && !a.is_expired(now));
+        let removed = if in_policy {
+            Ok(false)
+        } else {
+            self.tables.remove_allow(prefix)
+        };
+        if let Err(e) = removed {
             return Response::Error {
                 message: format!(
                     "removed from the state, but updating the maps failed (the next resync retries): {e}"
