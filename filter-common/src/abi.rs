@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Version of the map layouts below. Recorded next to the pinned maps so that a newer
 /// daemon never misreads maps pinned by an older one.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of the maps, shared so that userspace cannot drift from the object file.
 pub mod map_names {
@@ -43,9 +43,17 @@ pub mod map_names {
     pub const EVENT_STATS: &str = "EVENT_STATS";
     /// Per-CPU token bucket ([`super::Bucket`]) that rate-limits [`EVENTS`].
     pub const EVENT_BUCKET: &str = "EVENT_BUCKET";
+    /// Per-CPU token bucket ([`super::Bucket`]) that rate-limits the TCP RSTs of reject
+    /// mode.
+    pub const RST_BUCKET: &str = "RST_BUCKET";
+    /// Per-CPU array of reject fallbacks (`u64`), indexed by [`super::RejectFallback`].
+    pub const REJECT_FALLBACKS: &str = "REJECT_FALLBACKS";
+    /// LRU hash of per-source SYN token buckets for rate-limited allowlist entries:
+    /// [`super::OffenderKey`] → [`super::Bucket`].
+    pub const SYN_BUCKETS: &str = "SYN_BUCKETS";
 
     /// Every map, in creation order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
         SUBSCRIBERS_V4,
         SUBSCRIBERS_V6,
         ALLOW_V4,
@@ -58,6 +66,9 @@ pub mod map_names {
         EVENTS,
         EVENT_STATS,
         EVENT_BUCKET,
+        RST_BUCKET,
+        REJECT_FALLBACKS,
+        SYN_BUCKETS,
     ];
 }
 
@@ -82,6 +93,10 @@ pub const OFFENDERS_MAX_ENTRIES: u32 = 1 << 16;
 /// Size of the event ring buffer in bytes (a power-of-two multiple of the page size):
 /// about 4,600 events, which the daemon drains many times a second.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Default capacity of the SYN_BUCKETS LRU: how many sources of rate-limited allowlist
+/// entries have a live bucket. An evicted source starts again with a full bucket, so the
+/// table only needs to hold the sources active within one refill period.
+pub const SYN_BUCKETS_MAX_ENTRIES: u32 = 1 << 16;
 
 /// The well-known SMTP relay port (RFC 5321) this whole project is about.
 pub const SMTP_PORT: u16 = 25;
@@ -181,20 +196,65 @@ impl Origin {
     pub const RUNTIME: Self = Self(2);
 }
 
+/// What an enforced egress block does with the packet. `DEFAULT` only makes sense on a
+/// prefix: it defers to [`Config::action`].
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BlockAction(pub u8);
+
+impl BlockAction {
+    /// On a prefix: use the global action. As the global action: drop.
+    pub const DEFAULT: Self = Self(0);
+    /// Drop silently.
+    pub const DROP: Self = Self(1);
+    /// Drop, and answer a connection attempt (a SYN) with a TCP RST where the hook can
+    /// (XDP_TX), so that the client fails at once instead of timing out.
+    pub const REJECT: Self = Self(2);
+
+    /// The action in force for a prefix whose own action is `self` under global action
+    /// `global`. Anything unknown drops: a reject is a courtesy, a drop is always safe.
+    #[inline(always)]
+    pub const fn effective(self, global: Self) -> Self {
+        let action = if self.0 == Self::DEFAULT.0 {
+            global
+        } else {
+            self
+        };
+        if action.0 == Self::REJECT.0 {
+            Self::REJECT
+        } else {
+            Self::DROP
+        }
+    }
+}
+
 /// Value of the SUBSCRIBERS tries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SubscriberValue {
     /// The prefix's own mode; [`Mode::DEFAULT`] defers to [`Config::mode`].
     pub mode: Mode,
-    pub _pad: [u8; 3],
+    /// The prefix's own block action; [`BlockAction::DEFAULT`] defers to
+    /// [`Config::action`].
+    pub action: BlockAction,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<SubscriberValue>() == 4);
 
 impl SubscriberValue {
-    /// A value with the given mode and zeroed padding.
+    /// A value with the given mode, the default action and zeroed padding.
     pub const fn new(mode: Mode) -> Self {
-        Self { mode, _pad: [0; 3] }
+        Self {
+            mode,
+            action: BlockAction::DEFAULT,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The same value with its own block action.
+    #[must_use]
+    pub const fn with_action(self, action: BlockAction) -> Self {
+        Self { action, ..self }
     }
 }
 
@@ -205,23 +265,46 @@ pub struct AllowValue {
     /// Where the entry came from; the dataplane does not read it.
     pub origin: Origin,
     pub _pad: [u8; 3],
+    /// New TCP/25 connections (egress SYNs) each source inside the entry may open per
+    /// minute; 0 means unlimited. Sources are IPv4 /32s and IPv6
+    /// [`Config::offender_v6_prefix`] prefixes, as in the offender table.
+    pub syn_per_minute: u32,
+    /// Bucket size of that limit: SYNs a source may send at once after being idle (at
+    /// least 1 when a limit is set).
+    pub syn_burst: u32,
 }
-const _: () = assert!(size_of::<AllowValue>() == 4);
+const _: () = assert!(size_of::<AllowValue>() == 12);
+
+/// Upper bound of [`AllowValue::syn_per_minute`] and [`AllowValue::syn_burst`]; keeps the
+/// bucket arithmetic far from overflow.
+pub const MAX_SYN_PER_MINUTE: u32 = 1_000_000;
 
 impl AllowValue {
-    /// A value with the given origin and zeroed padding.
+    /// A value with the given origin, no SYN limit and zeroed padding.
     pub const fn new(origin: Origin) -> Self {
         Self {
             origin,
             _pad: [0; 3],
+            syn_per_minute: 0,
+            syn_burst: 0,
+        }
+    }
+
+    /// The same value with a SYN rate limit (0 per minute: unlimited).
+    #[must_use]
+    pub const fn with_syn_limit(self, per_minute: u32, burst: u32) -> Self {
+        Self {
+            syn_per_minute: per_minute,
+            syn_burst: burst,
+            ..self
         }
     }
 }
 
 /// The single entry of the CONFIG array. All zeroes (the state of a freshly created map)
 /// means: enforce, fragments fail open, generation 0, offenders keyed by IPv6 /64, no drop
-/// events. Nothing is dropped until subscriber prefixes are loaded, so the zero state is
-/// safe.
+/// events, blocks drop (no RSTs). Nothing is dropped until subscriber prefixes are loaded,
+/// so the zero state is safe.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
@@ -233,7 +316,8 @@ pub struct Config {
     /// [`DEFAULT_OFFENDER_V6_PREFIX`]. Per-/128 keys would be trivially evaded by a host
     /// that rotates addresses inside its /64.
     pub offender_v6_prefix: u8,
-    pub _pad: u8,
+    /// Global block action; prefixes with [`BlockAction::DEFAULT`] follow it.
+    pub action: BlockAction,
     /// Written by the control plane so that anyone reading the pinned map can tell which
     /// policy is in force. The dataplane never reads it.
     pub generation: u32,
@@ -242,13 +326,20 @@ pub struct Config {
     pub event_rate: u32,
     /// Burst size of each CPU's event bucket (at least 1 when events are on).
     pub event_burst: u32,
+    /// TCP RSTs reject mode may send per second **per CPU** (like the event bucket); a
+    /// rejected SYN beyond it is dropped silently. 0 sends none.
+    pub rst_rate: u32,
+    /// Burst size of each CPU's RST bucket (at least 1 when RSTs are on).
+    pub rst_burst: u32,
 }
-const _: () = assert!(size_of::<Config>() == 16);
+const _: () = assert!(size_of::<Config>() == 24);
 
 /// Offender key length for IPv6 when [`Config::offender_v6_prefix`] is 0.
 pub const DEFAULT_OFFENDER_V6_PREFIX: u8 = 64;
 /// Upper bound of [`Config::event_rate`]; keeps the bucket arithmetic far from overflow.
 pub const MAX_EVENT_RATE: u32 = 1_000_000;
+/// Upper bound of [`Config::rst_rate`] and [`Config::rst_burst`].
+pub const MAX_RST_RATE: u32 = 1_000_000;
 
 /// Index of the only CONFIG entry (and of the only ABI entry).
 pub const CONFIG_INDEX: u32 = 0;
@@ -294,6 +385,9 @@ pub const LAYOUT_FINGERPRINT: u32 = {
         IFACE_SLOTS,
         EventStat::COUNT as u32,
         ParseOutcome::COUNT as u32,
+        size_of::<BlockAction>() as u32,
+        RejectFallback::COUNT as u32,
+        Verdict::COUNT as u32,
     ];
     let mut hash: u32 = 0x811c_9dc5;
     let mut i = 0;
@@ -372,10 +466,17 @@ impl Verdict {
     pub const DROPPED: Self = Self(1);
     /// Would have been dropped, passed because of monitor mode.
     pub const WOULD_DROP: Self = Self(2);
-    /// Would have been dropped, passed because the address is allowlisted.
+    /// Would have been dropped, passed because the address is allowlisted (and, for a
+    /// rate-limited entry, within its SYN limit).
     pub const ALLOWLISTED: Self = Self(3);
+    /// Dropped, and answered with a TCP RST (reject mode, XDP only, egress SYNs).
+    pub const REJECTED: Self = Self(4);
+    /// An allowlisted source's egress SYN over its `max_syn_per_minute`: dropped.
+    pub const RATE_LIMITED: Self = Self(5);
+    /// As [`Verdict::RATE_LIMITED`], but passed because of monitor mode.
+    pub const WOULD_RATE_LIMIT: Self = Self(6);
     /// Number of verdicts.
-    pub const COUNT: u8 = 4;
+    pub const COUNT: u8 = 7;
     /// Label for metrics and tools.
     pub const fn name(self) -> &'static str {
         match self.0 {
@@ -383,13 +484,27 @@ impl Verdict {
             1 => "dropped",
             2 => "would_drop",
             3 => "allowlisted",
+            4 => "rejected",
+            5 => "rate_limited",
+            6 => "would_rate_limit",
             _ => "unknown",
         }
     }
-    /// Whether the rule matched (a drop or a monitor-mode would-drop).
+    /// Whether the rule matched (a drop or a monitor-mode would-drop). The classifier
+    /// decides only these; the hooks may turn them into the later verdicts.
     #[inline(always)]
     pub const fn is_match(self) -> bool {
         self.0 == Self::DROPPED.0 || self.0 == Self::WOULD_DROP.0
+    }
+    /// Whether the packet was blocked or would have been: every verdict that is evidence
+    /// against the subscriber (events, offender table).
+    #[inline(always)]
+    pub const fn is_blocked(self) -> bool {
+        self.0 == Self::DROPPED.0
+            || self.0 == Self::WOULD_DROP.0
+            || self.0 == Self::REJECTED.0
+            || self.0 == Self::RATE_LIMITED.0
+            || self.0 == Self::WOULD_RATE_LIMIT.0
     }
 }
 
@@ -577,7 +692,7 @@ pub struct OffenderValue {
     pub last_dst: [u8; 16],
     /// Destination port of the latest attempt (host order).
     pub last_dport: u16,
-    /// Verdict of the latest attempt ([`Verdict::DROPPED`] or [`Verdict::WOULD_DROP`]).
+    /// Verdict of the latest attempt (one of the [`Verdict::is_blocked`] verdicts).
     pub last_verdict: Verdict,
     pub _pad: [u8; 5],
 }
@@ -661,6 +776,49 @@ impl EventStat {
         }
     }
     /// Index into EVENT_STATS.
+    #[inline(always)]
+    pub const fn index(self) -> u32 {
+        self.0 as u32
+    }
+}
+
+/// Why reject mode dropped a SYN silently instead of answering it with an RST: the index
+/// into REJECT_FALLBACKS. A fallback always drops, so reject mode never blocks less than
+/// drop mode.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RejectFallback(pub u8);
+
+impl RejectFallback {
+    /// The TC hook saw it: a classifier cannot transmit a reply (only XDP has XDP_TX).
+    pub const TC_HOOK: Self = Self(0);
+    /// The per-CPU RST bucket was empty (`Config::rst_rate`): the router must not become a
+    /// reflector for spoofed SYNs.
+    pub const RATE_LIMITED: Self = Self(1);
+    /// Not a connection attempt (anything but a SYN without ACK/RST/FIN): RSTs answer
+    /// SYNs only, and a fragment without visible TCP header gets none.
+    pub const NOT_SYN: Self = Self(2);
+    /// A header layout the RST writer does not build: IPv4 options or fragments, IPv6
+    /// extension headers, a TCP header cut short.
+    pub const UNSUPPORTED: Self = Self(3);
+    /// Shrinking or rewriting the frame failed in the kernel.
+    pub const TX_FAILED: Self = Self(4);
+    /// Number of reasons: the size of the REJECT_FALLBACKS map.
+    pub const COUNT: u8 = 5;
+
+    /// Label for metrics.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "tc_hook",
+            1 => "rate_limited",
+            2 => "not_syn",
+            3 => "unsupported_header",
+            4 => "tx_failed",
+            _ => "unknown",
+        }
+    }
+
+    /// Index into REJECT_FALLBACKS.
     #[inline(always)]
     pub const fn index(self) -> u32 {
         self.0 as u32

@@ -19,8 +19,8 @@
 
 use crate::{
     abi::{
-        Config, CounterKey, Direction, Family, FragmentPolicy, Ipv4Key, Ipv6Key, Mode,
-        ParseOutcome, SMTP_PORT, SubscriberValue, Verdict,
+        AllowValue, BlockAction, Config, CounterKey, Direction, Family, FragmentPolicy, Ipv4Key,
+        Ipv6Key, Mode, ParseOutcome, SMTP_PORT, SubscriberValue, Verdict,
     },
     packet::{MAX_OFFSET, PacketBuf, load_be16},
 };
@@ -66,10 +66,10 @@ pub trait Tables {
     fn subscriber_v4(&self, addr: Ipv4Key) -> Option<SubscriberValue>;
     /// Longest-prefix match of `addr` in the IPv6 subscriber prefixes.
     fn subscriber_v6(&self, addr: Ipv6Key) -> Option<SubscriberValue>;
-    /// Whether any IPv4 allowlist prefix covers `addr`.
-    fn allowed_v4(&self, addr: Ipv4Key) -> bool;
-    /// Whether any IPv6 allowlist prefix covers `addr`.
-    fn allowed_v6(&self, addr: Ipv6Key) -> bool;
+    /// Longest-prefix match of `addr` in the IPv4 allowlist.
+    fn allow_v4(&self, addr: Ipv4Key) -> Option<AllowValue>;
+    /// Longest-prefix match of `addr` in the IPv6 allowlist.
+    fn allow_v6(&self, addr: Ipv6Key) -> Option<AllowValue>;
 }
 
 /// What the hook should do with the packet.
@@ -79,6 +79,20 @@ pub enum Action {
     Pass,
     /// Drop it.
     Drop,
+    /// Drop it, and answer it with a TCP RST if the hook can (reject mode; see
+    /// [`crate::track::resolve`], which turns it into `Drop` where it cannot).
+    Reject,
+}
+
+/// The SYN rate limit of the allowlist entry that let an egress packet through.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SynLimit {
+    /// New connections per minute per source; 0: no limit.
+    pub per_minute: u32,
+    /// Bucket size.
+    pub burst: u32,
+    /// The subscriber prefix is in monitor mode: over the limit is counted, not dropped.
+    pub monitor: bool,
 }
 
 /// The full result for one packet: the action plus exactly what to count.
@@ -96,6 +110,9 @@ pub struct Outcome {
     pub l3: u16,
     /// Offset of the TCP header, or 0 when the ports are not visible (fragments).
     pub l4: u16,
+    /// For an egress verdict [`Verdict::ALLOWLISTED`]: the entry's SYN limit, which the
+    /// hook enforces with per-source state ([`crate::track::resolve`]).
+    pub limit: SynLimit,
 }
 
 impl Outcome {
@@ -107,6 +124,11 @@ impl Outcome {
             counter: None,
             l3: 0,
             l4: 0,
+            limit: SynLimit {
+                per_minute: 0,
+                burst: 0,
+                monitor: false,
+            },
         }
     }
 }
@@ -115,7 +137,7 @@ impl Outcome {
 trait Address: Copy {
     const FAMILY: Family;
     fn subscriber<T: Tables>(self, tables: &T) -> Option<SubscriberValue>;
-    fn allowed<T: Tables>(self, tables: &T) -> bool;
+    fn allowed<T: Tables>(self, tables: &T) -> Option<AllowValue>;
 }
 
 impl Address for Ipv4Key {
@@ -125,8 +147,8 @@ impl Address for Ipv4Key {
         tables.subscriber_v4(self)
     }
     #[inline(always)]
-    fn allowed<T: Tables>(self, tables: &T) -> bool {
-        tables.allowed_v4(self)
+    fn allowed<T: Tables>(self, tables: &T) -> Option<AllowValue> {
+        tables.allow_v4(self)
     }
 }
 
@@ -137,8 +159,8 @@ impl Address for Ipv6Key {
         tables.subscriber_v6(self)
     }
     #[inline(always)]
-    fn allowed<T: Tables>(self, tables: &T) -> bool {
-        tables.allowed_v6(self)
+    fn allowed<T: Tables>(self, tables: &T) -> Option<AllowValue> {
+        tables.allow_v6(self)
     }
 }
 
@@ -359,7 +381,7 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
         Some([sport_hi, sport_lo, dport_hi, dport_lo]) => {
             let sport = u16::from_be_bytes([sport_hi, sport_lo]);
             let dport = u16::from_be_bytes([dport_hi, dport_lo]);
-            let (action, counter) =
+            let (action, counter, limit) =
                 decide(tables, src, dst, dport == SMTP_PORT, sport == SMTP_PORT);
             Outcome {
                 action,
@@ -368,6 +390,7 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
                 // Both are below MAX_OFFSET here, so they fit.
                 l3: l3 as u16,
                 l4: l4 as u16,
+                limit,
             }
         }
         // A first fragment cut before the ports is as blind as a non-first one.
@@ -391,18 +414,21 @@ fn fragment<T: Tables, A: Address>(
     if tables.config().fragments != FragmentPolicy::DROP {
         return Outcome::pass(parse);
     }
-    let (action, counter) = decide(tables, src, dst, true, true);
+    let (action, counter, limit) = decide(tables, src, dst, true, true);
     Outcome {
         action,
         parse,
         counter,
         l3: l3 as u16,
         l4: 0,
+        limit,
     }
 }
 
 /// Applies the egress rule (if `egress`) and the inbound rule (if `inbound`). One verdict
-/// is counted: the first rule that matched, else the first rule evaluated.
+/// is counted: the first rule that matched, else the first rule evaluated. Only the egress
+/// rule rejects and carries a SYN limit: both are about a subscriber's own connection
+/// attempts.
 #[inline(always)]
 fn decide<T: Tables, A: Address>(
     tables: &T,
@@ -410,46 +436,79 @@ fn decide<T: Tables, A: Address>(
     dst: A,
     egress: bool,
     inbound: bool,
-) -> (Action, Option<CounterKey>) {
+) -> (Action, Option<CounterKey>, SynLimit) {
     let mut first = None;
+    let mut limit = SynLimit::default();
     if egress {
-        let key = CounterKey::new(Direction::EGRESS, A::FAMILY, rule(tables, src));
-        if key.verdict.is_match() {
-            return (action_of(key.verdict), Some(key));
+        let (verdict, block, egress_limit) = rule(tables, src);
+        let key = CounterKey::new(Direction::EGRESS, A::FAMILY, verdict);
+        if verdict.is_match() {
+            return (action_of(verdict, block), Some(key), limit);
         }
         first = Some(key);
+        limit = egress_limit;
     }
     if inbound {
-        let key = CounterKey::new(Direction::INBOUND, A::FAMILY, rule(tables, dst));
-        if key.verdict.is_match() || first.is_none() {
-            return (action_of(key.verdict), Some(key));
+        let (verdict, _, _) = rule(tables, dst);
+        let key = CounterKey::new(Direction::INBOUND, A::FAMILY, verdict);
+        if verdict.is_match() || first.is_none() {
+            return (
+                action_of(verdict, BlockAction::DROP),
+                Some(key),
+                SynLimit::default(),
+            );
         }
     }
-    (Action::Pass, first)
+    (Action::Pass, first, limit)
 }
 
 /// One rule, given that its port matched: `subscriber` is the address that must be in
-/// subscriber space (the source for egress, the destination for inbound).
+/// subscriber space (the source for egress, the destination for inbound). Returns the
+/// verdict, the prefix's block action and, when allowlisted, the entry's SYN limit.
 #[inline(always)]
-fn rule<T: Tables, A: Address>(tables: &T, subscriber: A) -> Verdict {
+fn rule<T: Tables, A: Address>(tables: &T, subscriber: A) -> (Verdict, BlockAction, SynLimit) {
     let Some(prefix) = subscriber.subscriber(tables) else {
-        return Verdict::PASSED;
+        return (Verdict::PASSED, BlockAction::DROP, SynLimit::default());
     };
-    if subscriber.allowed(tables) {
-        return Verdict::ALLOWLISTED;
+    let config = tables.config();
+    let monitor = prefix.mode.effective(config.mode) == Mode::MONITOR;
+    if let Some(allow) = subscriber.allowed(tables) {
+        let limit = SynLimit {
+            per_minute: allow.syn_per_minute,
+            burst: allow.syn_burst,
+            monitor,
+        };
+        return (Verdict::ALLOWLISTED, BlockAction::DROP, limit);
     }
-    if prefix.mode.effective(tables.config().mode) == Mode::MONITOR {
-        Verdict::WOULD_DROP
+    let block = prefix.action.effective(config.action);
+    if monitor {
+        (Verdict::WOULD_DROP, block, SynLimit::default())
     } else {
-        Verdict::DROPPED
+        (Verdict::DROPPED, block, SynLimit::default())
     }
 }
 
 #[inline(always)]
-fn action_of(verdict: Verdict) -> Action {
-    if verdict == Verdict::DROPPED {
-        Action::Drop
-    } else {
+fn action_of(verdict: Verdict, block: BlockAction) -> Action {
+    if verdict != Verdict::DROPPED {
         Action::Pass
+    } else if block == BlockAction::REJECT {
+        Action::Reject
+    } else {
+        Action::Drop
+    }
+}
+
+/// The offset of the PPPoE session header's length field when the IP header at `l3` is
+/// carried in PPPoE, which the two bytes before it tell unambiguously: a PPP protocol
+/// (0x0021, 0x0057) rather than an ethertype (0x0800, 0x86DD).
+#[inline(always)]
+pub fn pppoe_length_offset<P: PacketBuf>(pkt: &P, l3: usize) -> Option<usize> {
+    if l3 < ETH_HLEN + PPPOE_HLEN {
+        return None;
+    }
+    match load_be16(pkt, l3 - 2)? {
+        PPP_IPV4 | PPP_IPV6 => Some(l3 - 4),
+        _ => None,
     }
 }

@@ -14,6 +14,7 @@
 pub mod abi;
 pub mod classify;
 pub mod packet;
+pub mod reject;
 pub mod track;
 
 #[cfg(feature = "user")]

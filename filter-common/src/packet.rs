@@ -47,6 +47,36 @@ impl PacketBuf for &[u8] {
     }
 }
 
+/// A packet the RST writer of reject mode can rewrite in place.
+pub trait PacketBufMut: PacketBuf {
+    /// Writes `value` at byte `offset`; false (and nothing written) if any byte of it lies
+    /// past the end of the packet.
+    fn store<T: Plain>(&mut self, offset: usize, value: T) -> bool;
+}
+
+impl PacketBuf for &mut [u8] {
+    #[inline(always)]
+    fn load<T: Plain>(&self, offset: usize) -> Option<T> {
+        (&**self).load(offset)
+    }
+}
+
+impl PacketBufMut for &mut [u8] {
+    #[inline(always)]
+    fn store<T: Plain>(&mut self, offset: usize, value: T) -> bool {
+        let Some(end) = offset.checked_add(size_of::<T>()) else {
+            return false;
+        };
+        let Some(bytes) = self.get_mut(offset..end) else {
+            return false;
+        };
+        // SAFETY: `bytes` is exactly size_of::<T>() long, and T is Plain (no padding, so
+        // every byte written is initialised).
+        unsafe { core::ptr::write_unaligned(bytes.as_mut_ptr().cast::<T>(), value) };
+        true
+    }
+}
+
 /// Reads a big-endian `u16`.
 #[inline(always)]
 pub fn load_be16<P: PacketBuf>(pkt: &P, offset: usize) -> Option<u16> {

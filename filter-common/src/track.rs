@@ -1,5 +1,7 @@
-//! What the hooks record about a packet after its verdict: the offender it is evidence
-//! against, and whether the event rate limit lets a drop event through.
+//! What the hooks do after the classifier's verdict: the stateful part of the decision
+//! (per-source SYN limits of allowlist entries, the RST budget of reject mode; see
+//! [`resolve`]), the offender a packet is evidence against, and whether the event rate
+//! limit lets a drop event through.
 //!
 //! Shared with the host so that the reference model and the unit tests run exactly the code
 //! the dataplane runs.
@@ -7,30 +9,129 @@
 use crate::{
     abi::{
         Bucket, Config, DEFAULT_OFFENDER_V6_PREFIX, Direction, Event, Family, MAX_EVENT_RATE,
-        OffenderKey,
+        MAX_RST_RATE, MAX_SYN_PER_MINUTE, OffenderKey, RejectFallback, Verdict,
     },
-    classify::Outcome,
+    classify::{Action, Outcome, SynLimit},
     packet::{MAX_OFFSET, PacketBuf},
 };
 
 /// Nano-tokens per token in a [`Bucket`].
 const NANO: u64 = 1_000_000_000;
-/// Longest idle time the bucket refill looks at. Longer gaps refill the bucket completely
-/// anyway (at [`MAX_EVENT_RATE`] and any sane burst), and the clamp keeps
-/// `elapsed * rate` far below `u64::MAX`.
-const MAX_REFILL_NS: u64 = 1_000 * NANO;
+/// Idle time after which a bucket is simply full. Below it, `elapsed * rate` stays under
+/// `u64::MAX` for every rate the ABI allows (at most 1e6 per second or per minute).
+/// About 2.8 hours: only a burst larger than that much refill is affected, and then only
+/// in the operator's favour (a long-idle source gets its whole burst back).
+const MAX_REFILL_NS: u64 = 10_000 * NANO;
+
+/// Units per token of a per-minute bucket: elapsed nanoseconds times a per-minute rate.
+const PER_MINUTE_UNIT: u64 = 60 * NANO;
 
 /// TCP flag bits (RFC 9293).
 pub const TCP_SYN: u8 = 0x02;
 /// TCP flag bits (RFC 9293).
 pub const TCP_ACK: u8 = 0x10;
+/// TCP flag bits (RFC 9293).
+pub const TCP_RST: u8 = 0x04;
+/// TCP flag bits (RFC 9293).
+pub const TCP_FIN: u8 = 0x01;
 /// Offset of the flags byte in the TCP header.
 const TCP_FLAGS_OFFSET: usize = 13;
 
-/// Whether an outcome is worth recording: a rule matched (drop or would-drop).
+/// Whether an outcome is worth recording: blocked, or would have been (after
+/// [`resolve`]: dropped, rejected, rate-limited, or the monitor-mode variants).
 #[inline(always)]
 pub fn is_event(outcome: &Outcome) -> bool {
-    matches!(outcome.counter, Some(key) if key.verdict.is_match())
+    matches!(outcome.counter, Some(key) if key.verdict.is_blocked())
+}
+
+/// The state [`resolve`] needs: the kernel keeps it in maps with `bpf_ktime_get_ns`, the
+/// reference model in plain Rust with a fixed clock.
+pub trait Budget {
+    /// Takes a token from the SYN bucket of `source` (a new source starts with a full
+    /// bucket); false when it is empty.
+    fn syn_token(&mut self, source: &OffenderKey, limit: &SynLimit) -> bool;
+    /// Takes a token from the RST budget; false when it is empty.
+    fn rst_token(&mut self) -> bool;
+}
+
+/// The flags byte of the TCP header at `l4` (two bytes are loaded, see [`fill_event`]).
+#[inline(always)]
+fn tcp_flags<P: PacketBuf>(pkt: &P, l4: usize) -> Option<u8> {
+    if l4 == 0 || l4 + TCP_FLAGS_OFFSET > MAX_OFFSET {
+        return None;
+    }
+    pkt.load::<[u8; 2]>(l4 + TCP_FLAGS_OFFSET - 1)
+        .map(|[_offset, flags]| flags)
+}
+
+/// Whether `flags` open a connection: SYN, without ACK, RST or FIN.
+#[inline(always)]
+const fn is_connection_attempt(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// The stateful part of the verdict, shared by both hooks and the model:
+///
+/// - an egress SYN let through by an allowlist entry with a SYN limit takes a token from
+///   its source's bucket; without one it becomes [`Verdict::RATE_LIMITED`] (dropped) or,
+///   in monitor mode, [`Verdict::WOULD_RATE_LIMIT`] (passed);
+/// - an [`Action::Reject`] stays a reject (verdict [`Verdict::REJECTED`]) only for a SYN
+///   the RST writer can answer, on a hook that can transmit (`can_tx`: XDP), with a token
+///   from the RST budget; otherwise it becomes a drop (verdict stays
+///   [`Verdict::DROPPED`]) and the reason is returned, for REJECT_FALLBACKS.
+///
+/// The budget is asked last, so that a token is spent only on an RST that is sent.
+#[inline(always)]
+pub fn resolve<P: PacketBuf, B: Budget>(
+    pkt: &P,
+    outcome: &mut Outcome,
+    config: &Config,
+    can_tx: bool,
+    budget: &mut B,
+) -> Option<RejectFallback> {
+    let key = outcome.counter.as_mut()?;
+    if outcome.action == Action::Reject {
+        let fallback = match crate::reject::check(pkt, outcome.l3.into(), outcome.l4.into()) {
+            Err(reason) => Some(reason),
+            Ok(()) if !can_tx => Some(RejectFallback::TC_HOOK),
+            Ok(()) if !budget.rst_token() => Some(RejectFallback::RATE_LIMITED),
+            Ok(()) => None,
+        };
+        if fallback.is_some() {
+            outcome.action = Action::Drop;
+        } else {
+            key.verdict = Verdict::REJECTED;
+        }
+        return fallback;
+    }
+    if key.verdict == Verdict::ALLOWLISTED
+        && key.direction == Direction::EGRESS
+        && outcome.limit.per_minute != 0
+        && tcp_flags(pkt, outcome.l4.into()).is_some_and(is_connection_attempt)
+        && let Some(src) = source(pkt, key.family, outcome.l3.into())
+    {
+        let source = subscriber_key(key.family, src, config);
+        if !budget.syn_token(&source, &outcome.limit) {
+            if outcome.limit.monitor {
+                key.verdict = Verdict::WOULD_RATE_LIMIT;
+            } else {
+                key.verdict = Verdict::RATE_LIMITED;
+                outcome.action = Action::Drop;
+            }
+        }
+    }
+    None
+}
+
+/// The source address of the IP header at `l3` (IPv4 in the first 4 bytes).
+#[inline(always)]
+fn source<P: PacketBuf>(pkt: &P, family: Family, l3: usize) -> Option<[u8; 16]> {
+    if family == Family::IPV4 {
+        let [a, b, c, d] = pkt.load::<[u8; 4]>(l3 + 12)?;
+        Some([a, b, c, d, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    } else {
+        pkt.load::<[u8; 16]>(l3 + 8)
+    }
 }
 
 /// Fills the packet part of `event` (rule, addresses, ports, TCP flags) for an outcome a
@@ -92,24 +193,32 @@ pub fn fill_event<P: PacketBuf>(pkt: &P, outcome: &Outcome, event: &mut Event) -
 #[inline(always)]
 pub fn offender_key(event: &Event, config: &Config) -> Option<OffenderKey> {
     if event.direction != Direction::EGRESS
-        || !event.verdict.is_match()
+        || !event.verdict.is_blocked()
         || event.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
     {
         return None;
     }
-    let prefix_len = if event.family == Family::IPV4 {
+    Some(subscriber_key(event.family, event.src, config))
+}
+
+/// One subscriber, the unit of the offender table and of the SYN limits: an IPv4 /32, or
+/// an IPv6 [`Config::offender_v6_prefix`] (a /64 by default, so that rotating addresses
+/// inside it neither hides an offender nor escapes a limit).
+#[inline(always)]
+pub fn subscriber_key(family: Family, addr: [u8; 16], config: &Config) -> OffenderKey {
+    let prefix_len = if family == Family::IPV4 {
         32
     } else if config.offender_v6_prefix == 0 || config.offender_v6_prefix > 128 {
         DEFAULT_OFFENDER_V6_PREFIX
     } else {
         config.offender_v6_prefix
     };
-    Some(OffenderKey {
-        family: event.family,
+    OffenderKey {
+        family,
         prefix_len,
         _pad: [0; 2],
-        addr: mask(event.src, prefix_len),
-    })
+        addr: mask(addr, prefix_len),
+    }
 }
 
 /// Keeps the first `prefix_len` bits of `addr`.
@@ -143,26 +252,87 @@ pub fn take_event_token(bucket: &mut Bucket, config: &Config, now_ns: u64) -> bo
     } else {
         config.event_rate
     };
+    take_token(bucket, rate, config.event_burst, NANO, now_ns)
+}
+
+/// Whether reject mode may send an RST at `now_ns`, taking a token if so: a per-CPU
+/// bucket of `config.rst_rate` tokens per second, `config.rst_burst` saved.
+#[inline(always)]
+pub fn take_rst_token(bucket: &mut Bucket, config: &Config, now_ns: u64) -> bool {
+    let rate = if config.rst_rate > MAX_RST_RATE {
+        MAX_RST_RATE
+    } else {
+        config.rst_rate
+    };
+    let burst = if config.rst_burst > MAX_RST_RATE {
+        MAX_RST_RATE
+    } else {
+        config.rst_burst
+    };
+    take_token(bucket, rate, burst, NANO, now_ns)
+}
+
+/// A full SYN bucket for a source first seen at `now_ns`.
+#[inline(always)]
+pub fn full_syn_bucket(limit: &SynLimit, now_ns: u64) -> Bucket {
+    Bucket {
+        nano_tokens: u64::from(clamp_burst(limit.burst)) * PER_MINUTE_UNIT,
+        last_ns: now_ns,
+    }
+}
+
+/// Whether a source with `limit` may open one more connection at `now_ns`, taking a token
+/// if so: `limit.per_minute` tokens per minute, `limit.burst` saved.
+#[inline(always)]
+pub fn take_syn_token(bucket: &mut Bucket, limit: &SynLimit, now_ns: u64) -> bool {
+    let rate = if limit.per_minute > MAX_SYN_PER_MINUTE {
+        MAX_SYN_PER_MINUTE
+    } else {
+        limit.per_minute
+    };
+    take_token(
+        bucket,
+        rate,
+        clamp_burst(limit.burst),
+        PER_MINUTE_UNIT,
+        now_ns,
+    )
+}
+
+#[inline(always)]
+const fn clamp_burst(burst: u32) -> u32 {
+    if burst == 0 {
+        1
+    } else if burst > MAX_SYN_PER_MINUTE {
+        MAX_SYN_PER_MINUTE
+    } else {
+        burst
+    }
+}
+
+/// The token bucket behind every rate limit here: `rate` tokens per `unit` nanoseconds...
+/// kept as `unit` sub-tokens per token, so that refilling is one multiplication
+/// (`elapsed_ns * rate`) and no division is needed in the kernel. At most `burst` tokens
+/// (at least 1) are saved; a rate of 0 grants nothing.
+#[inline(always)]
+fn take_token(bucket: &mut Bucket, rate: u32, burst: u32, unit: u64, now_ns: u64) -> bool {
     if rate == 0 {
         return false;
     }
-    let burst = if config.event_burst == 0 {
-        1
+    let burst = if burst == 0 { 1 } else { burst };
+    let capacity = u64::from(burst) * unit;
+    let elapsed = now_ns.saturating_sub(bucket.last_ns);
+    let mut tokens = if elapsed >= MAX_REFILL_NS {
+        capacity
     } else {
-        config.event_burst
+        bucket.nano_tokens.saturating_add(elapsed * u64::from(rate))
     };
-    let capacity = u64::from(burst) * NANO;
-    let mut elapsed = now_ns.saturating_sub(bucket.last_ns);
-    if elapsed > MAX_REFILL_NS {
-        elapsed = MAX_REFILL_NS;
-    }
-    let mut tokens = bucket.nano_tokens.saturating_add(elapsed * u64::from(rate));
     if tokens > capacity {
         tokens = capacity;
     }
     bucket.last_ns = now_ns;
-    if tokens >= NANO {
-        bucket.nano_tokens = tokens - NANO;
+    if tokens >= unit {
+        bucket.nano_tokens = tokens - unit;
         true
     } else {
         bucket.nano_tokens = tokens;
@@ -258,6 +428,32 @@ mod tests {
             .filter(|i| take_event_token(&mut bucket, &config, later + i * NANO / 100))
             .count();
         assert!((99..=101).contains(&granted), "granted {granted}");
+    }
+
+    #[test]
+    fn syn_bucket_grants_burst_then_per_minute() {
+        let limit = SynLimit {
+            per_minute: 60,
+            burst: 10,
+            monitor: false,
+        };
+        let start = 7 * NANO;
+        let mut bucket = full_syn_bucket(&limit, start);
+        let granted = (0..100)
+            .filter(|_| take_syn_token(&mut bucket, &limit, start))
+            .count();
+        assert_eq!(granted, 10);
+        // 60 per minute is one per second: 30 s of a flood passes about 30.
+        let granted = (1..=3000u64)
+            .filter(|i| take_syn_token(&mut bucket, &limit, start + i * NANO / 100))
+            .count();
+        assert!((29..=31).contains(&granted), "granted {granted}");
+    }
+
+    #[test]
+    fn rst_bucket_off_when_rate_is_zero() {
+        let mut bucket = Bucket::default();
+        assert!(!take_rst_token(&mut bucket, &Config::default(), 1 << 40));
     }
 
     #[test]

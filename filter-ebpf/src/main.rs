@@ -1,6 +1,7 @@
 //! The p25 dataplane: an XDP program and a TC classifier around the one shared classifier
-//! in `filter_common::classify`. Only the mapping of an [`Action`] to a return code
-//! differs between the two hooks.
+//! in `filter_common::classify` and the shared post-verdict code in `filter_common::track`.
+//! The hooks differ in the mapping of an [`Action`] to a return code, and in that only XDP
+//! can answer a rejected SYN with an RST (XDP_TX).
 #![no_std]
 #![no_main]
 // For `atomic_xadd`: the BPF target's `core` has no 64-bit atomic read-modify-write types.
@@ -9,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
     maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -18,12 +19,16 @@ use filter_common::{
     abi::{
         ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTERS_ENTRIES, Config,
         Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key, Ipv6Key,
-        OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, SUBSCRIBERS_MAX_ENTRIES,
-        SubscriberValue, counter_index,
+        OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
+        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, Verdict, counter_index,
     },
-    classify::{Action, Tables, classify},
-    packet::{OFFSET_MASK, PacketBuf, Plain},
-    track::{fill_event, is_event, offender_key, take_event_token},
+    classify::{Action, Outcome, SynLimit, Tables, classify},
+    packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
+    reject::{rst_frame_len, write_rst},
+    track::{
+        Budget, fill_event, full_syn_bucket, is_event, offender_key, resolve, take_event_token,
+        take_rst_token, take_syn_token,
+    },
 };
 
 // Policy maps: written only by the control plane.
@@ -65,6 +70,24 @@ static OFFENDERS: LruHashMap<OffenderKey, OffenderValue> =
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 #[map]
 static EVENT_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+// Reject mode: the per-CPU RST budget, and why rejects fell back to drops.
+#[map]
+static RST_BUCKET: PerCpuArray<Bucket> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static REJECT_FALLBACKS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(RejectFallback::COUNT as u32, 0);
+// SYN limits of allowlist entries: one bucket per source, shared by all CPUs (a limit per
+// customer, not per CPU), LRU so that many sources evict the idlest.
+#[map]
+static SYN_BUCKETS: LruHashMap<OffenderKey, Bucket> =
+    LruHashMap::with_max_entries(SYN_BUCKETS_MAX_ENTRIES, 0);
+
+// Per-CPU scratch space for the classifier's outcome on the rule path. Written and read
+// back with a volatile load: the read-back values are unknown to the verifier, so the
+// many parse paths (tags, PPPoE, IHL, extension headers) converge into one state instead
+// of each being verified again through everything after the verdict.
+#[map]
+static OUTCOME: PerCpuArray<Outcome> = PerCpuArray::with_max_entries(1, 0);
 // Per-CPU scratch space for the event being built: an Event on the stack would crowd the
 // 512-byte BPF stack the classifier already uses. Not part of the ABI (never pinned).
 #[map]
@@ -87,12 +110,46 @@ impl Tables for Maps {
         SUBSCRIBERS_V6.get(Key::new(128, addr)).copied()
     }
     #[inline(always)]
-    fn allowed_v4(&self, addr: Ipv4Key) -> bool {
-        ALLOW_V4.get(Key::new(32, addr)).is_some()
+    fn allow_v4(&self, addr: Ipv4Key) -> Option<AllowValue> {
+        ALLOW_V4.get(Key::new(32, addr)).copied()
     }
     #[inline(always)]
-    fn allowed_v6(&self, addr: Ipv6Key) -> bool {
-        ALLOW_V6.get(Key::new(128, addr)).is_some()
+    fn allow_v6(&self, addr: Ipv6Key) -> Option<AllowValue> {
+        ALLOW_V6.get(Key::new(128, addr)).copied()
+    }
+}
+
+/// The stateful budgets of [`resolve`], in maps.
+struct MapBudget<'a>(&'a Config);
+
+impl Budget for MapBudget<'_> {
+    #[inline(always)]
+    fn syn_token(&mut self, source: &OffenderKey, limit: &SynLimit) -> bool {
+        // SAFETY: a helper without arguments or side effects.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some(bucket) = SYN_BUCKETS.get_ptr_mut(source) {
+            // SAFETY: a live map value. CPUs racing on one source's bucket can each take
+            // the same token (plain loads and stores): a source spread over several CPUs
+            // may exceed its limit by at most one token per racing CPU.
+            return take_syn_token(unsafe { &mut *bucket }, limit, now);
+        }
+        let mut bucket = full_syn_bucket(limit, now);
+        let granted = take_syn_token(&mut bucket, limit, now);
+        // If the insert fails, the source is not limited this time: failing open on an
+        // allowlisted source is the safe side.
+        let _ = SYN_BUCKETS.insert(source, bucket, 0);
+        granted
+    }
+
+    #[inline(always)]
+    fn rst_token(&mut self) -> bool {
+        let Some(bucket) = RST_BUCKET.get_ptr_mut(0) else {
+            return false;
+        };
+        // SAFETY: a helper without arguments or side effects.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: per-CPU slot, only this CPU touches it.
+        take_rst_token(unsafe { &mut *bucket }, self.0, now)
     }
 }
 
@@ -116,6 +173,20 @@ impl PacketBuf for XdpPacket<'_> {
     #[inline(always)]
     fn load<T: Plain>(&self, offset: usize) -> Option<T> {
         load_direct(self.0.data(), self.0.data_end(), offset)
+    }
+}
+
+impl PacketBufMut for XdpPacket<'_> {
+    #[inline(always)]
+    fn store<T: Plain>(&mut self, offset: usize, value: T) -> bool {
+        let ptr = self.0.data() + (offset & OFFSET_MASK);
+        if ptr + size_of::<T>() > self.0.data_end() {
+            return false;
+        }
+        // SAFETY: [ptr, ptr + size_of::<T>()) lies inside the packet (checked above), which
+        // XDP may write.
+        unsafe { core::ptr::write_unaligned(ptr as *mut T, value) };
+        true
     }
 }
 
@@ -171,27 +242,108 @@ fn bump_stat(stat: EventStat) {
     }
 }
 
-/// Classifies, counts, records evidence, and returns the action. Shared by both hooks.
 #[inline(always)]
-fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Action {
-    let outcome = classify(packet, &Maps);
-    bump(&PARSE_COUNTERS, outcome.parse.index(), bytes);
-    if let Some(key) = outcome.counter {
-        bump(&COUNTERS, counter_index(ifindex, key), bytes);
-        // Only drops and would-drops get this far: the common path pays nothing more.
-        if is_event(&outcome)
-            && let Some(event) = SCRATCH.get_ptr_mut(0)
-        {
-            // SAFETY: per-CPU slot, only this CPU touches it during this run.
-            let event = unsafe { &mut *event };
-            if fill_event(packet, &outcome, event) {
-                event.ifindex = ifindex;
-                event.hook = hook;
-                record(event);
-            }
+fn bump_fallback(reason: RejectFallback) {
+    if let Some(value) = REJECT_FALLBACKS.get_ptr_mut(reason.index()) {
+        // SAFETY: per-CPU slot, as in `bump`.
+        unsafe { *value = (*value).wrapping_add(1) };
+    }
+}
+
+/// Classifies, resolves the stateful part of the verdict, counts, records evidence, and
+/// returns the outcome. Shared by both hooks; for an [`Action::Reject`] left standing
+/// (XDP only) the event is filled but not yet recorded: the caller writes the RST, fixes
+/// the verdict if that failed, and then calls [`finish`].
+#[inline(always)]
+fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Outcome {
+    let classified = classify(packet, &Maps);
+    bump(&PARSE_COUNTERS, classified.parse.index(), bytes);
+    if classified.counter.is_none() {
+        return classified;
+    }
+    let Some(slot) = OUTCOME.get_ptr_mut(0) else {
+        // Unreachable (a one-entry array); counting without the stateful part is the
+        // closest to right.
+        finish(&classified, bytes, ifindex);
+        return classified;
+    };
+    // SAFETY: a per-CPU slot only this CPU touches during this run; see OUTCOME.
+    let mut outcome = unsafe {
+        slot.write_volatile(classified);
+        slot.read_volatile()
+    };
+    // The offsets are below MAX_OFFSET by construction, but the verifier no longer knows
+    // that after the volatile read: give it the bound again (LLVM cannot drop this mask,
+    // while it drops the one in `load_direct` next to a comparison that implies it).
+    outcome.l3 &= OFFSET_MASK as u16;
+    outcome.l4 &= OFFSET_MASK as u16;
+    let config = Maps.config();
+    if let Some(reason) = resolve(
+        packet,
+        &mut outcome,
+        &config,
+        hook == HookKind::XDP,
+        &mut MapBudget(&config),
+    ) {
+        bump_fallback(reason);
+    }
+    // Only drops and would-drops get this far with an event: the common path pays
+    // nothing more.
+    if is_event(&outcome)
+        && let Some(event) = SCRATCH.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, only this CPU touches it during this run.
+        let event = unsafe { &mut *event };
+        if fill_event(packet, &outcome, event) {
+            event.ifindex = ifindex;
+            event.hook = hook;
+        } else {
+            event.ifindex = u32::MAX;
         }
     }
-    outcome.action
+    if outcome.action != Action::Reject {
+        finish(&outcome, bytes, ifindex);
+    }
+    outcome
+}
+
+/// Bumps the verdict counter and records the event [`run`] filled, once the verdict is
+/// final.
+#[inline(always)]
+fn finish(outcome: &Outcome, bytes: u64, ifindex: u32) {
+    let Some(key) = outcome.counter else {
+        return;
+    };
+    bump(&COUNTERS, counter_index(ifindex, key), bytes);
+    if is_event(outcome)
+        && let Some(event) = SCRATCH.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, only this CPU touches it during this run.
+        let event = unsafe { &mut *event };
+        if event.ifindex == ifindex {
+            event.verdict = key.verdict;
+            record(event);
+        }
+    }
+}
+
+/// Turns the SYN in `ctx` into its RST, in place: shrinks the frame to the reply's length,
+/// then rewrites it. False if the kernel refused either step (the packet is then dropped;
+/// [`filter_common::reject::check`] has made sure it is large enough). Not inlined: the
+/// rewrite's temporaries get their own frame instead of adding to the hook's.
+#[inline(never)]
+fn transmit_rst(ctx: &XdpContext, l3: u16, l4: u16) -> bool {
+    let len = ctx.data_end() - ctx.data();
+    let want = rst_frame_len(usize::from(l4));
+    if want > len {
+        return false;
+    }
+    // SAFETY: shrinking the frame by a non-negative amount smaller than its length; packet
+    // pointers are re-read from the context afterwards.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - want) as i32)) } != 0 {
+        return false;
+    }
+    write_rst(&mut XdpPacket(ctx), usize::from(l3), usize::from(l4))
 }
 
 /// Offender tracking and the sampled event for a drop or would-drop. Not inlined: it is
@@ -278,9 +430,25 @@ fn track_offender(key: &OffenderKey, event: &Event) {
 pub fn p25_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    match run(&XdpPacket(&ctx), bytes, ifindex, HookKind::XDP) {
+    let mut outcome = run(&XdpPacket(&ctx), bytes, ifindex, HookKind::XDP);
+    match outcome.action {
         Action::Pass => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
+        Action::Reject => {
+            let sent = transmit_rst(&ctx, outcome.l3, outcome.l4);
+            if !sent {
+                bump_fallback(RejectFallback::TX_FAILED);
+                if let Some(key) = outcome.counter.as_mut() {
+                    key.verdict = Verdict::DROPPED;
+                }
+            }
+            finish(&outcome, bytes, ifindex);
+            if sent {
+                xdp_action::XDP_TX
+            } else {
+                xdp_action::XDP_DROP
+            }
+        }
     }
 }
 
@@ -290,9 +458,11 @@ pub fn p25_tc(ctx: TcContext) -> i32 {
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // TC_ACT_PIPE: no opinion, continue with the next program (TCX_NEXT under tcx).
-    match run(&TcPacket(&ctx), bytes, ifindex, HookKind::TC) {
+    // `resolve` never leaves a Reject standing on TC; were it to, dropping is the safe
+    // reading.
+    match run(&TcPacket(&ctx), bytes, ifindex, HookKind::TC).action {
         Action::Pass => TC_ACT_PIPE,
-        Action::Drop => TC_ACT_SHOT,
+        Action::Drop | Action::Reject => TC_ACT_SHOT,
     }
 }
 

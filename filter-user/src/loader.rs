@@ -164,7 +164,7 @@ struct MapSpec {
 
 const LPM_PREFIX_LEN: usize = size_of::<u32>();
 
-const MAP_SPECS: [MapSpec; 12] = [
+const MAP_SPECS: [MapSpec; 15] = [
     MapSpec {
         name: map_names::SUBSCRIBERS_V4,
         map_type: MapType::LpmTrie,
@@ -235,6 +235,24 @@ const MAP_SPECS: [MapSpec; 12] = [
         name: map_names::EVENT_BUCKET,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
+        value_size: size_of::<Bucket>(),
+    },
+    MapSpec {
+        name: map_names::RST_BUCKET,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Bucket>(),
+    },
+    MapSpec {
+        name: map_names::REJECT_FALLBACKS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u64>(),
+    },
+    MapSpec {
+        name: map_names::SYN_BUCKETS,
+        map_type: MapType::LruHash,
+        key_size: size_of::<OffenderKey>(),
         value_size: size_of::<Bucket>(),
     },
 ];

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use filter_common::abi::{Counter, CounterKey, EventStat, ParseOutcome};
+use filter_common::abi::{Counter, CounterKey, EventStat, ParseOutcome, RejectFallback};
 use prometheus::{Encoder as _, GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 /// Content type of [`render`]'s output.
@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub offender_alerts: u64,
     /// Event outcomes (emitted, rate-limited, ring full).
     pub events: BTreeMap<EventStat, u64>,
+    /// Why reject mode dropped instead of answering (see [`RejectFallback`]).
+    pub reject_fallbacks: BTreeMap<RejectFallback, u64>,
     /// Events the daemon read and wrote out.
     pub events_written: u64,
     /// Events the daemon read but dropped because its log sink was too slow.
@@ -207,6 +209,17 @@ pub fn render(s: &Snapshot) -> Result<String, RenderError> {
         let stat = EventStat(stat);
         let value = s.events.get(&stat).copied().unwrap_or(0);
         events.with_label_values(&[stat.name()]).inc_by(value);
+    }
+    let fallbacks = counter_vec(
+        &r,
+        "p25_reject_fallbacks_total",
+        "Blocked packets of reject-mode prefixes dropped without an RST, by reason: tc_hook (TC cannot transmit), rate_limited (RST budget), not_syn, unsupported_header, tx_failed.",
+        &["reason"],
+    )?;
+    for reason in 0..RejectFallback::COUNT {
+        let reason = RejectFallback(reason);
+        let value = s.reject_fallbacks.get(&reason).copied().unwrap_or(0);
+        fallbacks.with_label_values(&[reason.name()]).inc_by(value);
     }
     counter_vec(
         &r,

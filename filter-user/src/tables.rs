@@ -9,9 +9,9 @@ use aya::{
 };
 use filter_common::{
     abi::{
-        AllowValue, CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter, CounterKey,
-        EventStat, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome, SubscriberValue,
-        map_names,
+        AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter,
+        CounterKey, EventStat, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
+        RejectFallback, SubscriberValue, map_names,
     },
     classify::Outcome,
 };
@@ -34,6 +34,8 @@ pub struct KernelTables {
     parse_counters: PerCpuArray<MapData, Counter>,
     event_stats: PerCpuArray<MapData, u64>,
     offenders: HashMap<MapData, OffenderKey, OffenderValue>,
+    reject_fallbacks: PerCpuArray<MapData, u64>,
+    syn_buckets: HashMap<MapData, OffenderKey, Bucket>,
 }
 
 impl std::fmt::Debug for KernelTables {
@@ -108,6 +110,8 @@ impl KernelTables {
             parse_counters: take(ebpf, map_names::PARSE_COUNTERS)?,
             event_stats: take(ebpf, map_names::EVENT_STATS)?,
             offenders: take(ebpf, map_names::OFFENDERS)?,
+            reject_fallbacks: take(ebpf, map_names::REJECT_FALLBACKS)?,
+            syn_buckets: take(ebpf, map_names::SYN_BUCKETS)?,
         })
     }
 
@@ -136,6 +140,8 @@ impl KernelTables {
             parse_counters: open(layout, map_names::PARSE_COUNTERS, Map::PerCpuArray)?,
             event_stats: open(layout, map_names::EVENT_STATS, Map::PerCpuArray)?,
             offenders: open(layout, map_names::OFFENDERS, Map::LruHashMap)?,
+            reject_fallbacks: open(layout, map_names::REJECT_FALLBACKS, Map::PerCpuArray)?,
+            syn_buckets: open(layout, map_names::SYN_BUCKETS, Map::LruHashMap)?,
         })
     }
 
@@ -276,6 +282,30 @@ impl KernelTables {
             out.insert(EventStat(stat), total);
         }
         Ok(out)
+    }
+
+    /// Why reject mode fell back to dropping (see [`RejectFallback`]), summed over CPUs.
+    pub fn reject_fallbacks(&self) -> Result<BTreeMap<RejectFallback, u64>, Error> {
+        let mut out = BTreeMap::new();
+        for reason in 0..RejectFallback::COUNT {
+            let values = self
+                .reject_fallbacks
+                .get(&u32::from(reason), 0)
+                .map_err(map_err(map_names::REJECT_FALLBACKS))?;
+            let total = values.iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
+            out.insert(RejectFallback(reason), total);
+        }
+        Ok(out)
+    }
+
+    /// Forgets every per-source SYN bucket, so that every source starts again with a full
+    /// bucket (tests use it between rounds). Returns how many there were.
+    pub fn clear_syn_buckets(&mut self) -> Result<usize, Error> {
+        let keys: Vec<OffenderKey> = self.syn_buckets.keys().filter_map(Result::ok).collect();
+        for key in &keys {
+            removed(map_names::SYN_BUCKETS, self.syn_buckets.remove(key))?;
+        }
+        Ok(keys.len())
     }
 
     /// Every subscriber in the offender table. Entries that vanish while being read (the

@@ -7,6 +7,7 @@ use filter_user::{Dataplane, KernelTables, loader::Capacity};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_PIPE: u32 = 3;
 
@@ -63,11 +64,21 @@ impl Harness {
         Ok(Self { dataplane, tables })
     }
 
-    /// Runs `frame` through one hook once and maps its return code to an [`Action`].
-    /// Any other return code is an error: the hooks must only ever pass or drop.
+    /// Runs `frame` through one hook once and maps its return code to an [`Action`]
+    /// (XDP_TX is [`Action::Reject`]: an RST was sent). Any other return code is an
+    /// error: the hooks must only ever pass, drop or (XDP) transmit.
     pub fn run(&mut self, hook: Hook, frame: &[u8]) -> Result<Action> {
+        Ok(self.run_out(hook, frame)?.0)
+    }
+
+    /// As [`Harness::run`], also returning the frame as the program left it (for XDP_TX:
+    /// the frame transmitted).
+    pub fn run_out(&mut self, hook: Hook, frame: &[u8]) -> Result<(Action, Vec<u8>)> {
+        // Room for the frame and then some: the programs only ever shrink it.
+        let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),
+            data_out: Some(&mut out),
             ..TestRunOptions::default()
         };
         let (code, pass, drop) = match hook {
@@ -78,18 +89,20 @@ impl Harness {
                 TC_ACT_SHOT,
             ),
         };
-        let code = code
-            .with_context(|| {
-                format!(
-                    "BPF_PROG_TEST_RUN of {hook:?} on a {}-byte frame",
-                    frame.len()
-                )
-            })?
-            .return_value;
-        match code {
-            c if c == pass => Ok(Action::Pass),
-            c if c == drop => Ok(Action::Drop),
+        let result = code.with_context(|| {
+            format!(
+                "BPF_PROG_TEST_RUN of {hook:?} on a {}-byte frame",
+                frame.len()
+            )
+        })?;
+        let len = usize::try_from(result.data_size_out)?.min(out.len());
+        out.truncate(len);
+        let action = match result.return_value {
+            c if c == pass => Action::Pass,
+            c if c == drop => Action::Drop,
+            XDP_TX if hook == Hook::Xdp => Action::Reject,
             other => bail!("{hook:?} returned unexpected code {other}"),
-        }
+        };
+        Ok((action, out))
     }
 }

@@ -123,6 +123,10 @@ pub struct Pkt {
     pub dport: u16,
     /// Payload bytes after the transport header.
     pub payload: usize,
+    /// TCP flags (SYN unless changed).
+    pub flags: u8,
+    /// TCP sequence number.
+    pub seq: u32,
 }
 
 impl Pkt {
@@ -143,6 +147,8 @@ impl Pkt {
             sport,
             dport,
             payload: 0,
+            flags: 0x02,
+            seq: 1,
         }
     }
 
@@ -226,9 +232,9 @@ impl Pkt {
         l4.extend(self.sport.to_be_bytes());
         l4.extend(self.dport.to_be_bytes());
         if self.protocol == IPPROTO_TCP {
-            l4.extend(1_u32.to_be_bytes()); // seq
+            l4.extend(self.seq.to_be_bytes());
             l4.extend(0_u32.to_be_bytes()); // ack
-            l4.extend([5 << 4, 0x02]); // data offset 5 words, SYN
+            l4.extend([5 << 4, self.flags]); // data offset 5 words
             l4.extend(64240_u16.to_be_bytes());
             l4.extend([0, 0, 0, 0]); // checksum, urgent pointer
         } else {

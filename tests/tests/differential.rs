@@ -3,9 +3,16 @@
 //!
 //! Packets are random and mutated from valid ones (truncations, bad IHL, odd extension-
 //! header chains, tag stacks, PPPoE variants, random bytes). For every packet, both hooks
-//! must return the model's action and bump exactly the model's counters; at the end of
-//! every round the full counter maps, the offender table (attempts and latest destination
-//! per subscriber) and the event outcome counters must equal the model's tally.
+//! must return the model's action and bump exactly the model's counters, and an RST the
+//! XDP program transmits must equal the model's byte for byte; at the end of every round
+//! the full counter maps, the offender table (attempts and latest destination per
+//! subscriber), the event outcome counters and the reject fallback counters must equal
+//! the model's tally.
+//!
+//! Policies include reject-mode prefixes and SYN-limited allowlist entries. The model's
+//! clock is frozen (see `ModelBudget`), so the random limits are ones the kernel's clock
+//! cannot change within a round: at most one SYN per minute (a round takes seconds), or
+//! too generous to run out; RST rates are 0 or too generous to run out.
 //!
 //! Reproduce a run with `P25_DIFF_SEED=<seed printed by the test>`.
 
@@ -17,13 +24,16 @@ use std::{
 use anyhow::{Context as _, Result};
 use filter_common::{
     abi::{
-        AllowValue, Config, Counter, Event, EventStat, FragmentPolicy, Mode, OffenderKey, Origin,
-        ParseOutcome, SubscriberValue,
+        AllowValue, BlockAction, Config, Counter, Event, EventStat, FragmentPolicy, Mode,
+        OffenderKey, Origin, ParseOutcome, RejectFallback, SubscriberValue,
     },
-    classify::Outcome,
+    classify::{Action, Outcome},
     track::{fill_event, is_event, offender_key},
 };
-use filter_user::{CounterSnapshot, model::ModelTables};
+use filter_user::{
+    CounterSnapshot,
+    model::{ModelBudget, ModelRun, ModelTables},
+};
 use ipnet::IpNet;
 use p25_tests::{
     harness::{Harness, Hook, tc_can_run},
@@ -116,6 +126,33 @@ fn mode(rng: &mut StdRng) -> Mode {
     .unwrap_or(&Mode::DEFAULT)
 }
 
+/// A block action byte: mostly valid, sometimes garbage (which must drop).
+fn block_action(rng: &mut StdRng) -> BlockAction {
+    *[
+        BlockAction::DEFAULT,
+        BlockAction::DEFAULT,
+        BlockAction::DROP,
+        BlockAction::REJECT,
+        BlockAction::REJECT,
+        BlockAction(rng.random()),
+    ]
+    .choose(rng)
+    .unwrap_or(&BlockAction::DEFAULT)
+}
+
+/// An allowlist value with a SYN limit the frozen model clock can follow: none, or the
+/// round's kind of limit: one SYN per minute with a small burst, or plenty. One kind per
+/// round, because entries can share a source bucket (IPv6 sources are prefixes), and a
+/// generous limit would refill, in real time, a bucket a strict one emptied.
+fn allow_value(rng: &mut StdRng, strict: bool) -> AllowValue {
+    let value = AllowValue::new(Origin(rng.random()));
+    match (rng.random_range(0..3), strict) {
+        (0, _) => value,
+        (_, true) => value.with_syn_limit(1, rng.random_range(0..4)),
+        (_, false) => value.with_syn_limit(1_000_000, 1_000_000),
+    }
+}
+
 /// Fills both table sets with the same random policy.
 fn random_policy(
     rng: &mut StdRng,
@@ -134,7 +171,7 @@ fn random_policy(
         .choose(rng)
         .unwrap_or(&FragmentPolicy::PASS),
         offender_v6_prefix: *[0, 48, 56, 64, 128, rng.random()].choose(rng).unwrap_or(&0),
-        _pad: 0,
+        action: block_action(rng),
         generation: rng.random(),
         // No reader drains the ring here, so with events on it fills up: both the emit and
         // the ring-full paths run, and every event-worthy packet must be counted once.
@@ -142,20 +179,25 @@ fn random_policy(
             .choose(rng)
             .unwrap_or(&0),
         event_burst: 1_000_000,
+        // No RSTs at all, or more than a round can use up (the kernel's buckets are per
+        // CPU, and the test may move between CPUs).
+        rst_rate: *[0, 1_000_000, 1_000_000].choose(rng).unwrap_or(&0),
+        rst_burst: 1_000_000,
     };
     harness.tables.set_config(config)?;
     model.config = config;
     for _ in 0..rng.random_range(1..60) {
         let v6 = rng.random();
         let net = universe.prefix(rng, v6)?;
-        let value = SubscriberValue::new(mode(rng));
+        let value = SubscriberValue::new(mode(rng)).with_action(block_action(rng));
         harness.tables.insert_subscriber(net, value)?;
         model.insert_subscriber(net, value)?;
     }
+    let strict = rng.random();
     for _ in 0..rng.random_range(0..40) {
         let v6 = rng.random();
         let net = universe.prefix(rng, v6)?;
-        let value = AllowValue::new(Origin(rng.random()));
+        let value = allow_value(rng, strict);
         harness.tables.insert_allow(net, value)?;
         model.insert_allow(net, value)?;
     }
@@ -248,6 +290,22 @@ fn valid_packet(rng: &mut StdRng, universe: &Universe) -> Pkt {
         _ => rng.random(),
     };
     pkt.payload = rng.random_range(0..48);
+    pkt.seq = rng.random();
+    // Mostly connection attempts (what reject mode and SYN limits act on), some not.
+    pkt.flags = *[
+        0x02,
+        0x02,
+        0x02,
+        0x02,
+        0x02,
+        0x10,
+        0x12,
+        0x18,
+        0x04,
+        rng.random(),
+    ]
+    .choose(rng)
+    .unwrap_or(&0x02);
     pkt
 }
 
@@ -295,41 +353,49 @@ fn hex(frame: &[u8]) -> String {
     frame.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Checks one hook on one packet: the action and the two counter slots the model expects
-/// to move. Returns a description of what disagreed, if anything.
+/// Checks one hook on one packet: the action, the two counter slots the model expects
+/// to move, and for a transmitted RST its bytes. Returns a description of what disagreed,
+/// if anything.
 fn check(
     harness: &mut Harness,
     hook: Hook,
     frame: &[u8],
-    expected: &Outcome,
+    expected: &ModelRun,
 ) -> Result<Option<String>> {
     let bytes = frame.len() as u64;
-    let parse_before = harness.tables.parse_counter(expected.parse)?;
-    let verdict_before = expected
+    let outcome = &expected.outcome;
+    let parse_before = harness.tables.parse_counter(outcome.parse)?;
+    let verdict_before = outcome
         .counter
         .map(|k| harness.tables.verdict_counter(k))
         .transpose()?;
-    let action = harness.run(hook, frame)?;
-    let parse_delta = delta(harness.tables.parse_counter(expected.parse)?, parse_before);
-    let verdict_delta = match (expected.counter, verdict_before) {
+    let (action, out) = harness.run_out(hook, frame)?;
+    let parse_delta = delta(harness.tables.parse_counter(outcome.parse)?, parse_before);
+    let verdict_delta = match (outcome.counter, verdict_before) {
         (Some(key), Some(before)) => Some(delta(harness.tables.verdict_counter(key)?, before)),
         _ => None,
     };
     let one = Counter { packets: 1, bytes };
     let mut problems = Vec::new();
-    if action != expected.action {
-        problems.push(format!("action {action:?}, model {:?}", expected.action));
+    if action != outcome.action {
+        problems.push(format!("action {action:?}, model {:?}", outcome.action));
     }
     if parse_delta != one {
         problems.push(format!(
             "parse counter {} moved by {parse_delta:?}",
-            expected.parse.name()
+            outcome.parse.name()
         ));
     }
     if let Some(d) = verdict_delta
         && d != one
     {
         problems.push(format!("verdict counter moved by {d:?}"));
+    }
+    if action == Action::Reject
+        && let Some(reply) = &expected.reply
+        && &out != reply
+    {
+        problems.push(format!("RST {}, model {}", hex(&out), hex(reply)));
     }
     Ok((!problems.is_empty()).then(|| format!("{hook:?}: {}", problems.join("; "))))
 }
@@ -371,6 +437,25 @@ fn kernel_offenders(harness: &Harness) -> Result<OffenderTally> {
         .collect())
 }
 
+fn kernel_fallbacks(harness: &Harness) -> Result<BTreeMap<RejectFallback, u64>> {
+    Ok(harness
+        .tables
+        .reject_fallbacks()?
+        .into_iter()
+        .filter(|(_, n)| *n != 0)
+        .collect())
+}
+
+fn since(
+    now: &BTreeMap<RejectFallback, u64>,
+    then: &BTreeMap<RejectFallback, u64>,
+) -> BTreeMap<RejectFallback, u64> {
+    now.iter()
+        .map(|(k, n)| (*k, n - then.get(k).copied().unwrap_or(0)))
+        .filter(|(_, n)| *n != 0)
+        .collect()
+}
+
 fn kernel_events(harness: &Harness) -> Result<u64> {
     Ok(harness.tables.event_stats()?.values().sum())
 }
@@ -400,6 +485,7 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
     let mut verdicts_seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut offender_keys_seen = 0_usize;
     let mut events_seen = 0_u64;
+    let mut fallbacks_seen: BTreeMap<&str, u64> = BTreeMap::new();
 
     for round in 0..ROUNDS {
         let universe = Universe::new(&mut rng);
@@ -409,33 +495,50 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
         for (key, _) in harness.tables.offenders()? {
             harness.tables.forget_offender(&key)?;
         }
+        harness.tables.clear_syn_buckets()?;
+        // A late clock so that the model's RST bucket, like the kernel's, starts full.
+        let mut budget = ModelBudget {
+            now_ns: 1 << 50,
+            ..ModelBudget::default()
+        };
+        let fallbacks_start = kernel_fallbacks(&harness)?;
+        let mut expected_fallbacks: BTreeMap<RejectFallback, u64> = BTreeMap::new();
+        let round_started = std::time::Instant::now();
         let events_start = kernel_events(&harness)?;
         let mut expected_offenders = OffenderTally::new();
         let mut expected_events = 0_u64;
 
         for _ in 0..PACKETS_PER_ROUND {
             let frame = frame(&mut rng, &universe);
-            let expected = model.classify(&frame);
-            *parse_seen.entry(expected.parse.name()).or_default() += 1;
-            if let Some(k) = expected.counter {
-                let label = format!(
-                    "{}/{}/{}",
-                    k.direction.name(),
-                    k.family.name(),
-                    k.verdict.name()
-                );
-                *verdicts_seen.entry(label).or_default() += 1;
-            }
+            *parse_seen
+                .entry(model.classify(&frame).parse.name())
+                .or_default() += 1;
             let mut problems = Vec::new();
+            let mut last = None;
             for hook in Hook::ALL {
                 if hook == Hook::Tc && !tc_can_run(&frame) {
                     tc_impossible += 1;
                     continue;
                 }
-                expected_round.record(&expected, frame.len() as u64);
+                // Per hook: the SYN buckets are shared, so the model runs both hooks in the
+                // kernel's order.
+                let expected = model.run(&frame, hook == Hook::Xdp, &mut budget);
+                if let Some(k) = expected.outcome.counter {
+                    let label = format!(
+                        "{}/{}/{}",
+                        k.direction.name(),
+                        k.family.name(),
+                        k.verdict.name()
+                    );
+                    *verdicts_seen.entry(label).or_default() += 1;
+                }
+                if let Some(reason) = expected.fallback {
+                    *expected_fallbacks.entry(reason).or_default() += 1;
+                }
+                expected_round.record(&expected.outcome, frame.len() as u64);
                 model_record(
                     &frame,
-                    &expected,
+                    &expected.outcome,
                     &model.config,
                     &mut expected_offenders,
                     &mut expected_events,
@@ -443,13 +546,14 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
                 if let Some(problem) = check(&mut harness, hook, &frame, &expected)? {
                     problems.push(problem);
                 }
+                last = Some(expected.outcome);
             }
             compared += 1;
             if !problems.is_empty() {
                 disagreements += 1;
                 if reports.len() < REPORTED {
                     reports.push(format!(
-                        "round {round}: {} (model {expected:?}) frame {}",
+                        "round {round}: {} (model {last:?}) frame {}",
                         problems.join(" | "),
                         hex(&frame)
                     ));
@@ -482,6 +586,22 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
             ));
         }
         events_seen += events;
+        let fallbacks = since(&kernel_fallbacks(&harness)?, &fallbacks_start);
+        if fallbacks != expected_fallbacks {
+            disagreements += 1;
+            reports.push(format!(
+                "round {round}: reject fallbacks differ:\n kernel {fallbacks:?}\n model  {expected_fallbacks:?}"
+            ));
+        }
+        for (reason, n) in fallbacks {
+            *fallbacks_seen.entry(reason.name()).or_default() += n;
+        }
+        // The frozen model clock is only right while no SYN bucket refills a token.
+        assert!(
+            round_started.elapsed() < std::time::Duration::from_secs(50),
+            "round {round} took {:?}: too slow for one-SYN-per-minute limits",
+            round_started.elapsed()
+        );
     }
 
     println!("parse outcomes generated: {parse_seen:?}");
@@ -490,6 +610,7 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
         "{tc_impossible} frames too short for the kernel's skb test run (compared on XDP only)"
     );
     println!("offender entries compared: {offender_keys_seen}; event outcomes: {events_seen}");
+    println!("reject fallbacks: {fallbacks_seen:?}");
     let emitted = harness.tables.event_stats()?;
     println!("event outcomes by kind: {emitted:?}");
     p25_tests::summary!("{compared} packets compared, {disagreements} disagreements");
@@ -521,9 +642,17 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
             stat.name()
         );
     }
+    // Every reachable verdict counter: 7 egress verdicts and the 4 of the inbound rule
+    // (which neither rejects nor rate-limits), in both families.
     assert!(
-        verdicts_seen.len() == 16,
+        verdicts_seen.len() == 22,
         "generator reached only these verdict counters: {verdicts_seen:?}"
     );
+    for reason in ["tc_hook", "rate_limited", "not_syn", "unsupported_header"] {
+        assert!(
+            fallbacks_seen.get(reason).copied().unwrap_or(0) > 0,
+            "no reject fell back for {reason}"
+        );
+    }
     Ok(())
 }
