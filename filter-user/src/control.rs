@@ -117,6 +117,12 @@ pub struct AllowEntryView {
     /// Expiry, RFC 3339, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// New TCP/25 connections per minute each source inside may open, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_syn_per_minute: Option<u32>,
+    /// Burst of that limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syn_burst: Option<u32>,
 }
 
 /// One subscriber prefix as `p25ctl list` shows it.
@@ -126,6 +132,9 @@ pub struct SubscriberView {
     pub prefix: IpNet,
     /// `enforce`, `monitor` or `default` (follows the global mode).
     pub mode: String,
+    /// `drop`, `reject` or `default` (follows the global action).
+    #[serde(default)]
+    pub action: String,
 }
 
 /// `p25ctl list` data.

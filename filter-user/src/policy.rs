@@ -17,7 +17,7 @@ mod scan;
 
 use std::{fmt, path::Path, time::SystemTime};
 
-use filter_common::abi::{FragmentPolicy, Mode};
+use filter_common::abi::{BlockAction, FragmentPolicy, Mode};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -54,7 +54,20 @@ pub struct Defaults {
     pub fragments: Fragments,
     /// Ports the rules apply to; version 1 supports exactly `[25]`.
     pub ports: Vec<u16>,
+    /// What a block does, for every subscriber prefix that does not set its own.
+    pub action: PolicyAction,
+    /// RSTs reject mode sends per second, for the whole router.
+    pub reject_rate: u32,
+    /// RSTs reject mode may send at once.
+    pub reject_burst: u32,
 }
+
+/// Default of `defaults.reject_rate`: RSTs per second for the whole router. Enough for
+/// every mail client of a large access network retrying at once, far too few to reflect
+/// a flood at anyone.
+pub const DEFAULT_REJECT_RATE: u32 = 100;
+/// Default of `defaults.reject_burst`.
+pub const DEFAULT_REJECT_BURST: u32 = 20;
 
 impl Default for Defaults {
     fn default() -> Self {
@@ -62,6 +75,9 @@ impl Default for Defaults {
             mode: PolicyMode::default(),
             fragments: Fragments::default(),
             ports: vec![filter_common::abi::SMTP_PORT],
+            action: PolicyAction::default(),
+            reject_rate: DEFAULT_REJECT_RATE,
+            reject_burst: DEFAULT_REJECT_BURST,
         }
     }
 }
@@ -84,6 +100,8 @@ pub struct SubscriberEntry {
     pub prefix: IpNet,
     /// Its own mode; `None` follows [`Defaults::mode`].
     pub mode: Option<PolicyMode>,
+    /// Its own block action; `None` follows [`Defaults::action`].
+    pub action: Option<PolicyAction>,
 }
 
 /// An allowlist entry.
@@ -98,6 +116,17 @@ pub struct AllowEntry {
     /// When the exemption ends; the daemon skips expired entries.
     #[serde(serialize_with = "serialize_expiry")]
     pub expires: Option<SystemTime>,
+    /// The limit on new port-25 connections per source, if any.
+    pub syn_limit: Option<SynRateLimit>,
+}
+
+/// `max_syn_per_minute` (and `syn_burst`) of an allowlist entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct SynRateLimit {
+    /// New TCP/25 connections per minute per source.
+    pub per_minute: u32,
+    /// How many may be opened at once; defaults to `per_minute`.
+    pub burst: u32,
 }
 
 impl AllowEntry {
@@ -135,6 +164,27 @@ impl From<PolicyMode> for Mode {
         match mode {
             PolicyMode::Enforce => Self::ENFORCE,
             PolicyMode::Monitor => Self::MONITOR,
+        }
+    }
+}
+
+/// What a block does (`action:`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyAction {
+    /// Drop silently.
+    #[default]
+    Drop,
+    /// Drop, and answer connection attempts with a TCP RST (XDP attachments; TC falls
+    /// back to drop).
+    Reject,
+}
+
+impl From<PolicyAction> for BlockAction {
+    fn from(action: PolicyAction) -> Self {
+        match action {
+            PolicyAction::Drop => Self::DROP,
+            PolicyAction::Reject => Self::REJECT,
         }
     }
 }

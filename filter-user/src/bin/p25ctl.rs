@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use filter_common::abi::{FragmentPolicy, Mode, Origin};
+use filter_common::abi::{BlockAction, FragmentPolicy, Mode, Origin};
 use filter_user::{
     KernelTables, check_prefix,
     control::{
@@ -313,6 +313,14 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
+fn action_name(action: BlockAction) -> &'static str {
+    match action {
+        BlockAction::DEFAULT => "default",
+        BlockAction::REJECT => "reject",
+        _ => "drop",
+    }
+}
+
 fn list_from_pins(layout: &PinLayout) -> Result<ListView> {
     let tables = open_pins(layout)?;
     Ok(ListView {
@@ -329,6 +337,8 @@ fn list_from_pins(layout: &PinLayout) -> Result<ListView> {
                 comment: None,
                 owner: None,
                 expires: None,
+                max_syn_per_minute: (value.syn_per_minute != 0).then_some(value.syn_per_minute),
+                syn_burst: (value.syn_per_minute != 0).then_some(value.syn_burst),
             })
             .collect(),
         subscribers: tables
@@ -337,6 +347,7 @@ fn list_from_pins(layout: &PinLayout) -> Result<ListView> {
             .map(|(prefix, value)| SubscriberView {
                 prefix,
                 mode: mode_name(value.mode).into(),
+                action: action_name(value.action).into(),
             })
             .collect(),
     })
@@ -391,8 +402,8 @@ fn source_name(source: Source) -> &'static str {
 fn print_list(view: &ListView) {
     println!("ALLOWLIST ({} entries)", view.allow.len());
     println!(
-        "{:<44} {:<15} {:<21} COMMENT",
-        "PREFIX", "SOURCE", "EXPIRES"
+        "{:<44} {:<15} {:<21} {:<17} COMMENT",
+        "PREFIX", "SOURCE", "EXPIRES", "SYN LIMIT"
     );
     for e in &view.allow {
         let comment = match (&e.comment, &e.owner) {
@@ -401,8 +412,13 @@ fn print_list(view: &ListView) {
             (None, Some(o)) => format!("(owner: {o})"),
             (None, None) => String::new(),
         };
+        let limit = match (e.max_syn_per_minute, e.syn_burst) {
+            (Some(rate), Some(burst)) => format!("{rate}/min b{burst}"),
+            (Some(rate), None) => format!("{rate}/min"),
+            _ => "-".to_owned(),
+        };
         println!(
-            "{:<44} {:<15} {:<21} {comment}",
+            "{:<44} {:<15} {:<21} {limit:<17} {comment}",
             e.prefix.to_string(),
             source_name(e.source),
             e.expires.as_deref().unwrap_or("-")
@@ -411,7 +427,7 @@ fn print_list(view: &ListView) {
     println!();
     println!("SUBSCRIBER PREFIXES ({})", view.subscribers.len());
     for s in &view.subscribers {
-        println!("{:<44} {}", s.prefix.to_string(), s.mode);
+        println!("{:<44} {:<8} {}", s.prefix.to_string(), s.mode, s.action);
     }
 }
 

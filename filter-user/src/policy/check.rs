@@ -8,12 +8,14 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use filter_common::abi::{ALLOW_MAX_ENTRIES, SMTP_PORT, SUBSCRIBERS_MAX_ENTRIES};
+use filter_common::abi::{
+    ALLOW_MAX_ENTRIES, MAX_RST_RATE, MAX_SYN_PER_MINUTE, SMTP_PORT, SUBSCRIBERS_MAX_ENTRIES,
+};
 use ipnet::IpNet;
 
 use super::{
-    AllowEntry, Checked, Defaults, Diagnostic, Interface, MAX_TEXT_BYTES, POLICY_VERSION, Policy,
-    PolicyError, SubscriberEntry,
+    AllowEntry, Checked, DEFAULT_REJECT_BURST, DEFAULT_REJECT_RATE, Defaults, Diagnostic,
+    Interface, MAX_TEXT_BYTES, POLICY_VERSION, Policy, PolicyError, SubscriberEntry, SynRateLimit,
     locate::{Expect, Locator, Seg},
     raw::{RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber, VersionProbe},
     scan::Pos,
@@ -280,11 +282,42 @@ impl Checker<'_> {
                 ports
             }
         };
+        let reject_rate = self.bounded(
+            &[Seg::Key("defaults"), Seg::Key("reject_rate")],
+            raw.reject_rate,
+            MAX_RST_RATE,
+        );
+        let reject_burst = self.bounded(
+            &[Seg::Key("defaults"), Seg::Key("reject_burst")],
+            raw.reject_burst,
+            MAX_RST_RATE,
+        );
         Defaults {
             mode: raw.mode,
             fragments: raw.fragments,
             ports,
+            action: raw.action,
+            reject_rate: reject_rate.unwrap_or(DEFAULT_REJECT_RATE),
+            reject_burst: reject_burst.unwrap_or(DEFAULT_REJECT_BURST),
         }
+    }
+
+    /// A count that must lie in `1..=max` (rates, bursts): the value, or an error at it.
+    fn bounded(&mut self, path: &[Seg], value: Option<u32>, max: u32) -> Option<u32> {
+        let value = value?;
+        if (1..=max).contains(&value) {
+            return Some(value);
+        }
+        let name = match path.last() {
+            Some(Seg::Key(name)) => *name,
+            _ => "value",
+        };
+        let pos = self.locator.value(path, Expect::Text(&value.to_string()));
+        self.error(
+            pos,
+            format!("{name} {value} is out of range: it must be between 1 and {max}"),
+        );
+        None
     }
 
     fn ports(&mut self, ports: &[u16]) {
@@ -396,6 +429,7 @@ impl Checker<'_> {
             entries.push(SubscriberEntry {
                 prefix,
                 mode: entry.mode,
+                action: entry.action,
             });
         }
         (entries, space)
@@ -452,6 +486,29 @@ impl Checker<'_> {
                     None
                 }
             };
+            let per_minute = self.bounded(
+                &field("max_syn_per_minute"),
+                entry.max_syn_per_minute,
+                MAX_SYN_PER_MINUTE,
+            );
+            let burst = self.bounded(&field("syn_burst"), entry.syn_burst, MAX_SYN_PER_MINUTE);
+            if let (None, Some(burst)) = (entry.max_syn_per_minute, entry.syn_burst) {
+                let pos = self
+                    .locator
+                    .value(&field("syn_burst"), Expect::Text(&burst.to_string()));
+                self.error(
+                    pos,
+                    format!(
+                        "syn_burst {burst} without max_syn_per_minute: a burst only sizes a \
+                         limit; add `max_syn_per_minute`"
+                    ),
+                );
+            }
+            // The burst defaults to a minute's worth: "300 per minute" may all come at once.
+            let syn_limit = per_minute.map(|per_minute| SynRateLimit {
+                per_minute,
+                burst: burst.unwrap_or(per_minute),
+            });
             let Some(prefix) = prefix else {
                 continue;
             };
@@ -473,6 +530,7 @@ impl Checker<'_> {
                 comment: entry.comment,
                 owner: entry.owner,
                 expires,
+                syn_limit,
             });
         }
         entries

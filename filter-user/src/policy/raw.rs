@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Deserializer, de::IgnoredAny};
 
-use super::{Attach, Fragments, PolicyMode, Role};
+use super::{Attach, Fragments, PolicyAction, PolicyMode, Role};
 
 /// Only `version`, read before anything else: a document of another version may follow
 /// another schema, and its unknown fields would only bury the one error that matters.
@@ -46,6 +46,12 @@ pub(super) struct RawDefaults {
     // `None` when absent, so that an explicitly empty list can be told from a missing one.
     #[serde(default)]
     pub ports: Option<Vec<u16>>,
+    #[serde(default)]
+    pub action: PolicyAction,
+    #[serde(default)]
+    pub reject_rate: Option<u32>,
+    #[serde(default)]
+    pub reject_burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -63,18 +69,21 @@ pub(super) struct RawInterface {
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a subscriber mapping (`prefix`, optional `mode`)"
+    expecting = "a subscriber mapping (`prefix`, optional `mode`, `action`)"
 )]
 pub(super) struct RawSubscriber {
     pub prefix: String,
     #[serde(default)]
     pub mode: Option<PolicyMode>,
+    #[serde(default)]
+    pub action: Option<PolicyAction>,
 }
 
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "an allow mapping (`prefix`, optional `comment`, `owner`, `expires`)"
+    expecting = "an allow mapping (`prefix`, optional `comment`, `owner`, `expires`, \
+                 `max_syn_per_minute`, `syn_burst`)"
 )]
 pub(super) struct RawAllow {
     pub prefix: String,
@@ -84,6 +93,10 @@ pub(super) struct RawAllow {
     pub owner: Option<String>,
     #[serde(default)]
     pub expires: Option<String>,
+    #[serde(default)]
+    pub max_syn_per_minute: Option<u32>,
+    #[serde(default)]
+    pub syn_burst: Option<u32>,
 }
 
 /// A key present with nothing after it (`allow:` with every entry commented out) means

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
 use filter_common::abi::{
-    AllowValue, Config, FragmentPolicy, Mode, Origin, SubscriberValue, iface_slot,
+    AllowValue, BlockAction, Config, FragmentPolicy, Mode, Origin, SubscriberValue, iface_slot,
 };
 use filter_user::{
     Dataplane, KernelTables, check_prefix,
@@ -27,7 +27,7 @@ use filter_user::{
     },
     metrics,
     offenders::{self, AlertTracker, monotonic_ns},
-    policy::{self, Attach, Policy, Role},
+    policy::{self, AllowEntry, Attach, Policy, Role},
     runtime::{RuntimeEntry, RuntimeStore, rfc3339, unix},
     sync::{Desired, reconcile},
 };
@@ -361,6 +361,15 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
+/// The ALLOW value of a policy entry: its origin and SYN limit.
+pub(crate) fn policy_allow_value(entry: &AllowEntry) -> AllowValue {
+    let value = AllowValue::new(Origin::POLICY);
+    match entry.syn_limit {
+        Some(limit) => value.with_syn_limit(limit.per_minute, limit.burst),
+        None => value,
+    }
+}
+
 impl Daemon {
     /// The maps' target state for `policy`, the runtime entries, and `generation`.
     fn desired(&self, policy: &Policy, generation: u32) -> Desired {
@@ -379,24 +388,29 @@ impl Daemon {
             mode: policy.defaults.mode.into(),
             fragments: FragmentPolicy::from(policy.defaults.fragments),
             offender_v6_prefix: self.opts.offender_v6_prefix,
-            _pad: 0,
+            action: policy.defaults.action.into(),
             generation,
             event_rate,
             event_burst,
+            // Per CPU in the kernel, like the event bucket: split the policy's router-wide
+            // rate so that a flood spread over every CPU still gets at most about it.
+            rst_rate: policy.defaults.reject_rate.div_ceil(self.cpus),
+            rst_burst: policy.defaults.reject_burst.div_ceil(self.cpus).max(1),
         };
         let subscribers = policy
             .subscribers
             .iter()
             .map(|s| {
                 let mode = s.mode.map_or(Mode::DEFAULT, Mode::from);
-                (s.prefix, SubscriberValue::new(mode))
+                let action = s.action.map_or(BlockAction::DEFAULT, BlockAction::from);
+                (s.prefix, SubscriberValue::new(mode).with_action(action))
             })
             .collect();
         let mut allow: BTreeMap<IpNet, AllowValue> = policy
             .allow
             .iter()
             .filter(|a| a.expires.is_none_or(|e| e > now))
-            .map(|a| (a.prefix, AllowValue::new(Origin::POLICY)))
+            .map(|a| (a.prefix, policy_allow_value(a)))
             .collect();
         for entry in self.runtime.entries().values() {
             if !entry.expired(now) {
@@ -609,6 +623,7 @@ impl Daemon {
             offenders: self.offenders_tracked,
             offender_alerts: self.offender_alerts,
             events: self.tables.event_stats()?,
+            reject_fallbacks: self.tables.reject_fallbacks()?,
             events_written: self.event_counts.written.load(Ordering::Relaxed),
             events_log_dropped: self.event_counts.dropped.load(Ordering::Relaxed),
             interfaces: self
@@ -878,6 +893,8 @@ impl Daemon {
                     comment: a.comment.clone(),
                     owner: a.owner.clone(),
                     expires: a.expires.map(|e| rfc3339(unix(e))),
+                    max_syn_per_minute: a.syn_limit.map(|l| l.per_minute),
+                    syn_burst: a.syn_limit.map(|l| l.burst),
                 },
             );
         }
@@ -891,6 +908,8 @@ impl Daemon {
                     comment: r.comment.clone(),
                     owner: None,
                     expires: r.expires_unix.map(rfc3339),
+                    max_syn_per_minute: None,
+                    syn_burst: None,
                 });
         }
         ListView {
@@ -902,6 +921,13 @@ impl Daemon {
                 .map(|s| SubscriberView {
                     prefix: s.prefix,
                     mode: mode_name(s.mode.map_or(Mode::DEFAULT, Mode::from)).into(),
+                    action: s
+                        .action
+                        .map_or("default", |a| match a {
+                            policy::PolicyAction::Drop => "drop",
+                            policy::PolicyAction::Reject => "reject",
+                        })
+                        .into(),
                 })
                 .collect(),
         }
