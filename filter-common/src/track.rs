@@ -384,7 +384,8 @@ mod tests {
         let e = event(Direction::EGRESS, Family::IPV4, Verdict::DROPPED, TCP_SYN);
         let key = offender_key(&e, &config).unwrap_or_default();
         assert_eq!(key.prefix_len, 32);
-        assert_eq!(key.addr, e.src);
+        assert_eq!(key.addr.get(..4), e.src.get(..4));
+        assert!(key.addr.iter().skip(4).all(|b| *b == 0));
 
         let e = event(Direction::EGRESS, Family::IPV6, Verdict::DROPPED, TCP_SYN);
         let key = offender_key(&e, &config).unwrap_or_default();
