@@ -47,8 +47,11 @@ use serde_json::{Value, json};
 
 use crate::{
     daemon::{DaemonLab, bin},
-    lab::{SERVER4, SMTP, SUB4, SUB4_ALLOWED, SUBMISSION, Topology},
-    netns::{Netns, wait_until},
+    lab::{
+        GW_OUTSIDER4, GW_OUTSIDER6, GW_SUB4, GW_SUB6, OUTSIDER4, OUTSIDER6, SERVER4, SMTP, SUB4,
+        SUB4_ALLOWED, SUB6, SUB6_ALLOWED, SUBMISSION, Topology,
+    },
+    netns::{Netns, veth, wait_until},
     traffic::{SynCounters, SynSender},
 };
 
@@ -892,6 +895,31 @@ fn flaps_down_up(plan: &Plan) -> Result<FaultReport> {
     )
 }
 
+/// [`Topology::recreate_subscriber_link`], plus the probe address, returning when the new
+/// interface was created (before it is addressed), which is when it starts to exist
+/// without a program.
+fn recreate_subscriber_link(topology: &Topology) -> Result<Instant> {
+    let (sub, router) = (&topology.sub, &topology.router);
+    router.ip(&["link", "del", "r-sub"])?;
+    veth(sub, "s0", router, "r-sub")?;
+    let created = Instant::now();
+    for addr in [SUB4, SUB4_ALLOWED, PROBE4, OUTSIDER4] {
+        sub.add_addr("s0", &format!("{addr}/24"))?;
+    }
+    for addr in [SUB6, SUB6_ALLOWED, OUTSIDER6] {
+        sub.add_addr("s0", &format!("{addr}/64"))?;
+    }
+    for addr in [GW_SUB4, GW_OUTSIDER4] {
+        router.add_addr("r-sub", &format!("{addr}/24"))?;
+    }
+    for addr in [GW_SUB6, GW_OUTSIDER6] {
+        router.add_addr("r-sub", &format!("{addr}/64"))?;
+    }
+    sub.add_route("default", &GW_SUB4.to_string())?;
+    sub.add_route("default", &GW_SUB6.to_string())?;
+    Ok(created)
+}
+
 fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
     under_stream(
         plan,
@@ -901,8 +929,7 @@ fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
             for i in 0..plan.flaps {
                 let paused = stream.pause()?;
                 let t0 = Instant::now();
-                lab.topology.recreate_subscriber_link()?;
-                lab.topology.sub.add_addr("s0", &format!("{PROBE4}/24"))?;
+                let created = recreate_subscriber_link(&lab.topology)?;
                 // The new interface has no program until p25d notices it: that window is
                 // unfiltered, so the stream only resumes once p25d reports it attached.
                 let attached = wait_until(RECOVERY_LIMIT, Duration::from_millis(5), || {
@@ -913,9 +940,7 @@ fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
                     "recreate {i}: r-sub not re-attached:\n{}",
                     daemon.log()
                 );
-                // Measured from the delete, so an upper bound of the new interface's time
-                // without a program.
-                fault.unfiltered_ms.push(ms(t0.elapsed()));
+                fault.unfiltered_ms.push(ms(created.elapsed()));
                 stream.resume(paused);
                 let recovered = lab
                     .until_probe_connects(t0)?
@@ -924,7 +949,7 @@ fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
             }
             fault.notes.push(format!(
                 "stream paused while the link is absent and until p25d re-attached it; \
-                 the new interface was unfiltered for at most {:.0}-{:.0} ms (delete → p25d \
+                 the new interface was unfiltered for {:.0}-{:.0} ms (veth created → p25d \
                  reports it attached; p25d --poll 100ms); recovery = delete → a probe connects",
                 fault
                     .unfiltered_ms

@@ -7,6 +7,7 @@ mod bench;
 mod chaos;
 mod cmd;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::process::ExitCode;
@@ -81,6 +82,12 @@ enum Task {
     /// if a blocked SYN leaked, an allowlisted or 587 SYN was lost, or an invalid policy
     /// replaced the one in force.
     Chaos(chaos::Args),
+    /// Run setup, then the cargo-fuzz targets (policy parser, reference classifier) for a
+    /// bounded time each (installs cargo-fuzz if needed; uses nightly).
+    ///
+    /// A crash leaves its input in fuzz/artifacts/<target>/; once fixed, keep it in
+    /// fuzz/regressions/<target>/, which `cargo test` replays without libFuzzer.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -113,6 +120,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Bench(args) => bench::run(&args),
         Task::Chaos(args) => chaos::run(&args),
+        Task::Fuzz(args) => fuzz::run(&args),
         Task::Demo { keep, down } => demo::run(match (keep, down) {
             (_, true) => demo::Mode::Down,
             (true, false) => demo::Mode::Keep,
@@ -161,6 +169,13 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         // so, because a skipped kernel test proves nothing.
         .args(cargo_test_args);
     cmd::run(&mut cargo).context("tests failed")?;
+    // Each fuzz target for a bounded time (the crashes once found are replayed by
+    // `cargo test` above): about 2 × 30 s plus the first build (~8 min on 2 cores, cached).
+    fuzz::run(&fuzz::Args {
+        seconds: 30,
+        target: None,
+    })
+    .context("fuzzing (cargo xtask fuzz) failed")?;
     // The README's main command is tested as such: it must pass and leave nothing behind.
     demo::run(demo::Mode::Run).context("the demo (cargo xtask demo) failed")?;
     println!("xtask test: all steps passed");
