@@ -19,6 +19,7 @@ pub mod packet;
 pub mod prometheus;
 pub mod smtp_lab;
 pub mod traffic;
+pub mod veth_xdp;
 pub mod vlan_tag;
 
 /// Fails the calling test unless it runs as root.

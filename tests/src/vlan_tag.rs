@@ -38,7 +38,7 @@ const TCX_NEXT: i32 = -1;
 const ATTR_LEN: usize = 128;
 
 /// One eBPF instruction: opcode, registers (dst low nibble, src high), offset, immediate.
-const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+pub(crate) const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     let off = off.to_le_bytes();
     let imm = imm.to_le_bytes();
     [
@@ -53,9 +53,9 @@ const fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     ]
 }
 
-const MOV64_IMM: u8 = 0xb7;
+pub(crate) const MOV64_IMM: u8 = 0xb7;
 const CALL: u8 = 0x85;
-const EXIT: u8 = 0x95;
+pub(crate) const EXIT: u8 = 0x95;
 
 /// `bpf_skb_vlan_push(skb, htons(ETH_P_8021Q), vid); return TCX_NEXT;` (r1 holds skb).
 fn push_program(vid: u16) -> Vec<[u8; 8]> {
@@ -102,12 +102,13 @@ fn fd_from(rc: libc::c_long) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn load(name: &str, program: &[[u8; 8]]) -> Result<OwnedFd> {
+/// Loads `program` (raw instructions) as a program of `prog_type`, GPL-licensed.
+pub(crate) fn load(name: &str, prog_type: u32, program: &[[u8; 8]]) -> Result<OwnedFd> {
     let code: Vec<u8> = program.iter().flatten().copied().collect();
     let license = CString::new("GPL")?;
     let mut log = vec![0_u8; 4096];
     let mut attr = [0_u8; ATTR_LEN];
-    put(&mut attr, 0, &BPF_PROG_TYPE_SCHED_CLS.to_ne_bytes());
+    put(&mut attr, 0, &prog_type.to_ne_bytes());
     put(&mut attr, 4, &(program.len() as u32).to_ne_bytes());
     put(&mut attr, 8, &(code.as_ptr() as u64).to_ne_bytes());
     put(&mut attr, 16, &(license.as_ptr() as u64).to_ne_bytes());
@@ -129,8 +130,9 @@ fn load(name: &str, program: &[[u8; 8]]) -> Result<OwnedFd> {
     }
 }
 
-/// Attaches `prog` with tcx to `ifname` in the calling thread's namespace.
-fn attach(prog: &OwnedFd, ifname: &str, attach_type: u32) -> Result<OwnedFd> {
+/// Attaches `prog` with a bpf link of `attach_type` (tcx, XDP) to `ifname` in the calling
+/// thread's namespace.
+pub(crate) fn attach(prog: &OwnedFd, ifname: &str, attach_type: u32) -> Result<OwnedFd> {
     let cname = CString::new(ifname)?;
     // SAFETY: a valid NUL-terminated name; the call only reads it.
     let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
@@ -140,7 +142,7 @@ fn attach(prog: &OwnedFd, ifname: &str, attach_type: u32) -> Result<OwnedFd> {
     put(&mut attr, 4, &ifindex.to_ne_bytes());
     put(&mut attr, 8, &attach_type.to_ne_bytes());
     let rc = bpf(BPF_LINK_CREATE, &mut attr)
-        .with_context(|| format!("attaching a VLAN program to {ifname} with tcx"))?;
+        .with_context(|| format!("attaching a program to {ifname} (attach type {attach_type})"))?;
     fd_from(rc)
 }
 
@@ -154,8 +156,12 @@ pub struct TaggedLink {
 impl TaggedLink {
     /// Tags every frame on the veth pair `a_if`/`b_if` with `vid`, both ways.
     pub fn new(a: &Netns, a_if: &str, b: &Netns, b_if: &str, vid: u16) -> Result<Self> {
-        let push = load("p25lab_vlan_push", &push_program(vid))?;
-        let pop = load("p25lab_vlan_pop", &pop_program())?;
+        let push = load(
+            "p25lab_vlan_push",
+            BPF_PROG_TYPE_SCHED_CLS,
+            &push_program(vid),
+        )?;
+        let pop = load("p25lab_vlan_pop", BPF_PROG_TYPE_SCHED_CLS, &pop_program())?;
         let mut links = Vec::new();
         for (netns, ifname) in [(a, a_if), (b, b_if)] {
             // Without TX VLAN offload the kernel writes the tag into the frame before

@@ -489,7 +489,12 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
         "p25d must refuse incompatible pins:\n{log}"
     );
     ensure!(
-        log.contains("CONFIG") && log.contains("value 16 bytes") && log.contains("expected"),
+        log.contains("CONFIG")
+            && log.contains(&format!("value {config_size} bytes"))
+            && log.contains(&format!(
+                "expected type Array, key 4 bytes, value {} bytes",
+                size_of::<Config>()
+            )),
         "the error should name the map and both layouts:\n{log}"
     );
     ensure!(
