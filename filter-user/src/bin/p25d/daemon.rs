@@ -184,6 +184,14 @@ pub async fn run(opts: Options) -> Result<()> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let links = match crate::linkwatch::LinkWatch::open() {
+        Ok(watch) => Some(watch),
+        Err(e) => {
+            warn!(error = %e, "no interface notifications; interface changes are seen by --poll only");
+            None
+        }
+    };
+
     info!(socket = %daemon.opts.socket.display(), "ready");
     loop {
         tokio::select! {
@@ -192,6 +200,14 @@ pub async fn run(opts: Options) -> Result<()> {
                 let _ = reply.send(response);
             }
             _ = hup.recv() => { daemon.reload("SIGHUP"); }
+            () = async {
+                match &links {
+                    Some(watch) => watch.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                daemon.check_interfaces();
+            }
             _ = poll.tick() => {
                 if stamp(&daemon.opts.policy) != daemon.seen {
                     daemon.reload("policy file changed");
