@@ -6,6 +6,9 @@
 //! - [`chaos`]: the reliability suite of `cargo xtask chaos` (faults under a SYN stream).
 //! - [`smtp_lab`]: the SMTP lab (real swaks, aiosmtpd and p25d) of the e2e tests and the
 //!   demo.
+//! - [`vlan_tag`], [`veth_xdp`]: lab plumbing: an 802.1Q-tagged veth link without the 8021q
+//!   module, and the XDP program a veth peer needs to receive XDP_TX'd frames (reject
+//!   mode's RSTs).
 //!
 //! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
 //! message saying so: they never skip, because a skipped kernel test proves nothing.
