@@ -287,9 +287,19 @@ impl Tcpdump {
 
 impl Drop for Tcpdump {
     fn drop(&mut self) {
-        // `timeout` forwards the signal to tcpdump.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGTERM to `timeout`, which passes it on to tcpdump (a SIGKILL would only kill
+        // `timeout`); SIGKILL if that has not ended both within a second.
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: signalling our own child, which has not been reaped yet.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let ended = wait_until(Duration::from_secs(1), Duration::from_millis(20), || {
+            Ok(self.child.try_wait()?.is_some())
+        });
+        if !matches!(ended, Ok(true)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
