@@ -443,7 +443,11 @@ impl Lab {
     }
 
     fn daemon(&self) -> Result<DaemonLab> {
-        let lab = DaemonLab::new(&self.topology.router)?;
+        let mut lab = DaemonLab::new(&self.topology.router)?;
+        // A slow file poll: re-attaching a recreated interface must come from p25d's
+        // rtnetlink link notifications, and the unfiltered window measures exactly that.
+        // Reloads in this suite go through `p25ctl reload`, so they do not need the poll.
+        lab.run_args(&["--poll", "10s"]);
         lab.write_policy(&valid_policy(0))?;
         Ok(lab)
     }
@@ -950,7 +954,8 @@ fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
             fault.notes.push(format!(
                 "stream paused while the link is absent and until p25d re-attached it; \
                  the new interface was unfiltered for {:.0}-{:.0} ms (veth created → p25d \
-                 reports it attached; p25d --poll 100ms); recovery = delete → a probe connects",
+                 reports it attached, polled through p25ctl status; p25d re-attaches on rtnetlink link \
+                 events, its --poll is 10 s here); recovery = delete → a probe connects",
                 fault
                     .unfiltered_ms
                     .iter()

@@ -151,7 +151,14 @@ impl DaemonLab {
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns_path.display()))
             .arg(bin("p25d")?)
-            .args(["run", "--poll", "100ms", "--resync", "2s"])
+            .args(["run", "--resync", "2s"])
+            // Quick file polling unless the test chose its own (e.g. to show that
+            // interface changes are picked up from link notifications, not by polling).
+            .args(if self.args.iter().any(|a| a == "--poll") {
+                &[][..]
+            } else {
+                &["--poll", "100ms"][..]
+            })
             .args(&self.args)
             .arg("--policy")
             .arg(self.policy_path())
