@@ -11,6 +11,7 @@
 //! `scan` find where in the text a value sits, for those rules.
 
 mod check;
+mod fast;
 mod locate;
 mod raw;
 mod scan;

@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use super::{
     AllowEntry, Checked, DEFAULT_REJECT_BURST, DEFAULT_REJECT_RATE, Defaults, Diagnostic,
     Interface, MAX_TEXT_BYTES, POLICY_VERSION, Policy, PolicyError, SubscriberEntry, SynRateLimit,
+    fast,
     locate::{Expect, Locator, Seg},
     raw::{RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber, VersionProbe},
     scan::Pos,
@@ -194,20 +195,22 @@ impl Checker<'_> {
 
     /// `None` when the document did not deserialize; errors are then in `self.errors`.
     fn run(&mut self) -> Option<Policy> {
-        if !self.version()? {
-            return None;
-        }
-        let raw = match serde_yaml::from_str::<RawPolicy>(self.text) {
-            Ok(raw) => raw,
-            Err(error) => {
-                self.serde_error(&error);
-                return None;
-            }
+        // The fast reader takes the common shape of a policy in one pass; anything else,
+        // and every document with a syntax or type error, goes through serde_yaml, which
+        // locates its errors.
+        let raw = match fast::read(self.text) {
+            Some(raw) => raw,
+            None => self.serde_raw()?,
         };
         let defaults = self.defaults(raw.defaults);
         let interfaces = self.interfaces(raw.interfaces);
-        let (subscribers, space) = self.subscribers(raw.subscribers, raw.allow_empty_subscribers);
-        let allow = self.allow(raw.allow, &space);
+        let (subscribers, space) = self.subscribers(&raw.subscribers, raw.allow_empty_subscribers);
+        let allow = self.allow(&raw.allow, &space);
+        // The document as written is no longer needed: give its strings back before the
+        // caller builds anything else from the policy.
+        drop(raw.subscribers);
+        drop(raw.allow);
+        drop(space);
         Some(Policy {
             version: POLICY_VERSION,
             defaults,
@@ -216,6 +219,21 @@ impl Checker<'_> {
             allow,
             allow_empty_subscribers: raw.allow_empty_subscribers,
         })
+    }
+
+    /// The document through serde_yaml, after the version probe; `None` with the errors
+    /// reported.
+    fn serde_raw(&mut self) -> Option<RawPolicy> {
+        if !self.version()? {
+            return None;
+        }
+        match serde_yaml::from_str::<RawPolicy>(self.text) {
+            Ok(raw) => Some(raw),
+            Err(error) => {
+                self.serde_error(&error);
+                None
+            }
+        }
     }
 
     /// Checks `version` first: a document of another version may follow another schema,
@@ -402,7 +420,7 @@ impl Checker<'_> {
 
     fn subscribers(
         &mut self,
-        raw: Vec<RawSubscriber>,
+        raw: &[RawSubscriber],
         allow_empty: bool,
     ) -> (Vec<SubscriberEntry>, SubscriberSpace) {
         if raw.is_empty() && !allow_empty {
@@ -421,8 +439,8 @@ impl Checker<'_> {
         let mut list = PrefixList::new("subscribers", raw.len(), self.limits.subscribers);
         let mut entries = Vec::with_capacity(raw.len());
         let mut space = SubscriberSpace::default();
-        for (index, entry) in raw.into_iter().enumerate() {
-            let Some(prefix) = self.prefix(&mut list, index, &entry.prefix) else {
+        for (index, entry) in raw.iter().enumerate() {
+            let Some(prefix) = self.prefix(&mut list, index, raw) else {
                 continue;
             };
             space.insert(prefix);
@@ -435,13 +453,13 @@ impl Checker<'_> {
         (entries, space)
     }
 
-    fn allow(&mut self, raw: Vec<RawAllow>, space: &SubscriberSpace) -> Vec<AllowEntry> {
+    fn allow(&mut self, raw: &[RawAllow], space: &SubscriberSpace) -> Vec<AllowEntry> {
         let len = raw.len();
         let mut list = PrefixList::new("allow", len, self.limits.allow);
         let mut entries = Vec::with_capacity(len);
-        for (index, entry) in raw.into_iter().enumerate() {
+        for (index, entry) in raw.iter().enumerate() {
             let field = |name| [Seg::Key("allow"), Seg::Index { index, len }, Seg::Key(name)];
-            let prefix = self.prefix(&mut list, index, &entry.prefix);
+            let prefix = self.prefix(&mut list, index, raw);
             for (name, value) in [("comment", &entry.comment), ("owner", &entry.owner)] {
                 if let Some(value) = value.as_deref().filter(|v| v.len() > MAX_TEXT_BYTES) {
                     let pos = self.locator.value(&field(name), Expect::Text(value));
@@ -527,8 +545,8 @@ impl Checker<'_> {
             }
             entries.push(AllowEntry {
                 prefix,
-                comment: entry.comment,
-                owner: entry.owner,
+                comment: entry.comment.clone(),
+                owner: entry.owner.clone(),
                 expires,
                 syn_limit,
             });
@@ -536,8 +554,15 @@ impl Checker<'_> {
         entries
     }
 
-    /// Parses and checks one list entry's prefix; `None` if it is unusable (reported).
-    fn prefix(&mut self, list: &mut PrefixList, index: usize, text: &str) -> Option<IpNet> {
+    /// Parses and checks the prefix of entry `index` of `entries`; `None` if it is
+    /// unusable (reported).
+    fn prefix<E: Prefixed>(
+        &mut self,
+        list: &mut PrefixList,
+        index: usize,
+        entries: &[E],
+    ) -> Option<IpNet> {
+        let text = entries.get(index)?.prefix();
         let path = list.path(index);
         let problem = match parse_prefix(text) {
             Err(problem) => problem,
@@ -550,8 +575,9 @@ impl Checker<'_> {
                 format!("{net} has host bits set; did you mean {}?", net.trunc())
             }
             Ok(net) => {
-                if let Some(&(earlier, ref earlier_text)) = list.first.get(&net) {
+                if let Some(&earlier) = list.first.get(&net) {
                     let earlier_path = list.path(earlier);
+                    let earlier_text = entries.get(earlier).map_or("", Prefixed::prefix);
                     let earlier = self
                         .locator
                         .value(&earlier_path, Expect::Text(earlier_text));
@@ -561,7 +587,7 @@ impl Checker<'_> {
                         earlier.line
                     )
                 } else {
-                    list.first.insert(net, (index, text.to_owned()));
+                    list.first.insert(net, index);
                     let count = list.count(net);
                     if count != list.limit + 1 {
                         return Some(net);
@@ -583,13 +609,31 @@ impl Checker<'_> {
     }
 }
 
+/// A raw list entry with a prefix as written.
+trait Prefixed {
+    fn prefix(&self) -> &str;
+}
+
+impl Prefixed for RawSubscriber {
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Prefixed for RawAllow {
+    fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
 /// Bookkeeping for one prefix list (`subscribers` or `allow`).
 struct PrefixList {
     name: &'static str,
     len: usize,
     limit: usize,
-    /// First occurrence of each prefix: index and text as written.
-    first: HashMap<IpNet, (usize, String)>,
+    /// First occurrence of each prefix: its index (the text as written is in the raw
+    /// list, which outlives this; a copy per entry was tens of MiB at a million entries).
+    first: HashMap<IpNet, usize>,
     v4: usize,
     v6: usize,
 }
@@ -600,7 +644,7 @@ impl PrefixList {
             name,
             len,
             limit,
-            first: HashMap::new(),
+            first: HashMap::with_capacity(len),
             v4: 0,
             v6: 0,
         }

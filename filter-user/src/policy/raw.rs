@@ -36,6 +36,8 @@ pub(super) struct RawPolicy {
     pub allow_empty_subscribers: bool,
 }
 
+// Compared in tests with what the fast reader builds.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 #[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "the `defaults` mapping")]
 pub(super) struct RawDefaults {
@@ -54,6 +56,8 @@ pub(super) struct RawDefaults {
     pub reject_burst: Option<u32>,
 }
 
+// Compared in tests with what the fast reader builds.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -66,6 +70,8 @@ pub(super) struct RawInterface {
     pub attach: Attach,
 }
 
+// Compared in tests with what the fast reader builds.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -79,6 +85,8 @@ pub(super) struct RawSubscriber {
     pub action: Option<PolicyAction>,
 }
 
+// Compared in tests with what the fast reader builds.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 #[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
