@@ -353,13 +353,45 @@ fn read_all<K: Pod, V: Pod>(
     }
 }
 
+/// Work below this many entries per family is not worth a thread.
+const PARALLEL_MIN: usize = CHUNK;
+
+/// Runs the IPv4 and the IPv6 half of one step, on two threads when each half has at
+/// least `PARALLEL_MIN` entries (`smaller` is the size of the smaller half). The families
+/// live in separate tries that no packet consults both of, so doing them side by side
+/// keeps the order between the steps of a reconcile, which is what the safety of a live
+/// update rests on; the kernel inserts into an LPM trie one entry at a time, so at a
+/// million entries this nearly halves the wall time on a machine with a spare core.
+fn both<A: Send, B: Send>(
+    smaller: usize,
+    v4: impl FnOnce() -> Result<A, Error> + Send,
+    v6: impl FnOnce() -> Result<B, Error> + Send,
+) -> Result<(A, B), Error> {
+    if smaller < PARALLEL_MIN {
+        return Ok((v4()?, v6()?));
+    }
+    std::thread::scope(|scope| {
+        let v6 = scope.spawn(v6);
+        let v4 = v4();
+        let v6 = v6
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok((v4?, v6?))
+    })
+}
+
 impl KernelTables {
     /// Adds or replaces many allowlist prefixes with batched updates. Rejects host bits
     /// (before changing anything).
     pub fn insert_allow_many(&mut self, entries: &[(IpNet, AllowValue)]) -> Result<(), Error> {
         let ByFamily { k4, v4, k6, v6 } = split(entries)?;
-        upsert_into(map_names::ALLOW_V4, &mut self.allow_v4, &k4, &v4)?;
-        upsert_into(map_names::ALLOW_V6, &mut self.allow_v6, &k6, &v6)
+        let (allow_v4, allow_v6) = (&mut self.allow_v4, &mut self.allow_v6);
+        both(
+            k4.len().min(k6.len()),
+            || upsert_into(map_names::ALLOW_V4, allow_v4, &k4, &v4),
+            || upsert_into(map_names::ALLOW_V6, allow_v6, &k6, &v6),
+        )
+        .map(|((), ())| ())
     }
 
     /// Adds or replaces many subscriber prefixes with batched updates. Rejects host bits
@@ -369,40 +401,47 @@ impl KernelTables {
         entries: &[(IpNet, SubscriberValue)],
     ) -> Result<(), Error> {
         let ByFamily { k4, v4, k6, v6 } = split(entries)?;
-        upsert_into(
-            map_names::SUBSCRIBERS_V4,
-            &mut self.subscribers_v4,
-            &k4,
-            &v4,
-        )?;
-        upsert_into(
-            map_names::SUBSCRIBERS_V6,
-            &mut self.subscribers_v6,
-            &k6,
-            &v6,
+        let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
+        both(
+            k4.len().min(k6.len()),
+            || upsert_into(map_names::SUBSCRIBERS_V4, sub_v4, &k4, &v4),
+            || upsert_into(map_names::SUBSCRIBERS_V6, sub_v6, &k6, &v6),
         )
+        .map(|((), ())| ())
     }
 
     /// Removes many allowlist prefixes with batched deletes; returns how many were there.
     pub fn remove_allow_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
         let ByFamily { k4, k6, .. } = split_keys(nets)?;
-        Ok(delete_from(map_names::ALLOW_V4, &mut self.allow_v4, &k4)?
-            + delete_from(map_names::ALLOW_V6, &mut self.allow_v6, &k6)?)
+        let (allow_v4, allow_v6) = (&mut self.allow_v4, &mut self.allow_v6);
+        both(
+            k4.len().min(k6.len()),
+            || delete_from(map_names::ALLOW_V4, allow_v4, &k4),
+            || delete_from(map_names::ALLOW_V6, allow_v6, &k6),
+        )
+        .map(|(n4, n6)| n4 + n6)
     }
 
     /// Removes many subscriber prefixes with batched deletes; returns how many were there.
     pub fn remove_subscribers_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
         let ByFamily { k4, k6, .. } = split_keys(nets)?;
-        Ok(
-            delete_from(map_names::SUBSCRIBERS_V4, &mut self.subscribers_v4, &k4)?
-                + delete_from(map_names::SUBSCRIBERS_V6, &mut self.subscribers_v6, &k6)?,
+        let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
+        both(
+            k4.len().min(k6.len()),
+            || delete_from(map_names::SUBSCRIBERS_V4, sub_v4, &k4),
+            || delete_from(map_names::SUBSCRIBERS_V6, sub_v6, &k6),
         )
+        .map(|(n4, n6)| n4 + n6)
     }
 
     /// All allowlist prefixes, IPv4 then IPv6, read with batched lookups.
     pub fn allowlist_batched(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
-        let mut out = read_all(map_names::ALLOW_V4, &self.allow_v4, v4_net)?;
-        out.extend(read_all(map_names::ALLOW_V6, &self.allow_v6, v6_net)?);
+        let (mut out, v6) = both(
+            PARALLEL_MIN,
+            || read_all(map_names::ALLOW_V4, &self.allow_v4, v4_net),
+            || read_all(map_names::ALLOW_V6, &self.allow_v6, v6_net),
+        )?;
+        out.extend(v6);
         Ok(out)
     }
 
