@@ -136,7 +136,7 @@ impl SubscriberSpace {
     }
 }
 
-impl Checker<'_> {
+impl<'t> Checker<'t> {
     fn diagnostic(&self, pos: Pos, message: String) -> Diagnostic {
         Diagnostic {
             file: self.file.to_owned(),
@@ -223,7 +223,7 @@ impl Checker<'_> {
 
     /// The document through serde_yaml, after the version probe; `None` with the errors
     /// reported.
-    fn serde_raw(&mut self) -> Option<RawPolicy> {
+    fn serde_raw(&mut self) -> Option<RawPolicy<'t>> {
         if !self.version()? {
             return None;
         }
@@ -450,6 +450,7 @@ impl Checker<'_> {
                 action: entry.action,
             });
         }
+        self.repeats_and_overflow(list, raw);
         (entries, space)
     }
 
@@ -486,7 +487,7 @@ impl Checker<'_> {
                             format!(
                                 "allow entry {} expired at {text}; the daemon skips expired \
                                  entries",
-                                entry.prefix
+                                &*entry.prefix
                             ),
                         );
                     }
@@ -545,13 +546,86 @@ impl Checker<'_> {
             }
             entries.push(AllowEntry {
                 prefix,
-                comment: entry.comment.clone(),
-                owner: entry.owner.clone(),
+                comment: entry.comment.as_deref().map(str::to_owned),
+                owner: entry.owner.as_deref().map(str::to_owned),
                 expires,
                 syn_limit,
             });
         }
+        self.repeats_and_overflow(list, raw);
         entries
+    }
+
+    /// Reports the prefixes of a list that repeat an earlier one, and per address family
+    /// the first that does not fit in the dataplane (duplicates not counted). Done on the
+    /// sorted list rather than with a map while reading: at a million entries the map
+    /// cost tens of MiB. Either finding is an error, so the entries and warnings the
+    /// caller built meanwhile are discarded with the policy.
+    fn repeats_and_overflow<E: Prefixed>(&mut self, mut list: PrefixList, entries: &[E]) {
+        let mut seen = std::mem::take(&mut list.seen);
+        let limit = list.limit;
+        let text = |index: usize| entries.get(index).map_or("", Prefixed::prefix);
+        seen.sort_unstable();
+        let (mut v4, mut v6) = (0_usize, 0_usize);
+        let mut first: Option<(IpNet, usize)> = None;
+        for &(net, index) in &seen {
+            match first {
+                Some((earlier_net, earlier)) if earlier_net == net => {
+                    let earlier = self
+                        .locator
+                        .value(&list.path(earlier), Expect::Text(text(earlier)));
+                    let pos = self
+                        .locator
+                        .value(&list.path(index), Expect::Text(text(index)));
+                    self.error(
+                        pos,
+                        format!(
+                            "duplicate {} prefix {net} (first listed on line {})",
+                            list.noun(),
+                            earlier.line
+                        ),
+                    );
+                }
+                _ => {
+                    first = Some((net, index));
+                    match net {
+                        IpNet::V4(_) => v4 += 1,
+                        IpNet::V6(_) => v6 += 1,
+                    }
+                }
+            }
+        }
+        for (count, v4_family) in [(v4, true), (v6, false)] {
+            if count <= limit {
+                continue;
+            }
+            // The first occurrences of the family, in file order: the one at `limit` is
+            // the first that does not fit.
+            let mut firsts: Vec<usize> = Vec::with_capacity(count);
+            let mut last: Option<IpNet> = None;
+            for &(net, index) in &seen {
+                if last != Some(net) && matches!(net, IpNet::V4(_)) == v4_family {
+                    firsts.push(index);
+                }
+                last = Some(net);
+            }
+            firsts.sort_unstable();
+            let Some(&index) = firsts.get(limit) else {
+                continue;
+            };
+            let pos = self
+                .locator
+                .value(&list.path(index), Expect::Text(text(index)));
+            let family = if v4_family { "IPv4" } else { "IPv6" };
+            self.error(
+                pos,
+                format!(
+                    "too many {family} {} prefixes: the dataplane holds at most {limit} per \
+                     address family",
+                    list.noun(),
+                ),
+            );
+        }
     }
 
     /// Parses and checks the prefix of entry `index` of `entries`; `None` if it is
@@ -575,32 +649,10 @@ impl Checker<'_> {
                 format!("{net} has host bits set; did you mean {}?", net.trunc())
             }
             Ok(net) => {
-                if let Some(&earlier) = list.first.get(&net) {
-                    let earlier_path = list.path(earlier);
-                    let earlier_text = entries.get(earlier).map_or("", Prefixed::prefix);
-                    let earlier = self
-                        .locator
-                        .value(&earlier_path, Expect::Text(earlier_text));
-                    format!(
-                        "duplicate {} prefix {net} (first listed on line {})",
-                        list.noun(),
-                        earlier.line
-                    )
-                } else {
-                    list.first.insert(net, index);
-                    let count = list.count(net);
-                    if count != list.limit + 1 {
-                        return Some(net);
-                    }
-                    // Reported once per family, at the first prefix that does not fit.
-                    format!(
-                        "too many {} {} prefixes: the dataplane holds at most {} per address \
-                         family",
-                        family(net),
-                        list.noun(),
-                        list.limit
-                    )
-                }
+                // Duplicates and the per-family limit are found once the whole list is
+                // known, by `repeats_and_overflow`.
+                list.seen.push((net, index));
+                return Some(net);
             }
         };
         let pos = self.locator.value(&path, Expect::Text(text));
@@ -614,13 +666,13 @@ trait Prefixed {
     fn prefix(&self) -> &str;
 }
 
-impl Prefixed for RawSubscriber {
+impl Prefixed for RawSubscriber<'_> {
     fn prefix(&self) -> &str {
         &self.prefix
     }
 }
 
-impl Prefixed for RawAllow {
+impl Prefixed for RawAllow<'_> {
     fn prefix(&self) -> &str {
         &self.prefix
     }
@@ -631,11 +683,9 @@ struct PrefixList {
     name: &'static str,
     len: usize,
     limit: usize,
-    /// First occurrence of each prefix: its index (the text as written is in the raw
-    /// list, which outlives this; a copy per entry was tens of MiB at a million entries).
-    first: HashMap<IpNet, usize>,
-    v4: usize,
-    v6: usize,
+    /// Every usable prefix with its index, for `Checker::repeats_and_overflow` (the text
+    /// as written is in the raw list, which outlives this).
+    seen: Vec<(IpNet, usize)>,
 }
 
 impl PrefixList {
@@ -644,9 +694,7 @@ impl PrefixList {
             name,
             len,
             limit,
-            first: HashMap::with_capacity(len),
-            v4: 0,
-            v6: 0,
+            seen: Vec::with_capacity(len),
         }
     }
 
@@ -667,23 +715,6 @@ impl PrefixList {
         } else {
             "allow"
         }
-    }
-
-    /// Counts `net` in its family; returns the new count.
-    fn count(&mut self, net: IpNet) -> usize {
-        let count = match net {
-            IpNet::V4(_) => &mut self.v4,
-            IpNet::V6(_) => &mut self.v6,
-        };
-        *count += 1;
-        *count
-    }
-}
-
-fn family(net: IpNet) -> &'static str {
-    match net {
-        IpNet::V4(_) => "IPv4",
-        IpNet::V6(_) => "IPv6",
     }
 }
 

@@ -14,13 +14,15 @@
 //! serde_yaml path, which produces the located diagnostics. So for every document it
 //! accepts, the result is the one serde_yaml would have given.
 
+use std::borrow::Cow;
+
 use super::{
     Attach, Fragments, PolicyAction, PolicyMode, Role,
     raw::{RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber},
 };
 
 /// Reads `text` as a version-1 policy, if it is within the subset (see the module).
-pub(super) fn read(text: &str) -> Option<RawPolicy> {
+pub(super) fn read(text: &str) -> Option<RawPolicy<'_>> {
     // Tabs, carriage returns and the other line breaks YAML knows would need libyaml's
     // exact rules; leave them to it.
     if text.contains(['\t', '\r', '\u{85}', '\u{2028}', '\u{2029}']) {
@@ -430,11 +432,11 @@ fn interface(fields: &Fields<'_>) -> Option<RawInterface> {
     })
 }
 
-fn subscriber(fields: &Fields<'_>) -> Option<RawSubscriber> {
+fn subscriber<'t>(fields: &Fields<'t>) -> Option<RawSubscriber<'t>> {
     let (mut prefix, mut mode_, mut action_) = (None, None, None);
     for &(key, value) in fields {
         match key {
-            "prefix" => prefix = Some(value.string()?.to_owned()),
+            "prefix" => prefix = Some(Cow::Borrowed(value.string()?)),
             "mode" => mode_ = Some(mode(value)?),
             "action" => action_ = Some(action(value)?),
             _ => return None,
@@ -447,9 +449,9 @@ fn subscriber(fields: &Fields<'_>) -> Option<RawSubscriber> {
     })
 }
 
-fn allow(fields: &Fields<'_>) -> Option<RawAllow> {
+fn allow<'t>(fields: &Fields<'t>) -> Option<RawAllow<'t>> {
     let mut entry = RawAllow {
-        prefix: String::new(),
+        prefix: Cow::Borrowed(""),
         comment: None,
         owner: None,
         expires: None,
@@ -460,12 +462,12 @@ fn allow(fields: &Fields<'_>) -> Option<RawAllow> {
     for &(key, value) in fields {
         match key {
             "prefix" => {
-                entry.prefix = value.string()?.to_owned();
+                entry.prefix = Cow::Borrowed(value.string()?);
                 prefix = true;
             }
-            "comment" => entry.comment = Some(value.string()?.to_owned()),
-            "owner" => entry.owner = Some(value.string()?.to_owned()),
-            "expires" => entry.expires = Some(value.string()?.to_owned()),
+            "comment" => entry.comment = Some(Cow::Borrowed(value.string()?)),
+            "owner" => entry.owner = Some(Cow::Borrowed(value.string()?)),
+            "expires" => entry.expires = Some(Cow::Borrowed(value.string()?)),
             "max_syn_per_minute" => entry.max_syn_per_minute = Some(value.number()?),
             "syn_burst" => entry.syn_burst = Some(value.number()?),
             _ => return None,

@@ -1,6 +1,9 @@
 //! The policy document as written. Values whose validity is a matter of policy rather than
 //! of type (prefixes, names, timestamps) stay strings here, so that `check` can report all
-//! of them instead of serde stopping at the first.
+//! of them instead of serde stopping at the first. The strings of list entries borrow from
+//! the text where they can: a million owned prefixes were a million allocations.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, de::IgnoredAny};
 
@@ -20,7 +23,7 @@ pub(super) struct VersionProbe {
     deny_unknown_fields,
     expecting = "a p25 policy: a mapping with `version: 1` and `subscribers`"
 )]
-pub(super) struct RawPolicy {
+pub(super) struct RawPolicy<'t> {
     // Checked by the probe; declared so that it is not an unknown field.
     #[serde(default, rename = "version")]
     pub _version: Option<IgnoredAny>,
@@ -29,9 +32,11 @@ pub(super) struct RawPolicy {
     #[serde(default, deserialize_with = "null_as_default")]
     pub interfaces: Vec<RawInterface>,
     #[serde(default, deserialize_with = "null_as_default")]
-    pub subscribers: Vec<RawSubscriber>,
+    #[serde(borrow)]
+    pub subscribers: Vec<RawSubscriber<'t>>,
     #[serde(default, deserialize_with = "null_as_default")]
-    pub allow: Vec<RawAllow>,
+    #[serde(borrow)]
+    pub allow: Vec<RawAllow<'t>>,
     #[serde(default)]
     pub allow_empty_subscribers: bool,
 }
@@ -77,8 +82,9 @@ pub(super) struct RawInterface {
     deny_unknown_fields,
     expecting = "a subscriber mapping (`prefix`, optional `mode`, `action`)"
 )]
-pub(super) struct RawSubscriber {
-    pub prefix: String,
+pub(super) struct RawSubscriber<'t> {
+    #[serde(borrow)]
+    pub prefix: Cow<'t, str>,
     #[serde(default)]
     pub mode: Option<PolicyMode>,
     #[serde(default)]
@@ -93,14 +99,15 @@ pub(super) struct RawSubscriber {
     expecting = "an allow mapping (`prefix`, optional `comment`, `owner`, `expires`, \
                  `max_syn_per_minute`, `syn_burst`)"
 )]
-pub(super) struct RawAllow {
-    pub prefix: String,
-    #[serde(default)]
-    pub comment: Option<String>,
-    #[serde(default)]
-    pub owner: Option<String>,
-    #[serde(default)]
-    pub expires: Option<String>,
+pub(super) struct RawAllow<'t> {
+    #[serde(borrow)]
+    pub prefix: Cow<'t, str>,
+    #[serde(default, borrow)]
+    pub comment: Option<Cow<'t, str>>,
+    #[serde(default, borrow)]
+    pub owner: Option<Cow<'t, str>>,
+    #[serde(default, borrow)]
+    pub expires: Option<Cow<'t, str>>,
     #[serde(default)]
     pub max_syn_per_minute: Option<u32>,
     #[serde(default)]
