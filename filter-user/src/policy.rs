@@ -110,10 +110,12 @@ pub struct SubscriberEntry {
 pub struct AllowEntry {
     /// The exempted prefix, host bits clear.
     pub prefix: IpNet,
+    // Boxed `str` rather than `String`: the daemon keeps every entry for its lifetime, and
+    // at a million entries the unused capacity words were 16 MiB each.
     /// Why it is exempt.
-    pub comment: Option<String>,
+    pub comment: Option<Box<str>>,
     /// Who asked for it, so that stale entries can be chased.
-    pub owner: Option<String>,
+    pub owner: Option<Box<str>>,
     /// When the exemption ends; the daemon skips expired entries.
     #[serde(serialize_with = "serialize_expiry")]
     pub expires: Option<SystemTime>,

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use super::{
     AllowEntry, Checked, DEFAULT_REJECT_BURST, DEFAULT_REJECT_RATE, Defaults, Diagnostic,
     Interface, MAX_TEXT_BYTES, POLICY_VERSION, Policy, PolicyError, SubscriberEntry, SynRateLimit,
-    fast,
+    fast::{self, FastAllow},
     locate::{Expect, Locator, Seg},
     raw::{RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber, VersionProbe},
     scan::Pos,
@@ -198,18 +198,22 @@ impl<'t> Checker<'t> {
         // The fast reader takes the common shape of a policy in one pass; anything else,
         // and every document with a syntax or type error, goes through serde_yaml, which
         // locates its errors.
-        let raw = match fast::read(self.text) {
-            Some(raw) => raw,
-            None => self.serde_raw()?,
+        let (raw, fast_allow) = match fast::read(self.text) {
+            Some((raw, allow)) => (raw, Some(allow)),
+            None => (self.serde_raw()?, None),
         };
         let defaults = self.defaults(raw.defaults);
         let interfaces = self.interfaces(raw.interfaces);
         let (subscribers, space) = self.subscribers(&raw.subscribers, raw.allow_empty_subscribers);
-        let allow = self.allow(&raw.allow, &space);
-        // The document as written is no longer needed: give its strings back before the
+        let allow = match &fast_allow {
+            Some(fast_allow) => self.allow(fast_allow, &space),
+            None => self.allow(&raw.allow, &space),
+        };
+        // The document as written is no longer needed: give its memory back before the
         // caller builds anything else from the policy.
         drop(raw.subscribers);
         drop(raw.allow);
+        drop(fast_allow);
         drop(space);
         Some(Policy {
             version: POLICY_VERSION,
@@ -454,15 +458,15 @@ impl<'t> Checker<'t> {
         (entries, space)
     }
 
-    fn allow(&mut self, raw: &[RawAllow], space: &SubscriberSpace) -> Vec<AllowEntry> {
+    fn allow<E: AllowFields>(&mut self, raw: &[E], space: &SubscriberSpace) -> Vec<AllowEntry> {
         let len = raw.len();
         let mut list = PrefixList::new("allow", len, self.limits.allow);
         let mut entries = Vec::with_capacity(len);
         for (index, entry) in raw.iter().enumerate() {
             let field = |name| [Seg::Key("allow"), Seg::Index { index, len }, Seg::Key(name)];
             let prefix = self.prefix(&mut list, index, raw);
-            for (name, value) in [("comment", &entry.comment), ("owner", &entry.owner)] {
-                if let Some(value) = value.as_deref().filter(|v| v.len() > MAX_TEXT_BYTES) {
+            for (name, value) in [("comment", entry.comment()), ("owner", entry.owner())] {
+                if let Some(value) = value.filter(|v| v.len() > MAX_TEXT_BYTES) {
                     let pos = self.locator.value(&field(name), Expect::Text(value));
                     self.error(
                         pos,
@@ -476,7 +480,7 @@ impl<'t> Checker<'t> {
                 }
             }
             let mut expired = false;
-            let expires = match entry.expires.as_deref().map(|s| (s, parse_expiry(s))) {
+            let expires = match entry.expires().map(|s| (s, parse_expiry(s))) {
                 None => None,
                 Some((text, Ok(at))) => {
                     if at <= self.now {
@@ -487,7 +491,7 @@ impl<'t> Checker<'t> {
                             format!(
                                 "allow entry {} expired at {text}; the daemon skips expired \
                                  entries",
-                                &*entry.prefix
+                                entry.prefix()
                             ),
                         );
                     }
@@ -507,11 +511,11 @@ impl<'t> Checker<'t> {
             };
             let per_minute = self.bounded(
                 &field("max_syn_per_minute"),
-                entry.max_syn_per_minute,
+                entry.max_syn_per_minute(),
                 MAX_SYN_PER_MINUTE,
             );
-            let burst = self.bounded(&field("syn_burst"), entry.syn_burst, MAX_SYN_PER_MINUTE);
-            if let (None, Some(burst)) = (entry.max_syn_per_minute, entry.syn_burst) {
+            let burst = self.bounded(&field("syn_burst"), entry.syn_burst(), MAX_SYN_PER_MINUTE);
+            if let (None, Some(burst)) = (entry.max_syn_per_minute(), entry.syn_burst()) {
                 let pos = self
                     .locator
                     .value(&field("syn_burst"), Expect::Text(&burst.to_string()));
@@ -535,7 +539,7 @@ impl<'t> Checker<'t> {
             if !expired && !space.overlaps(prefix) {
                 let pos = self
                     .locator
-                    .value(&field("prefix"), Expect::Text(&entry.prefix));
+                    .value(&field("prefix"), Expect::Text(entry.prefix()));
                 self.warning(
                     pos,
                     format!(
@@ -546,8 +550,8 @@ impl<'t> Checker<'t> {
             }
             entries.push(AllowEntry {
                 prefix,
-                comment: entry.comment.as_deref().map(str::to_owned),
-                owner: entry.owner.as_deref().map(str::to_owned),
+                comment: entry.comment().map(Box::from),
+                owner: entry.owner().map(Box::from),
                 expires,
                 syn_limit,
             });
@@ -675,6 +679,57 @@ impl Prefixed for RawSubscriber<'_> {
 impl Prefixed for RawAllow<'_> {
     fn prefix(&self) -> &str {
         &self.prefix
+    }
+}
+
+impl Prefixed for FastAllow<'_> {
+    fn prefix(&self) -> &str {
+        self.prefix
+    }
+}
+
+/// An allowlist entry as written: serde's, or the fast reader's compact one.
+trait AllowFields: Prefixed {
+    fn comment(&self) -> Option<&str>;
+    fn owner(&self) -> Option<&str>;
+    fn expires(&self) -> Option<&str>;
+    fn max_syn_per_minute(&self) -> Option<u32>;
+    fn syn_burst(&self) -> Option<u32>;
+}
+
+impl AllowFields for RawAllow<'_> {
+    fn comment(&self) -> Option<&str> {
+        self.comment.as_deref()
+    }
+    fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+    fn expires(&self) -> Option<&str> {
+        self.expires.as_deref()
+    }
+    fn max_syn_per_minute(&self) -> Option<u32> {
+        self.max_syn_per_minute
+    }
+    fn syn_burst(&self) -> Option<u32> {
+        self.syn_burst
+    }
+}
+
+impl AllowFields for FastAllow<'_> {
+    fn comment(&self) -> Option<&str> {
+        self.extra.as_ref()?.comment
+    }
+    fn owner(&self) -> Option<&str> {
+        self.extra.as_ref()?.owner
+    }
+    fn expires(&self) -> Option<&str> {
+        self.extra.as_ref()?.expires
+    }
+    fn max_syn_per_minute(&self) -> Option<u32> {
+        self.extra.as_ref()?.max_syn_per_minute
+    }
+    fn syn_burst(&self) -> Option<u32> {
+        self.extra.as_ref()?.syn_burst
     }
 }
 

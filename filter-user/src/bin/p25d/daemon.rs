@@ -915,8 +915,8 @@ impl Daemon {
                 AllowEntryView {
                     prefix: a.prefix,
                     source: Source::Policy,
-                    comment: a.comment.clone(),
-                    owner: a.owner.clone(),
+                    comment: a.comment.as_deref().map(str::to_owned),
+                    owner: a.owner.as_deref().map(str::to_owned),
                     expires: a.expires.map(|e| rfc3339(unix(e))),
                     max_syn_per_minute: a.syn_limit.map(|l| l.per_minute),
                     syn_burst: a.syn_limit.map(|l| l.burst),
