@@ -6,9 +6,11 @@
 //! an operator can fix a whole file in one go rather than one error per reload.
 //!
 //! Inside: `raw` is the document as written, deserialized by serde (which catches syntax,
-//! types and unknown fields, with their location); `check` applies the semantic rules
-//! (prefixes, duplicates, ports, limits, expiry) and reports all of them; `locate` and
-//! `scan` find where in the text a value sits, for those rules.
+//! types and unknown fields, with their location); `fast` reads the common, plain shape of
+//! a policy into the same raw entries in one pass, without serde_yaml's whole-document
+//! event list, and leaves every other document to serde; `check` applies the semantic
+//! rules (prefixes, duplicates, ports, limits, expiry) and reports all of them; `locate`
+//! and `scan` find where in the text a value sits, for those rules.
 
 mod check;
 mod fast;
