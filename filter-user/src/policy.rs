@@ -306,6 +306,13 @@ pub fn parse(text: &str, file: &str) -> Result<Checked, PolicyError> {
     check::check(text, file, SystemTime::now(), check::Limits::DATAPLANE)
 }
 
+/// For the fuzz target and tests only: whether the fast reader of the common policy shape
+/// agrees with serde_yaml on `text` (`Ok(false)`: it stepped aside). Not an API.
+#[doc(hidden)]
+pub fn fast_reader_agrees(text: &str) -> Result<bool, String> {
+    fast::agrees_with_serde(text)
+}
+
 /// Reads, parses and validates the policy file at `path`.
 pub fn load(path: &Path) -> Result<Checked, PolicyError> {
     let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {

@@ -42,8 +42,7 @@ pub(super) struct RawPolicy<'t> {
 }
 
 // Compared in tests with what the fast reader builds.
-#[cfg_attr(test, derive(Debug, PartialEq))]
-#[derive(Default, Deserialize)]
+#[derive(Debug, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "the `defaults` mapping")]
 pub(super) struct RawDefaults {
     #[serde(default)]
@@ -62,8 +61,7 @@ pub(super) struct RawDefaults {
 }
 
 // Compared in tests with what the fast reader builds.
-#[cfg_attr(test, derive(Debug, PartialEq))]
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(
     deny_unknown_fields,
     expecting = "an interface mapping (`name`, `role`, `attach`)"
@@ -76,8 +74,7 @@ pub(super) struct RawInterface {
 }
 
 // Compared in tests with what the fast reader builds.
-#[cfg_attr(test, derive(Debug, PartialEq))]
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(
     deny_unknown_fields,
     expecting = "a subscriber mapping (`prefix`, optional `mode`, `action`)"
@@ -92,8 +89,7 @@ pub(super) struct RawSubscriber<'t> {
 }
 
 // Compared in tests with what the fast reader builds.
-#[cfg_attr(test, derive(Debug, PartialEq))]
-#[derive(Deserialize)]
+#[derive(Debug, PartialEq, Deserialize)]
 #[serde(
     deny_unknown_fields,
     expecting = "an allow mapping (`prefix`, optional `comment`, `owner`, `expires`, \
