@@ -144,6 +144,15 @@ impl From<Ipv6Key> for core::net::Ipv6Addr {
 pub struct Mode(pub u8);
 
 impl Mode {
+    /// Label for tools: `default` (defer to the global mode), `monitor`, or `enforce`
+    /// (anything else enforces, like [`Mode::effective`]).
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "default",
+            2 => "monitor",
+            _ => "enforce",
+        }
+    }
     /// On a prefix: use the global mode. As the global mode: enforce.
     pub const DEFAULT: Self = Self(0);
     /// Drop what matches.
@@ -176,6 +185,14 @@ impl Mode {
 pub struct FragmentPolicy(pub u8);
 
 impl FragmentPolicy {
+    /// Label for tools: `drop` (fail closed) or `pass`.
+    pub const fn name(self) -> &'static str {
+        if self.0 == Self::DROP.0 {
+            "drop"
+        } else {
+            "pass"
+        }
+    }
     /// Fail open: pass it (counted as a parse outcome only).
     pub const PASS: Self = Self(0);
     /// Fail closed: treat it as a port-25 match of both rules (drop, or would-drop in
@@ -203,6 +220,14 @@ impl Origin {
 pub struct BlockAction(pub u8);
 
 impl BlockAction {
+    /// Label for tools: `default` (defer to the global action), `reject`, or `drop`.
+    pub const fn name(self) -> &'static str {
+        match self.0 {
+            0 => "default",
+            2 => "reject",
+            _ => "drop",
+        }
+    }
     /// On a prefix: use the global action. As the global action: drop.
     pub const DEFAULT: Self = Self(0);
     /// Drop silently.

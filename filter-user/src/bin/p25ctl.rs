@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use filter_common::abi::{BlockAction, FragmentPolicy, Mode, Origin};
+use filter_common::abi::Origin;
 use filter_user::{
     KernelTables, check_prefix,
     control::{
@@ -305,22 +305,6 @@ fn open_pins(layout: &PinLayout) -> Result<KernelTables> {
     })
 }
 
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::DEFAULT => "default",
-        Mode::MONITOR => "monitor",
-        _ => "enforce",
-    }
-}
-
-fn action_name(action: BlockAction) -> &'static str {
-    match action {
-        BlockAction::DEFAULT => "default",
-        BlockAction::REJECT => "reject",
-        _ => "drop",
-    }
-}
-
 fn list_from_pins(layout: &PinLayout) -> Result<ListView> {
     let tables = open_pins(layout)?;
     Ok(ListView {
@@ -346,8 +330,8 @@ fn list_from_pins(layout: &PinLayout) -> Result<ListView> {
             .into_iter()
             .map(|(prefix, value)| SubscriberView {
                 prefix,
-                mode: mode_name(value.mode).into(),
-                action: action_name(value.action).into(),
+                mode: value.mode.name().into(),
+                action: value.action.name().into(),
             })
             .collect(),
     })
@@ -360,13 +344,8 @@ fn status_from_pins(layout: &PinLayout) -> Result<StatusView> {
         daemon: false,
         policy: String::new(),
         generation: config.generation,
-        mode: mode_name(config.mode).into(),
-        fragments: if config.fragments == FragmentPolicy::DROP {
-            "drop"
-        } else {
-            "pass"
-        }
-        .into(),
+        mode: config.mode.name().into(),
+        fragments: config.fragments.name().into(),
         reloads_ok: 0,
         reloads_failed: 0,
         last_error: None,

@@ -378,14 +378,6 @@ fn ok(data: impl serde::Serialize) -> Response {
     }
 }
 
-fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::DEFAULT => "default",
-        Mode::MONITOR => "monitor",
-        _ => "enforce",
-    }
-}
-
 /// The ALLOW value of a policy entry: its origin and SYN limit.
 pub(crate) fn policy_allow_value(entry: &AllowEntry) -> AllowValue {
     let value = AllowValue::new(Origin::POLICY);
@@ -945,13 +937,11 @@ impl Daemon {
                 .iter()
                 .map(|s| SubscriberView {
                     prefix: s.prefix,
-                    mode: mode_name(s.mode.map_or(Mode::DEFAULT, Mode::from)).into(),
+                    mode: s.mode.map_or(Mode::DEFAULT, Mode::from).name().into(),
                     action: s
                         .action
-                        .map_or("default", |a| match a {
-                            policy::PolicyAction::Drop => "drop",
-                            policy::PolicyAction::Reject => "reject",
-                        })
+                        .map_or(BlockAction::DEFAULT, BlockAction::from)
+                        .name()
                         .into(),
                 })
                 .collect(),
@@ -990,13 +980,8 @@ impl Daemon {
             daemon: true,
             policy: self.opts.policy.display().to_string(),
             generation: config.generation,
-            mode: mode_name(config.mode).into(),
-            fragments: if config.fragments == FragmentPolicy::DROP {
-                "drop"
-            } else {
-                "pass"
-            }
-            .into(),
+            mode: config.mode.name().into(),
+            fragments: config.fragments.name().into(),
             reloads_ok: self.reloads_ok,
             reloads_failed: self.reloads_failed,
             last_error: self.last_error.clone(),
