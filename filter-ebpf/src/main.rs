@@ -430,25 +430,29 @@ fn track_offender(key: &OffenderKey, event: &Event) {
 pub fn p25_xdp(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    let mut outcome = run(&XdpPacket(&ctx), bytes, ifindex, HookKind::XDP);
-    match outcome.action {
-        Action::Pass => xdp_action::XDP_PASS,
-        Action::Drop => xdp_action::XDP_DROP,
-        Action::Reject => {
-            let sent = transmit_rst(&ctx, outcome.l3, outcome.l4);
-            if !sent {
-                bump_fallback(RejectFallback::TX_FAILED);
-                if let Some(key) = outcome.counter.as_mut() {
-                    key.verdict = Verdict::DROPPED;
-                }
-            }
-            finish(&outcome, bytes, ifindex);
-            if sent {
-                xdp_action::XDP_TX
-            } else {
-                xdp_action::XDP_DROP
-            }
+    match run(&XdpPacket(&ctx), bytes, ifindex, HookKind::XDP) {
+        o if o.action == Action::Reject => answer_reject(&ctx, o, bytes, ifindex),
+        o if o.action == Action::Drop => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// Turns the SYN into its RST in place and sends it back (XDP_TX). If that fails the SYN is
+/// dropped instead, counted as a `tx_failed` fallback and as a drop, never passed.
+#[inline(always)]
+fn answer_reject(ctx: &XdpContext, mut outcome: Outcome, bytes: u64, ifindex: u32) -> u32 {
+    let sent = transmit_rst(ctx, outcome.l3, outcome.l4);
+    if !sent {
+        bump_fallback(RejectFallback::TX_FAILED);
+        if let Some(key) = outcome.counter.as_mut() {
+            key.verdict = Verdict::DROPPED;
         }
+    }
+    finish(&outcome, bytes, ifindex);
+    if sent {
+        xdp_action::XDP_TX
+    } else {
+        xdp_action::XDP_DROP
     }
 }
 
