@@ -15,6 +15,7 @@
 
 pub mod chaos;
 pub mod daemon;
+pub mod exporter;
 pub mod harness;
 pub mod lab;
 pub mod netns;

@@ -8,8 +8,8 @@
 )]
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -17,6 +17,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     daemon::DaemonLab,
+    exporter::{METRICS_ADDR, metric, scrape},
     lab::{OUTSIDER4, SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, Topology},
     netns::{Netns, wait_until},
     prometheus::{P25_METRICS, Prometheus},
@@ -40,65 +41,11 @@ allow:
     comment: business customer
 ";
 
-/// Where p25d serves metrics inside the router namespace (the default).
-const METRICS: &str = "127.0.0.1:9725";
 /// Time for counters, scans and scrapes to catch up.
 const SETTLE: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(100);
 /// Nobody answers at this address, so SYNs to it cause no replies to count as well.
 const NOWHERE4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 99);
-
-/// `GET /metrics` from inside `netns`.
-fn scrape(netns: &Netns) -> Result<String> {
-    let addr: SocketAddr = METRICS.parse()?;
-    let response = netns.enter(|| -> Result<Vec<u8>> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut body = Vec::new();
-        stream.take(16 << 20).read_to_end(&mut body)?;
-        Ok(body)
-    })??;
-    let text = String::from_utf8(response).context("metrics are not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no HTTP header/body split")?;
-    ensure!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    ensure!(
-        head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
-        "wrong content type: {head}"
-    );
-    Ok(body.to_owned())
-}
-
-/// The value of the series `name{labels...}` (labels given must match; others may exist),
-/// summed over matching series; `None` when no series matches.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let mut total = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (series_name, series_labels) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if series_name != name {
-            continue;
-        }
-        let matches = labels.iter().all(|(k, v)| {
-            series_labels
-                .split(',')
-                .any(|kv| kv == format!("{k}=\"{v}\""))
-        });
-        if matches {
-            *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
-        }
-    }
-    total
-}
 
 fn rsub(verdict: &'static str) -> [(&'static str, &'static str); 4] {
     [
@@ -163,7 +110,7 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
     let events_arg = events.to_string_lossy().into_owned();
     lab.run_args(&["--events", &events_arg, "--offender-scan", "200ms"]);
     lab.start()?;
-    let prometheus = Prometheus::builder(METRICS.parse()?)
+    let prometheus = Prometheus::builder(METRICS_ADDR)
         .netns(&topology.router)
         .job("p25")
         .interval(Duration::from_secs(1))

@@ -16,8 +16,7 @@
 )]
 
 use std::{
-    fs,
-    io::{self, Read as _, Write as _},
+    fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -27,6 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     daemon::DaemonLab,
+    exporter::{self, scrape},
     lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
     netns::{Netns, connect_from, veth, wait_until},
     summary,
@@ -54,7 +54,6 @@ const DROPPED_FOR: Duration = Duration::from_millis(1500);
 const SETTLE: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(100);
 /// Where p25d serves metrics inside the router namespace (the default).
-const METRICS: &str = "127.0.0.1:9725";
 /// Hard limit on a tcpdump's life, should a test hang.
 const TCPDUMP_LIMIT: Duration = Duration::from_secs(60);
 
@@ -137,49 +136,9 @@ impl Lab {
     }
 }
 
-/// `GET /metrics` from inside `netns`.
-fn scrape(netns: &Netns) -> Result<String> {
-    let addr: SocketAddr = METRICS.parse()?;
-    let response = netns.enter(|| -> Result<Vec<u8>> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut body = Vec::new();
-        stream.take(16 << 20).read_to_end(&mut body)?;
-        Ok(body)
-    })??;
-    let text = String::from_utf8(response).context("metrics are not UTF-8")?;
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .context("no HTTP header/body split")?;
-    ensure!(head.contains(" 200 "), "{head}");
-    Ok(body.to_owned())
-}
-
-/// The sum of the series `name{labels...}` (the labels given must match; others may
-/// exist); 0 when no series matches.
+/// A series' value on the scraped page; 0 when absent (counters not yet bumped).
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let mut total = 0.0;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (series_name, series_labels) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if series_name != name {
-            continue;
-        }
-        if labels.iter().all(|(k, v)| {
-            series_labels
-                .split(',')
-                .any(|kv| kv == format!("{k}=\"{v}\""))
-        }) {
-            total += value.parse::<f64>().unwrap_or(f64::NAN);
-        }
-    }
-    total
+    exporter::metric(text, name, labels).unwrap_or(0.0)
 }
 
 /// One connect from `src` in `netns`, timed around the `connect()` alone.

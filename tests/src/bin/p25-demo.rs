@@ -10,24 +10,18 @@
 //!
 //! Internal arguments (xtask parses the user-facing ones): `--keep`, `--down`.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
-    process::ExitCode,
-    time::{Duration, Instant},
-};
+use std::{net::IpAddr, process::ExitCode, time::Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     daemon::bin,
+    exporter::{METRICS_ADDR, scrape},
     smtp_lab::{
         self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS, Naming,
         Outcome, PORTS, Role, SMTP, SmtpLab, spec,
     },
 };
 
-/// Where p25d serves Prometheus metrics by default, inside the router namespace.
-const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9725);
 /// How many times the infected subscriber tries port 25 in its burst.
 const BOT_ATTEMPTS: usize = 24;
 /// Mails the monitor-pool subscriber sends.
@@ -289,19 +283,10 @@ fn spam_bot(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     Ok(())
 }
 
-/// `p25ctl top` (issue 4): worst offenders first.
+/// `p25ctl top`: worst offenders first.
 fn top(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     heading("p25ctl top: the worst offenders, for the abuse desk");
-    let out = lab.daemon.ctl(&["top", "--limit", "5"])?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        println!(
-            "  not available in this build (p25ctl top: {})",
-            stderr.lines().next().unwrap_or("failed").trim()
-        );
-        return Ok(());
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = lab.daemon.ctl_ok(&["top", "--limit", "5"])?;
     for line in text.lines() {
         println!("  {line}");
     }
@@ -317,47 +302,22 @@ fn top(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
     Ok(())
 }
 
-/// An HTTP GET inside the router namespace; `None` when nothing listens.
-fn http_get(lab: &SmtpLab, addr: SocketAddr, path: &str) -> Result<Option<String>> {
-    let connected = lab
-        .router
-        .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?;
-    let mut stream = match connected {
-        Ok(stream) => stream,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
-    };
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream
-        .take(16 << 20)
-        .read_to_string(&mut response)
-        .context("reading the metrics")?;
-    Ok(Some(response))
-}
-
-/// An excerpt of p25d's Prometheus endpoint (issue 4).
+/// An excerpt of p25d's Prometheus endpoint.
 fn metrics(lab: &SmtpLab) -> Result<()> {
     heading(&format!(
         "Prometheus metrics: GET http://{METRICS_ADDR}/metrics in the router"
     ));
-    let Some(response) = http_get(lab, METRICS_ADDR, "/metrics")? else {
-        println!("  not available in this build (connection refused on {METRICS_ADDR})");
-        return Ok(());
-    };
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    let body = scrape(&lab.router)?;
     let excerpt: Vec<&str> = body
         .lines()
         .filter(|l| l.starts_with("p25_packets_total") && !l.ends_with(" 0"))
         .take(14)
         .collect();
-    if excerpt.is_empty() {
-        println!(
-            "  (no non-zero p25_packets_total series; first lines follow)\n  {}",
-            body.lines().take(10).collect::<Vec<_>>().join("\n  ")
-        );
-    }
+    ensure!(
+        !excerpt.is_empty(),
+        "p25d's metrics show no port-25 packets after the lab's traffic:\n{}",
+        body.lines().take(10).collect::<Vec<_>>().join("\n")
+    );
     for line in excerpt {
         println!("  {line}");
     }
