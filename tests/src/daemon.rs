@@ -148,8 +148,25 @@ impl DaemonLab {
         ensure!(self.child.is_none(), "p25d already running");
         self.starts += 1;
         let log = fs::File::create(self.dir.join(format!("p25d-{}.log", self.starts)))?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path.display()))
+        let child = self.run_command(log)?.spawn().context("spawning p25d")?;
+        self.child = Some(child);
+        let ready = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("p25d exited during start-up ({status}):\n{}", self.log());
+            }
+            Ok(self.ctl(&["status", "--json"])?.status.success()
+                && self.status()?.get("daemon") == Some(&Value::Bool(true)))
+        })?;
+        ensure!(ready, "p25d did not answer within 15 s:\n{}", self.log());
+        Ok(())
+    }
+
+    /// `nsenter … p25d run` with this lab's files and extra arguments, logging to `log`.
+    fn run_command(&self, log: fs::File) -> Result<Command> {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.netns_path.display()))
             .arg(bin("p25d")?)
             .args(["run", "--resync", "2s"])
             // Quick file polling unless the test chose its own (e.g. to show that
@@ -170,21 +187,8 @@ impl DaemonLab {
             .arg(&self.pin_root)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning p25d")?;
-        self.child = Some(child);
-        let ready = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
-            if let Some(child) = self.child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                bail!("p25d exited during start-up ({status}):\n{}", self.log());
-            }
-            Ok(self.ctl(&["status", "--json"])?.status.success()
-                && self.status()?.get("daemon") == Some(&Value::Bool(true)))
-        })?;
-        ensure!(ready, "p25d did not answer within 15 s:\n{}", self.log());
-        Ok(())
+            .stderr(log);
+        Ok(cmd)
     }
 
     /// Starts p25d and waits (up to `timeout`) for it to exit, for start-up failures.
@@ -194,23 +198,7 @@ impl DaemonLab {
         self.starts += 1;
         let log_path = self.dir.join(format!("p25d-{}.log", self.starts));
         let log = fs::File::create(&log_path)?;
-        let mut child = Command::new("nsenter")
-            .arg(format!("--net={}", self.netns_path.display()))
-            .arg(bin("p25d")?)
-            .arg("run")
-            .arg("--policy")
-            .arg(self.policy_path())
-            .arg("--state")
-            .arg(self.dir.join("state.json"))
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--pin-root")
-            .arg(&self.pin_root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning p25d")?;
+        let mut child = self.run_command(log)?.spawn().context("spawning p25d")?;
         let mut status = None;
         wait_until(timeout, Duration::from_millis(50), || {
             status = child.try_wait()?;

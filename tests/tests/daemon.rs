@@ -623,3 +623,26 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// An `--events` path p25d cannot write is a start-up error naming the path, not a daemon
+/// that runs on without its event log; nothing gets loaded or attached.
+#[test]
+fn unwritable_event_log_is_a_start_up_error() -> Result<()> {
+    let netns = Netns::new("evt")?;
+    let mut lab = DaemonLab::new(&netns)?;
+    lab.write_policy(POLICY)?;
+    let path = lab.dir.join("no-such-dir/events.jsonl");
+    let path_arg = path.to_string_lossy().into_owned();
+    lab.run_args(&["--events", &path_arg]);
+    let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
+    ensure!(!status.success(), "p25d must refuse to start:\n{log}");
+    ensure!(
+        log.contains(&path_arg) && log.contains("--events"),
+        "the error should name the path and the flag:\n{log}"
+    );
+    ensure!(
+        !lab.pin_root.exists(),
+        "nothing may be pinned before the event log is open:\n{log}"
+    );
+    Ok(())
+}

@@ -127,6 +127,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let seen = stamp(&opts.policy);
     let runtime = RuntimeStore::open(&opts.state).context("opening the runtime state")?;
     let _lock = lock(&opts.socket)?;
+    let event_output = observe::open_sink(&opts.events)?;
 
     let adopting = opts.layout.dir().exists();
     let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
@@ -177,11 +178,13 @@ pub async fn run(opts: Options) -> Result<()> {
     if let Some(addr) = daemon.opts.metrics_listen {
         observe::serve_metrics(addr, metrics_tx).await?;
     }
-    tokio::spawn(observe::drain_events(
-        events,
-        daemon.opts.events.clone(),
-        daemon.event_counts.clone(),
-    ));
+    if let Some(out) = event_output {
+        tokio::spawn(observe::drain_events(
+            events,
+            out,
+            daemon.event_counts.clone(),
+        ));
+    }
 
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

@@ -167,21 +167,34 @@ fn spawn_writer(
     Ok(tx)
 }
 
-/// Drains the ring buffer forever, writing one JSON line per event.
-pub async fn drain_events(ring: RingBuf<MapData>, sink: EventSink, counts: Arc<EventCounts>) {
-    let out: Box<dyn io::Write + Send> = match &sink {
-        EventSink::Off => return,
-        EventSink::Stdout => Box::new(io::LineWriter::new(io::stdout())),
+/// Where event lines are written.
+pub type EventOutput = Box<dyn io::Write + Send>;
+
+/// Opens the event sink at start-up, so that an unwritable `--events` path stops p25d with
+/// the path and the reason instead of leaving it running without its event log. `None`
+/// for `--events off`.
+pub fn open_sink(sink: &EventSink) -> Result<Option<EventOutput>> {
+    Ok(match sink {
+        EventSink::Off => None,
+        EventSink::Stdout => Some(Box::new(io::LineWriter::new(io::stdout()))),
         EventSink::File(path) => {
-            match fs::OpenOptions::new().create(true).append(true).open(path) {
-                Ok(file) => Box::new(io::BufWriter::new(file)),
-                Err(e) => {
-                    error!(path = %path.display(), error = %e, "cannot open the event log; events are not written");
-                    return;
-                }
-            }
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| {
+                    format!(
+                        "opening the event log {} (--events; a writable file, `-` for stdout, or `off`)",
+                        path.display()
+                    )
+                })?;
+            Some(Box::new(io::BufWriter::new(file)))
         }
-    };
+    })
+}
+
+/// Drains the ring buffer forever, writing one JSON line per event to `out`.
+pub async fn drain_events(ring: RingBuf<MapData>, out: EventOutput, counts: Arc<EventCounts>) {
     let writer = match spawn_writer(out, counts.clone()) {
         Ok(writer) => writer,
         Err(e) => {
