@@ -1,17 +1,17 @@
-//! Network namespaces that delete themselves (also on error and panic), veth pairs, and
-//! running code or commands inside a namespace. Names are `p25b-PID-N-ROLE`, unique to
-//! this process, so a benchmark never touches anything it did not create.
+//! Benchmark namespaces: the test suite's self-deleting namespaces
+//! ([`p25_tests::netns::Netns`]: deleted on drop, also on error and panic; `enter`, `ip`,
+//! `exec`, [`veth`]) under names `p25b-PID-N-ROLE`, unique to this process so that a
+//! benchmark never touches anything it did not create, plus what only the benchmark needs.
 
 use std::{
-    fs::File,
-    io,
-    os::fd::AsRawFd as _,
+    ops::Deref,
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
+pub use p25_tests::netns::veth;
 
 use crate::sys;
 
@@ -19,8 +19,13 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// A network namespace, deleted on drop.
 #[derive(Debug)]
-pub struct Netns {
-    name: String,
+pub struct Netns(p25_tests::netns::Netns);
+
+impl Deref for Netns {
+    type Target = p25_tests::netns::Netns;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Netns {
@@ -28,36 +33,7 @@ impl Netns {
     pub fn new(role: &str) -> Result<Self> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("p25b-{}-{n}-{role}", std::process::id());
-        sys::cmd(&["ip", "netns", "add", &name])?;
-        let netns = Self { name };
-        netns.ip(&["link", "set", "lo", "up"])?;
-        Ok(netns)
-    }
-
-    /// The name `ip netns` knows.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The namespace file.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// `ip -n NAME ARGS...`.
-    pub fn ip(&self, args: &[&str]) -> Result<String> {
-        sys::run(Command::new("ip").arg("-n").arg(&self.name).args(args))
-    }
-
-    /// Runs a command inside the namespace with `nsenter --net` (which keeps the host's
-    /// /sys/fs/bpf in view).
-    pub fn exec(&self, args: &[&str]) -> Result<String> {
-        sys::run(
-            Command::new("nsenter")
-                .arg(format!("--net={}", self.path().display()))
-                .arg("--")
-                .args(args),
-        )
+        Ok(Self(p25_tests::netns::Netns::named(&name)?))
     }
 
     /// Runs a command with `ip netns exec`, which also remounts /sys for the namespace:
@@ -65,20 +41,9 @@ impl Netns {
     pub fn exec_with_sys(&self, args: &[&str]) -> Result<String> {
         sys::run(
             Command::new("ip")
-                .args(["netns", "exec", &self.name])
+                .args(["netns", "exec", self.name()])
                 .args(args),
         )
-    }
-
-    /// Runs `f` on this thread inside the namespace, then returns the thread to where it
-    /// was, also if `f` panics.
-    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-        let target = File::open(self.path())
-            .with_context(|| format!("opening {}", self.path().display()))?;
-        setns(&target).with_context(|| format!("entering netns {}", self.name))?;
-        let _restore = Restore(original);
-        Ok(f())
     }
 
     /// The interface index of `dev` in this namespace.
@@ -105,41 +70,6 @@ impl Netns {
                 .with_context(|| format!("bad MAC {text:?}"))?;
         }
         Ok(mac)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Best effort; deleting the namespace also deletes its interfaces, and with them
-        // any XDP attachment and qdisc.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-struct Restore(File);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        if let Err(error) = setns(&self.0) {
-            // Going on in the wrong namespace would act on the wrong interfaces.
-            eprintln!("cannot return to the original network namespace: {error}; aborting");
-            std::process::abort();
-        }
-    }
-}
-
-fn setns(ns: &File) -> io::Result<()> {
-    // SAFETY: setns on a descriptor we own; affects only this thread's netns.
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -170,28 +100,4 @@ pub fn sweep_stale() {
             }
         }
     }
-}
-
-/// A veth pair `a_if` (in `a`) / `b_if` (in `b`), both up.
-pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    for name in [a_if, b_if] {
-        if name.is_empty() || name.len() > 15 {
-            bail!("interface name {name:?} must be 1 to 15 bytes");
-        }
-    }
-    a.ip(&[
-        "link",
-        "add",
-        a_if,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-    ])?;
-    a.ip(&["link", "set", a_if, "up"])?;
-    b.ip(&["link", "set", b_if, "up"])?;
-    Ok(())
 }
