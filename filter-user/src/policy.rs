@@ -6,19 +6,26 @@
 //! an operator can fix a whole file in one go rather than one error per reload.
 //!
 //! Inside: `raw` is the document as written, deserialized by serde (which catches syntax,
-//! types and unknown fields, with their location); `fast` reads the common, plain shape of
-//! a policy into the same raw entries in one pass, without serde_yaml's whole-document
-//! event list, and leaves every other document to serde; `check` applies the semantic
-//! rules (prefixes, duplicates, ports, limits, expiry) and reports all of them; `locate`
-//! and `scan` find where in the text a value sits, for those rules.
+//! types and unknown fields, with their location); `lists` streams the list files
+//! (`subscriber_files`, `allow_files`) that keep big lists out of the YAML; `check`
+//! applies the semantic rules (prefixes, duplicates, ports, limits, expiry) to both and
+//! reports all of them; `locate` and `scan` find where in the text a value sits, for
+//! those rules (serde_yaml reports positions only for its own errors).
 
 mod check;
-mod fast;
+mod lists;
 mod locate;
 mod raw;
 mod scan;
 
-use std::{fmt, path::Path, time::SystemTime};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+pub use check::{MAX_DEPTH, MAX_EXPIRY_AHEAD, MAX_POLICY_BYTES};
+pub use lists::MAX_LIST_FILE_BYTES;
 
 use filter_common::abi::{BlockAction, FragmentPolicy, Mode};
 use ipnet::IpNet;
@@ -42,10 +49,70 @@ pub struct Policy {
     pub interfaces: Vec<Interface>,
     /// Subscriber address space, whose port-25 traffic is filtered.
     pub subscribers: Vec<SubscriberEntry>,
-    /// Exemptions: authorized relays, customers with their own mail servers.
+    /// Exemptions written in the policy document: authorized relays, customers with
+    /// their own mail servers.
     pub allow: Vec<AllowEntry>,
+    /// Exemptions from the allow list files, sorted: prefixes only (no SYN limit, no
+    /// expiry), so that a million of them cost 18 bytes each.
+    pub allow_listed: Vec<IpNet>,
+    /// The subscriber list files, as resolved against the policy file's directory.
+    pub subscriber_files: Vec<PathBuf>,
+    /// The allow list files, likewise.
+    pub allow_files: Vec<PathBuf>,
     /// Whether an empty subscriber list was declared intentional.
     pub allow_empty_subscribers: bool,
+}
+
+impl Policy {
+    /// A policy with no entries and default settings (what a daemon holds before its
+    /// first policy is in force).
+    pub fn empty() -> Self {
+        Self {
+            version: POLICY_VERSION,
+            defaults: Defaults::default(),
+            interfaces: Vec::new(),
+            subscribers: Vec::new(),
+            allow: Vec::new(),
+            allow_listed: Vec::new(),
+            subscriber_files: Vec::new(),
+            allow_files: Vec::new(),
+            allow_empty_subscribers: true,
+        }
+    }
+
+    /// Every list file the policy reads: a change to any of them is a change of the
+    /// policy.
+    pub fn list_files(&self) -> impl Iterator<Item = &Path> {
+        self.subscriber_files
+            .iter()
+            .chain(&self.allow_files)
+            .map(PathBuf::as_path)
+    }
+
+    /// How many allowlist entries the policy has, inline and from list files.
+    pub fn allow_len(&self) -> usize {
+        self.allow.len() + self.allow_listed.len()
+    }
+
+    /// The policy's allowlist entry for exactly `prefix`, if any (a listed one carries no
+    /// comment, owner, expiry or limit).
+    pub fn allow_entry(&self, prefix: IpNet) -> Option<AllowEntry> {
+        if let Some(entry) = self.allow.iter().find(|a| a.prefix == prefix) {
+            return Some(entry.clone());
+        }
+        self.allow_listed
+            .binary_search(&prefix)
+            .ok()
+            .map(|_| AllowEntry::listed(prefix))
+    }
+
+    /// Every allowlist entry, inline ones first, then listed ones in prefix order.
+    pub fn allow_entries(&self) -> impl Iterator<Item = AllowEntry> + '_ {
+        self.allow
+            .iter()
+            .cloned()
+            .chain(self.allow_listed.iter().map(|net| AllowEntry::listed(*net)))
+    }
 }
 
 /// Global settings (`defaults:`).
@@ -135,6 +202,17 @@ pub struct SynRateLimit {
 }
 
 impl AllowEntry {
+    /// An entry of an allow list file: the prefix alone.
+    pub fn listed(prefix: IpNet) -> Self {
+        Self {
+            prefix,
+            comment: None,
+            owner: None,
+            expires: None,
+            syn_limit: None,
+        }
+    }
+
     /// Whether the entry has expired at `now` (an entry expiring exactly now has).
     pub fn is_expired(&self, now: SystemTime) -> bool {
         self.expires.is_some_and(|at| at <= now)
@@ -276,7 +354,7 @@ pub enum PolicyError {
     #[error("cannot read policy file {}: {source}", path.display())]
     Io {
         /// The file.
-        path: std::path::PathBuf,
+        path: PathBuf,
         /// What went wrong.
         #[source]
         source: std::io::Error,
@@ -301,23 +379,40 @@ impl fmt::Display for DisplayLines<'_> {
     }
 }
 
-/// Parses and validates policy `text`; `file` names it in diagnostics.
+/// Parses and validates policy `text`; `file` names it in diagnostics, and list files
+/// are read relative to its directory.
 pub fn parse(text: &str, file: &str) -> Result<Checked, PolicyError> {
     check::check(text, file, SystemTime::now(), check::Limits::DATAPLANE)
 }
 
-/// For the fuzz target and tests only: whether the fast reader of the common policy shape
-/// agrees with serde_yaml on `text` (`Ok(false)`: it stepped aside). Not an API.
-#[doc(hidden)]
-pub fn fast_reader_agrees(text: &str) -> Result<bool, String> {
-    fast::agrees_with_serde(text)
-}
-
-/// Reads, parses and validates the policy file at `path`.
+/// Reads, parses and validates the policy file at `path` (and the list files it names,
+/// relative to its directory).
 pub fn load(path: &Path) -> Result<Checked, PolicyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+    let io = |source| PolicyError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    parse(&text, &path.display().to_string())
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let name = path.display().to_string();
+    // Refused before reading: the cap is there so that a wrong path (a disk image, a log)
+    // is not read into memory.
+    if len > MAX_POLICY_BYTES as u64 {
+        return Err(PolicyError::Invalid(vec![Diagnostic {
+            file: name,
+            line: 1,
+            column: 1,
+            message: format!(
+                "the policy is {len} bytes long; at most {MAX_POLICY_BYTES} bytes are allowed \
+                 (keep long lists in `subscriber_files` and `allow_files`)"
+            ),
+        }]));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, MAX_POLICY_BYTES as u64 + 1),
+        &mut text,
+    )
+    .map_err(io)?;
+    parse(&text, &name)
 }

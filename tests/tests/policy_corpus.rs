@@ -264,7 +264,7 @@ allow:
   - prefix: 192.0.2.25/32
     expires: 2001-09-09T01:46:40Z
   - prefix: 192.0.2.26/32
-    expires: 2999-01-01T00:00:00+02:00
+    expires: 2030-01-01T00:00:00+02:00
 ";
     let checked = policy::parse(text, "expiry.yaml").map_err(|e| anyhow::anyhow!("{e}"))?;
     let got: Vec<String> = checked.warnings.iter().map(ToString::to_string).collect();

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    path::{Path, PathBuf},
     str::FromStr,
     time::{Duration, SystemTime},
 };
@@ -16,7 +17,7 @@ use ipnet::IpNet;
 use super::{
     AllowEntry, Checked, DEFAULT_REJECT_BURST, DEFAULT_REJECT_RATE, Defaults, Diagnostic,
     Interface, MAX_TEXT_BYTES, POLICY_VERSION, Policy, PolicyError, SubscriberEntry, SynRateLimit,
-    fast::{self, FastAllow},
+    lists::{self, ListLine},
     locate::{Expect, Locator, Seg},
     raw::{RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber, VersionProbe},
     scan::Pos,
@@ -46,6 +47,22 @@ const SUBMISSION_PORTS: [u16; 2] = [587, 465];
 
 const EMPTY: &str = "the policy is empty: it needs at least `version: 1` and `subscribers`";
 
+/// Largest policy document accepted, in bytes. A 1.1M-entry policy written inline is
+/// about 38 MB; lists beyond that belong in list files.
+pub const MAX_POLICY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Deepest nesting of YAML collections accepted. A policy needs four levels (the
+/// document, a list, an entry, a flow list in it); the cap keeps a hostile document such
+/// as 200,000 `[` from exhausting the parsers' stacks.
+pub const MAX_DEPTH: usize = 32;
+
+/// How far ahead an `expires` may lie: ten years. Further is a typo (9999 for 2029) or a
+/// way around review, and times that far out do not fit every timestamp format.
+pub const MAX_EXPIRY_AHEAD: Duration = Duration::from_secs(10 * 365 * 86_400 + 3 * 86_400);
+
+/// At most this many list files per list: file numbers are kept in 16 bits per entry.
+const MAX_LIST_FILES: usize = 1_000;
+
 /// Parses and checks `text` as of `now` (for expiry) against `limits`.
 pub(super) fn check(
     text: &str,
@@ -56,16 +73,27 @@ pub(super) fn check(
     // serde_yaml reads a byte order mark as content; editors do not show it, so neither do
     // the positions.
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let base = Path::new(file)
+        .parent()
+        .map_or_else(PathBuf::new, Path::to_path_buf);
     let mut checker = Checker {
         locator: Locator::new(text),
         text,
         file,
+        base,
+        lists: Vec::new(),
         now,
         limits,
         errors: Vec::new(),
         warnings: Vec::new(),
     };
-    let policy = checker.run();
+    let policy = match shape_problem(text) {
+        Some((pos, message)) => {
+            checker.error(pos, message);
+            None
+        }
+        None => checker.run(),
+    };
     let Checker {
         mut errors,
         mut warnings,
@@ -73,11 +101,12 @@ pub(super) fn check(
     } = checker;
     match policy {
         Some(policy) if errors.is_empty() => {
-            warnings.sort_by_key(|d| (d.line, d.column));
+            // List files make several files: by file, then by position in it.
+            warnings.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             Ok(Checked { policy, warnings })
         }
         _ => {
-            errors.sort_by_key(|d| (d.line, d.column));
+            errors.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             Err(PolicyError::Invalid(errors))
         }
     }
@@ -87,6 +116,10 @@ struct Checker<'t> {
     locator: Locator<'t>,
     text: &'t str,
     file: &'t str,
+    /// The directory list files are relative to.
+    base: PathBuf,
+    /// Display names of the list files read, numbered from 1 in [`Loc::file`].
+    lists: Vec<String>,
     now: SystemTime,
     limits: Limits,
     errors: Vec<Diagnostic>,
@@ -156,6 +189,124 @@ impl<'t> Checker<'t> {
         self.warnings.push(diagnostic);
     }
 
+    /// The file named by `loc` and the position in it of the prefix `text` of `list`.
+    fn place(&self, list: &PrefixList, loc: Loc, text: &str) -> (String, Pos) {
+        if loc.file == 0 {
+            let index = loc.line as usize;
+            let pos = self.locator.value(&list.path(index), Expect::Text(text));
+            return (self.file.to_owned(), pos);
+        }
+        let name = self
+            .lists
+            .get(usize::from(loc.file) - 1)
+            .cloned()
+            .unwrap_or_default();
+        let pos = Pos {
+            line: loc.line as usize,
+            column: usize::from(loc.column),
+        };
+        (name, pos)
+    }
+
+    /// Reports a problem with the prefix `text` of `list` written at `loc`.
+    fn report(&mut self, list: &PrefixList, loc: Loc, text: &str, message: String, error: bool) {
+        let (file, pos) = self.place(list, loc, text);
+        let diagnostic = Diagnostic {
+            file,
+            line: pos.line,
+            column: pos.column,
+            message,
+        };
+        if error {
+            self.errors.push(diagnostic);
+        } else {
+            self.warnings.push(diagnostic);
+        }
+    }
+
+    /// Resolves and registers the list files named under `key`; unusable names are
+    /// reported.
+    fn list_files(&mut self, key: &'static str, names: &[String]) -> Vec<(u16, PathBuf)> {
+        let mut files = Vec::with_capacity(names.len());
+        for (index, name) in names.iter().enumerate() {
+            let at = |this: &Self| {
+                this.locator.value(
+                    &[
+                        Seg::Key(key),
+                        Seg::Index {
+                            index,
+                            len: names.len(),
+                        },
+                    ],
+                    Expect::Text(name),
+                )
+            };
+            if self.lists.len() >= MAX_LIST_FILES {
+                let pos = at(self);
+                self.error(
+                    pos,
+                    format!("too many list files: at most {MAX_LIST_FILES} are supported"),
+                );
+                break;
+            }
+            if name.trim().is_empty() {
+                let pos = at(self);
+                self.error(pos, format!("`{key}` names an empty path"));
+                continue;
+            }
+            let path = self.base.join(name);
+            if files.iter().any(|(_, p)| *p == path) {
+                let pos = at(self);
+                self.error(
+                    pos,
+                    format!("list file {name:?} is listed twice under `{key}`"),
+                );
+                continue;
+            }
+            self.lists.push(path.display().to_string());
+            let id = u16::try_from(self.lists.len()).unwrap_or(u16::MAX);
+            files.push((id, path));
+        }
+        files
+    }
+
+    /// Reads one list file, calling `each` per entry; a file that cannot be read is
+    /// reported at its name in the policy.
+    fn read_list(
+        &mut self,
+        key: &'static str,
+        id: u16,
+        path: &Path,
+        mut each: impl FnMut(&mut Self, ListLine<'_>),
+    ) {
+        let result = lists::read(path, |line| {
+            if let Some((column, tail)) = line.trailing {
+                let name = self
+                    .lists
+                    .get(usize::from(id) - 1)
+                    .cloned()
+                    .unwrap_or_default();
+                self.errors.push(Diagnostic {
+                    file: name,
+                    line: line.line as usize,
+                    column: column as usize,
+                    message: format!(
+                        "unexpected {} after the prefix {:?}: a list file holds one prefix a \
+                         line, optionally followed by `# comment`",
+                        abbreviate(tail),
+                        line.prefix
+                    ),
+                });
+            }
+            each(self, line);
+        });
+        if let Err(why) = result {
+            let shown = path.display().to_string();
+            let pos = self.locator.key(&[Seg::Key(key)]).unwrap_or(Pos::START);
+            self.error(pos, format!("cannot read list file {shown}: {why}"));
+        }
+    }
+
     /// Reports a serde_yaml error at its own location, without the location repeated in
     /// the message.
     fn serde_error(&mut self, error: &serde_yaml::Error) {
@@ -195,25 +346,21 @@ impl<'t> Checker<'t> {
 
     /// `None` when the document did not deserialize; errors are then in `self.errors`.
     fn run(&mut self) -> Option<Policy> {
-        // The fast reader takes the common shape of a policy in one pass; anything else,
-        // and every document with a syntax or type error, goes through serde_yaml, which
-        // locates its errors.
-        let (raw, fast_allow) = match fast::read(self.text) {
-            Some((raw, allow)) => (raw, Some(allow)),
-            None => (self.serde_raw()?, None),
-        };
+        let raw = self.serde_raw()?;
         let defaults = self.defaults(raw.defaults);
         let interfaces = self.interfaces(raw.interfaces);
-        let (subscribers, space) = self.subscribers(&raw.subscribers, raw.allow_empty_subscribers);
-        let allow = match &fast_allow {
-            Some(fast_allow) => self.allow(fast_allow, &space),
-            None => self.allow(&raw.allow, &space),
-        };
+        let subscriber_files = self.list_files("subscriber_files", &raw.subscriber_files);
+        let allow_files = self.list_files("allow_files", &raw.allow_files);
+        let (subscribers, space) = self.subscribers(
+            &raw.subscribers,
+            &subscriber_files,
+            raw.allow_empty_subscribers,
+        );
+        let (allow, allow_listed) = self.allow(&raw.allow, &allow_files, &space);
         // The document as written is no longer needed: give its memory back before the
         // caller builds anything else from the policy.
         drop(raw.subscribers);
         drop(raw.allow);
-        drop(fast_allow);
         drop(space);
         Some(Policy {
             version: POLICY_VERSION,
@@ -221,6 +368,9 @@ impl<'t> Checker<'t> {
             interfaces,
             subscribers,
             allow,
+            allow_listed,
+            subscriber_files: subscriber_files.into_iter().map(|(_, p)| p).collect(),
+            allow_files: allow_files.into_iter().map(|(_, p)| p).collect(),
             allow_empty_subscribers: raw.allow_empty_subscribers,
         })
     }
@@ -425,9 +575,41 @@ impl<'t> Checker<'t> {
     fn subscribers(
         &mut self,
         raw: &[RawSubscriber],
+        files: &[(u16, PathBuf)],
         allow_empty: bool,
     ) -> (Vec<SubscriberEntry>, SubscriberSpace) {
-        if raw.is_empty() && !allow_empty {
+        let mut list = PrefixList::new("subscribers", raw.len(), self.limits.subscribers);
+        let mut entries = Vec::with_capacity(raw.len());
+        let mut space = SubscriberSpace::default();
+        for (index, entry) in raw.iter().enumerate() {
+            let Some(prefix) = self.prefix(&mut list, Loc::inline(index), &entry.prefix) else {
+                continue;
+            };
+            space.insert(prefix);
+            entries.push(SubscriberEntry {
+                prefix,
+                mode: entry.mode,
+                action: entry.action,
+            });
+        }
+        // Entries of list files take the policy's defaults.
+        let mut listed = 0_usize;
+        for (id, path) in files {
+            self.read_list("subscriber_files", *id, path, |this, line| {
+                listed += 1;
+                let Some(prefix) = this.prefix(&mut list, Loc::file(*id, &line), line.prefix)
+                else {
+                    return;
+                };
+                space.insert(prefix);
+                entries.push(SubscriberEntry {
+                    prefix,
+                    mode: None,
+                    action: None,
+                });
+            });
+        }
+        if raw.is_empty() && listed == 0 && !allow_empty {
             let pos = self
                 .locator
                 .key(&[Seg::Key("subscribers")])
@@ -440,31 +622,24 @@ impl<'t> Checker<'t> {
                     .to_owned(),
             );
         }
-        let mut list = PrefixList::new("subscribers", raw.len(), self.limits.subscribers);
-        let mut entries = Vec::with_capacity(raw.len());
-        let mut space = SubscriberSpace::default();
-        for (index, entry) in raw.iter().enumerate() {
-            let Some(prefix) = self.prefix(&mut list, index, raw) else {
-                continue;
-            };
-            space.insert(prefix);
-            entries.push(SubscriberEntry {
-                prefix,
-                mode: entry.mode,
-                action: entry.action,
-            });
-        }
         self.repeats_and_overflow(list, raw);
         (entries, space)
     }
 
-    fn allow<E: AllowFields>(&mut self, raw: &[E], space: &SubscriberSpace) -> Vec<AllowEntry> {
+    /// The inline allowlist entries, and the prefixes of the allow list files (sorted,
+    /// without repeats).
+    fn allow(
+        &mut self,
+        raw: &[RawAllow],
+        files: &[(u16, PathBuf)],
+        space: &SubscriberSpace,
+    ) -> (Vec<AllowEntry>, Vec<IpNet>) {
         let len = raw.len();
         let mut list = PrefixList::new("allow", len, self.limits.allow);
         let mut entries = Vec::with_capacity(len);
         for (index, entry) in raw.iter().enumerate() {
             let field = |name| [Seg::Key("allow"), Seg::Index { index, len }, Seg::Key(name)];
-            let prefix = self.prefix(&mut list, index, raw);
+            let prefix = self.prefix(&mut list, Loc::inline(index), &entry.prefix);
             for (name, value) in [("comment", entry.comment()), ("owner", entry.owner())] {
                 if let Some(value) = value.filter(|v| v.len() > MAX_TEXT_BYTES) {
                     let pos = self.locator.value(&field(name), Expect::Text(value));
@@ -482,6 +657,22 @@ impl<'t> Checker<'t> {
             let mut expired = false;
             let expires = match entry.expires().map(|s| (s, parse_expiry(s))) {
                 None => None,
+                Some((text, Ok(at)))
+                    if self
+                        .now
+                        .checked_add(MAX_EXPIRY_AHEAD)
+                        .is_none_or(|limit| at > limit) =>
+                {
+                    let pos = self.locator.value(&field("expires"), Expect::Text(text));
+                    self.error(
+                        pos,
+                        format!(
+                            "expires {text} is more than 10 years ahead; an exemption that \
+                             long belongs without `expires`, or write the year you meant"
+                        ),
+                    );
+                    None
+                }
                 Some((text, Ok(at))) => {
                     if at <= self.now {
                         expired = true;
@@ -556,8 +747,40 @@ impl<'t> Checker<'t> {
                 syn_limit,
             });
         }
-        self.repeats_and_overflow(list, raw);
-        entries
+        // Entries of list files carry no SYN limit and no expiry (those stay in YAML):
+        // only the prefix is kept.
+        for (id, path) in files {
+            self.read_list("allow_files", *id, path, |this, line| {
+                let loc = Loc::file(*id, &line);
+                let Some(prefix) = this.prefix(&mut list, loc, line.prefix) else {
+                    return;
+                };
+                if !space.overlaps(prefix) {
+                    this.report(
+                        &list,
+                        loc,
+                        line.prefix,
+                        format!(
+                            "allow entry {prefix} lies outside all subscriber prefixes, so it \
+                             can never change a verdict"
+                        ),
+                        false,
+                    );
+                }
+            });
+        }
+        let seen = self.repeats_and_overflow(list, raw);
+        let mut listed: Vec<IpNet> = seen
+            .iter()
+            .filter(|(_, loc)| loc.file != 0)
+            .map(|(net, _)| *net)
+            .collect();
+        drop(seen);
+        listed.dedup();
+        listed.shrink_to_fit();
+        // Sorted by `repeats_and_overflow`; an inline entry and a listed one never share a
+        // prefix in a valid policy.
+        (entries, listed)
     }
 
     /// Reports the prefixes of a list that repeat an earlier one, and per address family
@@ -565,33 +788,47 @@ impl<'t> Checker<'t> {
     /// sorted list rather than with a map while reading: at a million entries the map
     /// cost tens of MiB. Either finding is an error, so the entries and warnings the
     /// caller built meanwhile are discarded with the policy.
-    fn repeats_and_overflow<E: Prefixed>(&mut self, mut list: PrefixList, entries: &[E]) {
+    fn repeats_and_overflow<E: Prefixed>(
+        &mut self,
+        mut list: PrefixList,
+        entries: &[E],
+    ) -> Vec<(IpNet, Loc)> {
         let mut seen = std::mem::take(&mut list.seen);
         let limit = list.limit;
-        let text = |index: usize| entries.get(index).map_or("", Prefixed::prefix);
+        let text = |loc: Loc| {
+            if loc.file == 0 {
+                entries.get(loc.line as usize).map_or("", Prefixed::prefix)
+            } else {
+                ""
+            }
+        };
         seen.sort_unstable();
         let (mut v4, mut v6) = (0_usize, 0_usize);
-        let mut first: Option<(IpNet, usize)> = None;
-        for &(net, index) in &seen {
+        let mut first: Option<(IpNet, Loc)> = None;
+        for &(net, loc) in &seen {
             match first {
                 Some((earlier_net, earlier)) if earlier_net == net => {
-                    let earlier = self
-                        .locator
-                        .value(&list.path(earlier), Expect::Text(text(earlier)));
-                    let pos = self
-                        .locator
-                        .value(&list.path(index), Expect::Text(text(index)));
-                    self.error(
-                        pos,
+                    let (earlier_file, earlier_pos) = self.place(&list, earlier, text(earlier));
+                    let (file, _) = self.place(&list, loc, text(loc));
+                    let place = if earlier_file == file {
+                        format!("line {}", earlier_pos.line)
+                    } else {
+                        format!("{earlier_file}:{}", earlier_pos.line)
+                    };
+                    self.report(
+                        &list,
+                        loc,
+                        text(loc),
                         format!(
-                            "duplicate {} prefix {net} (first listed on line {})",
+                            "duplicate {} prefix {net} (first listed {}{place})",
                             list.noun(),
-                            earlier.line
+                            if earlier_file == file { "on " } else { "at " },
                         ),
+                        true,
                     );
                 }
                 _ => {
-                    first = Some((net, index));
+                    first = Some((net, loc));
                     match net {
                         IpNet::V4(_) => v4 += 1,
                         IpNet::V6(_) => v6 += 1,
@@ -605,43 +842,37 @@ impl<'t> Checker<'t> {
             }
             // The first occurrences of the family, in file order: the one at `limit` is
             // the first that does not fit.
-            let mut firsts: Vec<usize> = Vec::with_capacity(count);
+            let mut firsts: Vec<Loc> = Vec::with_capacity(count);
             let mut last: Option<IpNet> = None;
-            for &(net, index) in &seen {
+            for &(net, loc) in &seen {
                 if last != Some(net) && matches!(net, IpNet::V4(_)) == v4_family {
-                    firsts.push(index);
+                    firsts.push(loc);
                 }
                 last = Some(net);
             }
             firsts.sort_unstable();
-            let Some(&index) = firsts.get(limit) else {
+            let Some(&loc) = firsts.get(limit) else {
                 continue;
             };
-            let pos = self
-                .locator
-                .value(&list.path(index), Expect::Text(text(index)));
             let family = if v4_family { "IPv4" } else { "IPv6" };
-            self.error(
-                pos,
+            self.report(
+                &list,
+                loc,
+                text(loc),
                 format!(
                     "too many {family} {} prefixes: the dataplane holds at most {limit} per \
                      address family",
                     list.noun(),
                 ),
+                true,
             );
         }
+        seen
     }
 
-    /// Parses and checks the prefix of entry `index` of `entries`; `None` if it is
+    /// Parses and checks the prefix `text` of `list`, written at `loc`; `None` if it is
     /// unusable (reported).
-    fn prefix<E: Prefixed>(
-        &mut self,
-        list: &mut PrefixList,
-        index: usize,
-        entries: &[E],
-    ) -> Option<IpNet> {
-        let text = entries.get(index)?.prefix();
-        let path = list.path(index);
+    fn prefix(&mut self, list: &mut PrefixList, loc: Loc, text: &str) -> Option<IpNet> {
         let problem = match parse_prefix(text) {
             Err(problem) => problem,
             Ok(net) if net.prefix_len() == 0 && list.name == "subscribers" => format!(
@@ -655,13 +886,41 @@ impl<'t> Checker<'t> {
             Ok(net) => {
                 // Duplicates and the per-family limit are found once the whole list is
                 // known, by `repeats_and_overflow`.
-                list.seen.push((net, index));
+                list.seen.push((net, loc));
                 return Some(net);
             }
         };
-        let pos = self.locator.value(&path, Expect::Text(text));
-        self.error(pos, problem);
+        self.report(list, loc, text, problem, true);
         None
+    }
+}
+
+/// Where a prefix was written: entry `line` of the inline list (`file` 0), or line `line`,
+/// column `column` of list file number `file`. Eight bytes, since a million-entry list
+/// keeps one per entry while it is checked; the derived order puts inline entries first,
+/// then the files in the order the policy names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Loc {
+    file: u16,
+    line: u32,
+    column: u16,
+}
+
+impl Loc {
+    fn inline(index: usize) -> Self {
+        Self {
+            file: 0,
+            line: u32::try_from(index).unwrap_or(u32::MAX),
+            column: 0,
+        }
+    }
+
+    fn file(id: u16, line: &ListLine<'_>) -> Self {
+        Self {
+            file: id,
+            line: line.line,
+            column: u16::try_from(line.column).unwrap_or(u16::MAX),
+        }
     }
 }
 
@@ -682,13 +941,7 @@ impl Prefixed for RawAllow<'_> {
     }
 }
 
-impl Prefixed for FastAllow<'_> {
-    fn prefix(&self) -> &str {
-        self.prefix
-    }
-}
-
-/// An allowlist entry as written: serde's, or the fast reader's compact one.
+/// An allowlist entry as written.
 trait AllowFields: Prefixed {
     fn comment(&self) -> Option<&str>;
     fn owner(&self) -> Option<&str>;
@@ -715,32 +968,15 @@ impl AllowFields for RawAllow<'_> {
     }
 }
 
-impl AllowFields for FastAllow<'_> {
-    fn comment(&self) -> Option<&str> {
-        self.extra.as_ref()?.comment
-    }
-    fn owner(&self) -> Option<&str> {
-        self.extra.as_ref()?.owner
-    }
-    fn expires(&self) -> Option<&str> {
-        self.extra.as_ref()?.expires
-    }
-    fn max_syn_per_minute(&self) -> Option<u32> {
-        self.extra.as_ref()?.max_syn_per_minute
-    }
-    fn syn_burst(&self) -> Option<u32> {
-        self.extra.as_ref()?.syn_burst
-    }
-}
-
 /// Bookkeeping for one prefix list (`subscribers` or `allow`).
 struct PrefixList {
     name: &'static str,
     len: usize,
     limit: usize,
-    /// Every usable prefix with its index, for `Checker::repeats_and_overflow` (the text
-    /// as written is in the raw list, which outlives this).
-    seen: Vec<(IpNet, usize)>,
+    /// Every usable prefix with where it was written, for
+    /// `Checker::repeats_and_overflow` (the text of an inline entry is in the raw list,
+    /// which outlives this).
+    seen: Vec<(IpNet, Loc)>,
 }
 
 impl PrefixList {
@@ -868,6 +1104,85 @@ fn split_offset(text: &str) -> Option<(&str, i64)> {
         return None;
     }
     Some((local, sign * (hours * 3600 + minutes * 60)))
+}
+
+/// A document too large or nested too deeply to hand to the YAML parser: the position
+/// and the message. Checked first, on the text alone: deep nesting is what exhausts a
+/// recursive parser's stack (200,000 `[` did), so it must be caught before parsing.
+fn shape_problem(text: &str) -> Option<(Pos, String)> {
+    if text.len() > MAX_POLICY_BYTES {
+        return Some((
+            Pos::START,
+            format!(
+                "the policy is {} bytes long; at most {MAX_POLICY_BYTES} bytes are allowed \
+                 (keep long lists in `subscriber_files` and `allow_files`)",
+                text.len()
+            ),
+        ));
+    }
+    let too_deep = |line: usize, column: usize| {
+        Some((
+            Pos { line, column },
+            format!(
+                "collections nested more than {MAX_DEPTH} levels deep; a p25 policy needs \
+                 four"
+            ),
+        ))
+    };
+    // Flow collections (`[`, `{`) outside quotes and comments, and block levels (deeper
+    // indentation, and `- ` items opened on one line), counted together.
+    let mut flow = 0_usize;
+    let mut indents: Vec<usize> = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        let content = line.trim_start_matches(' ');
+        let indent = line.len() - content.len();
+        if flow == 0 && !content.is_empty() && !content.starts_with('#') {
+            while indents.last().is_some_and(|&top| top >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+            let dashes = content
+                .as_bytes()
+                .chunks(2)
+                .take_while(|pair| *pair == b"- ")
+                .count();
+            if indents.len() + dashes > MAX_DEPTH {
+                return too_deep(number, indent + 1);
+            }
+        }
+        let mut quote: Option<char> = None;
+        let mut previous = ' ';
+        for (column, c) in line.chars().enumerate() {
+            match quote {
+                Some('"') if c == '\\' && previous == '\\' => {
+                    previous = ' ';
+                    continue;
+                }
+                Some(q) if c == q && !(q == '"' && previous == '\\') => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if previous.is_whitespace() || column == 0 => break,
+                    '\'' | '"'
+                        if matches!(previous, ' ' | '\t' | '[' | '{' | ',' | ':')
+                            || column == 0 =>
+                    {
+                        quote = Some(c);
+                    }
+                    '[' | '{' => {
+                        flow += 1;
+                        if indents.len() + flow > MAX_DEPTH {
+                            return too_deep(number, column + 1);
+                        }
+                    }
+                    ']' | '}' => flow = flow.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            previous = c;
+        }
+    }
+    None
 }
 
 /// Where a second YAML document starts (serde_yaml gives no position for that error):
@@ -1242,6 +1557,226 @@ allow: [{prefix: 192.0.2.25, owner: ops, expires: 2030-06-01T00:00:00Z}]
         assert_eq!(json.pointer("/subscribers/0/mode"), Some(&"monitor".into()));
         assert_eq!(json.pointer("/defaults/fragments"), Some(&"pass".into()));
         Ok(())
+    }
+
+    /// A policy in a fresh directory with list files beside it; the directory is removed
+    /// on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str, files: &[(&str, &str)]) -> Self {
+            let dir = std::env::temp_dir().join(format!("p25-lists-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::create_dir_all(&dir);
+            for (name, text) in files {
+                let _ = std::fs::write(dir.join(name), text);
+            }
+            Self(dir)
+        }
+
+        fn check(&self, text: &str, limits: Limits) -> Result<Checked, Vec<String>> {
+            let file = self.0.join("p.yaml").display().to_string();
+            check(text, &file, SystemTime::now(), limits).map_err(|error| match error {
+                PolicyError::Invalid(diagnostics) => diagnostics
+                    .iter()
+                    .map(|d| d.to_string().replace(&format!("{}/", self.0.display()), ""))
+                    .collect(),
+                other => vec![other.to_string()],
+            })
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn list_files_feed_both_lists() -> Result<(), Vec<String>> {
+        let dir = Dir::new(
+            "ok",
+            &[
+                (
+                    "subs.txt",
+                    "# from the IPAM\n100.64.0.0/24\n\n  2001:db8::/48  # site 1\r\n",
+                ),
+                ("allow.txt", "100.64.0.25 # relay\n2001:db8::25\n"),
+            ],
+        );
+        let text = "\
+version: 1
+defaults: { mode: monitor }
+subscriber_files: [subs.txt]
+allow_files:
+  - allow.txt
+subscribers:
+  - prefix: 192.0.2.0/24
+    mode: enforce
+allow:
+  - { prefix: 192.0.2.25, max_syn_per_minute: 10 }
+";
+        let checked = dir.check(text, Limits::DATAPLANE)?;
+        assert!(checked.warnings.is_empty(), "{:?}", checked.warnings);
+        let policy = checked.policy;
+        let subs: Vec<_> = policy
+            .subscribers
+            .iter()
+            .map(|s| (s.prefix.to_string(), s.mode))
+            .collect();
+        assert_eq!(
+            subs,
+            [
+                (
+                    "192.0.2.0/24".to_owned(),
+                    Some(super::super::PolicyMode::Enforce)
+                ),
+                ("100.64.0.0/24".to_owned(), None),
+                ("2001:db8::/48".to_owned(), None),
+            ]
+        );
+        let listed: Vec<_> = policy
+            .allow_listed
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(listed, ["100.64.0.25/32", "2001:db8::25/128"]);
+        assert_eq!(policy.allow.len(), 1);
+        assert_eq!(policy.allow_len(), 3);
+        assert_eq!(policy.list_files().count(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn list_file_entries_follow_the_inline_rules() {
+        let dir = Dir::new(
+            "bad",
+            &[
+                ("a.txt", "100.64.0.0/24\n100.64.1.1/24\n  100.64.0.0/24\n"),
+                ("b.txt", "192.0.2.0/24\n10.0.0.0/8 extra words\n"),
+                ("c.txt", "100.64.0.9\n203.0.113.9\n"),
+            ],
+        );
+        let text = "\
+version: 1
+subscriber_files: [a.txt, b.txt]
+allow_files: [c.txt, missing.txt]
+subscribers:
+  - prefix: 192.0.2.0/24
+allow:
+  - prefix: 100.64.0.9
+";
+        let got = dir.check(text, Limits::DATAPLANE).err().unwrap_or_default();
+        assert_eq!(
+            got,
+            [
+                "a.txt:2:1: 100.64.1.1/24 has host bits set; did you mean 100.64.1.0/24?",
+                "a.txt:3:3: duplicate subscriber prefix 100.64.0.0/24 (first listed on line 1)",
+                "b.txt:1:1: duplicate subscriber prefix 192.0.2.0/24 (first listed at p.yaml:5)",
+                "b.txt:2:12: unexpected \"extra words\" after the prefix \"10.0.0.0/8\": a list \
+                 file holds one prefix a line, optionally followed by `# comment`",
+                "c.txt:1:1: duplicate allow prefix 100.64.0.9/32 (first listed at p.yaml:7)",
+                "p.yaml:3:1: cannot read list file missing.txt: No such file or directory (os \
+                 error 2)",
+            ]
+        );
+    }
+
+    #[test]
+    fn list_files_count_toward_capacity_and_coverage() {
+        let dir = Dir::new("cap", &[("a.txt", "10.0.0.1\n10.0.0.2\n203.0.113.1\n")]);
+        let text = "\
+version: 1
+subscribers: [{ prefix: 10.0.0.0/24 }]
+allow_files: [a.txt]
+allow: [{ prefix: 10.0.0.3 }]
+";
+        let limits = Limits {
+            subscribers: 10,
+            allow: 2,
+        };
+        assert_eq!(
+            dir.check(text, limits).err().unwrap_or_default(),
+            [
+                "a.txt:2:1: too many IPv4 allow prefixes: the dataplane holds at most 2 per \
+              address family"
+            ]
+        );
+        let warnings = dir.check(text, Limits::DATAPLANE).map(|c| {
+            c.warnings
+                .iter()
+                .map(|d| d.message.clone())
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(
+            warnings,
+            Ok(vec![
+                "allow entry 203.0.113.1/32 lies outside all subscriber prefixes, so it can \
+                 never change a verdict"
+                    .to_owned()
+            ])
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        let deep = format!(
+            "version: 1\nallow: {}{}\n",
+            "[".repeat(200_000),
+            "]".repeat(200_000)
+        );
+        assert_eq!(
+            errors(&deep),
+            [format!(
+                "t.yaml:2:{}: collections nested more than {MAX_DEPTH} levels deep; a p25 \
+                 policy needs four",
+                7 + MAX_DEPTH
+            )]
+        );
+        let mut block = String::from("version: 1\nsubscribers:\n");
+        for level in 0..40 {
+            block.push_str(&" ".repeat(level));
+            block.push_str("- \n");
+        }
+        assert_eq!(errors(&block).len(), 1);
+        assert!(
+            errors(&block)
+                .iter()
+                .all(|e| e.contains("nested more than"))
+        );
+        let dashes = format!("version: 1\nsubscribers:\n{}x\n", "- ".repeat(40));
+        assert!(
+            errors(&dashes)
+                .iter()
+                .all(|e| e.contains("nested more than"))
+        );
+        // Brackets in comments and quotes do not count.
+        let quoted = format!(
+            "version: 1 # {}\nsubscribers: [{{prefix: 10.0.0.0/8}}]\nallow: [{{prefix: 10.0.0.1, \
+             comment: \"{}\"}}]\n",
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert_eq!(errors(&quoted), Vec::<String>::new());
+    }
+
+    #[test]
+    fn expiry_more_than_ten_years_ahead_is_an_error() {
+        let text = "\
+version: 1
+subscribers: [{prefix: 192.0.2.0/24}]
+allow:
+  - prefix: 192.0.2.25
+    expires: \"9999-12-31T23:59:59-12:00\"
+";
+        let got = errors(text);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got.iter().all(|e| e.starts_with(
+                "t.yaml:5:14: expires 9999-12-31T23:59:59-12:00 is more than 10 years ahead"
+            )),
+            "{got:?}"
+        );
     }
 
     #[test]

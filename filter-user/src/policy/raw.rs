@@ -39,9 +39,14 @@ pub(super) struct RawPolicy<'t> {
     pub allow: Vec<RawAllow<'t>>,
     #[serde(default)]
     pub allow_empty_subscribers: bool,
+    /// List files of subscriber prefixes, relative to the policy file.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub subscriber_files: Vec<String>,
+    /// List files of allowlist prefixes, relative to the policy file.
+    #[serde(default, deserialize_with = "null_as_default")]
+    pub allow_files: Vec<String>,
 }
 
-// Compared in tests with what the fast reader builds.
 #[derive(Debug, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "the `defaults` mapping")]
 pub(super) struct RawDefaults {
@@ -60,7 +65,6 @@ pub(super) struct RawDefaults {
     pub reject_burst: Option<u32>,
 }
 
-// Compared in tests with what the fast reader builds.
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -73,7 +77,6 @@ pub(super) struct RawInterface {
     pub attach: Attach,
 }
 
-// Compared in tests with what the fast reader builds.
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -88,7 +91,6 @@ pub(super) struct RawSubscriber<'t> {
     pub action: Option<PolicyAction>,
 }
 
-// Compared in tests with what the fast reader builds.
 #[derive(Debug, PartialEq, Deserialize)]
 #[serde(
     deny_unknown_fields,

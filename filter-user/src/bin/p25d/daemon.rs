@@ -154,14 +154,7 @@ pub async fn run(opts: Options) -> Result<()> {
         runtime,
         // Replaced by `apply` below; a copy of a million-entry policy just for this would
         // double the daemon's peak memory.
-        policy: Policy {
-            version: policy::POLICY_VERSION,
-            defaults: policy::Defaults::default(),
-            interfaces: Vec::new(),
-            subscribers: Vec::new(),
-            allow: Vec::new(),
-            allow_empty_subscribers: true,
-        },
+        policy: Policy::empty(),
         generation,
         reloads_ok: 0,
         reloads_failed: 0,
