@@ -6,6 +6,7 @@
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
 
 pub mod control;
+pub mod desired;
 pub mod loader;
 pub mod metrics;
 pub mod model;

@@ -40,6 +40,8 @@ pub struct Snapshot {
     /// Allowlist entries by source.
     pub allow_policy: usize,
     pub allow_runtime: usize,
+    /// Allowlist entries wanted but not in the maps because the allowlist map is full.
+    pub allow_not_inserted: usize,
     /// Subscriber prefixes in force.
     pub subscriber_prefixes: usize,
     /// Subscribers in the offender table.
@@ -178,6 +180,13 @@ pub fn render(s: &Snapshot) -> Result<String, RenderError> {
     allow
         .with_label_values(&["runtime"])
         .set(int(s.allow_runtime));
+    gauge(
+        &r,
+        "p25_allowlist_entries_not_inserted",
+        "Allowlist entries of the policy or p25ctl allow that are not in the maps because \
+         the allowlist map is full (0 when all fit).",
+        int(s.allow_not_inserted),
+    )?;
     gauge(
         &r,
         "p25_subscriber_prefixes",

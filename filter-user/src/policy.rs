@@ -80,6 +80,14 @@ impl Policy {
         }
     }
 
+    /// Sorts the lists by prefix, the order [`crate::desired::Desired`] walks them in
+    /// (a parsed policy already is).
+    pub fn sort(&mut self) {
+        self.subscribers.sort_by_key(|s| s.prefix);
+        self.allow.sort_by_key(|a| a.prefix);
+        self.allow_listed.sort_unstable();
+    }
+
     /// Every list file the policy reads: a change to any of them is a change of the
     /// policy.
     pub fn list_files(&self) -> impl Iterator<Item = &Path> {

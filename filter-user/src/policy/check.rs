@@ -100,7 +100,8 @@ pub(super) fn check(
         ..
     } = checker;
     match policy {
-        Some(policy) if errors.is_empty() => {
+        Some(mut policy) if errors.is_empty() => {
+            policy.sort();
             // List files make several files: by file, then by position in it.
             warnings.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             Ok(Checked { policy, warnings })
@@ -1627,11 +1628,11 @@ allow:
         assert_eq!(
             subs,
             [
+                ("100.64.0.0/24".to_owned(), None),
                 (
                     "192.0.2.0/24".to_owned(),
                     Some(super::super::PolicyMode::Enforce)
                 ),
-                ("100.64.0.0/24".to_owned(), None),
                 ("2001:db8::/48".to_owned(), None),
             ]
         );

@@ -13,23 +13,22 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
-use filter_common::abi::{
-    AllowValue, BlockAction, Config, FragmentPolicy, Mode, Origin, SubscriberValue, iface_slot,
-};
+use filter_common::abi::{AllowValue, BlockAction, Mode, Origin, iface_slot};
 use filter_user::{
     Dataplane, KernelTables, check_prefix,
     control::{
         AllowEntryView, InterfaceView, ListView, Request, Response, Source, StatsView, StatusView,
         SubscriberView,
     },
+    desired::{self, Counts, Desired},
     loader::{
         Hook, PinLayout, ensure_bpffs, ifindex, links_in, pinned_link_ifindex, pinned_link_status,
     },
     metrics,
     offenders::{self, AlertTracker, monotonic_ns},
-    policy::{self, AllowEntry, Attach, Policy, Role},
+    policy::{self, Attach, Policy, Role},
     runtime::{RuntimeEntry, RuntimeStore, rfc3339, unix},
-    sync::{Desired, reconcile},
+    sync::{self, SyncReport},
 };
 use ipnet::IpNet;
 use tokio::{
@@ -81,6 +80,15 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
+/// Stamps of the policy file and of every list file it names, in that order: a change to
+/// any of them is a change of the policy.
+fn stamps(policy_file: &Path, policy: &Policy) -> Vec<Option<FileStamp>> {
+    std::iter::once(policy_file)
+        .chain(policy.list_files())
+        .map(stamp)
+        .collect()
+}
+
 /// What the daemon knows about one policy interface.
 #[derive(Clone, Debug)]
 struct IfaceState {
@@ -103,7 +111,23 @@ struct Daemon {
     reloads_ok: u64,
     reloads_failed: u64,
     last_error: Option<String>,
-    seen: Option<FileStamp>,
+    /// Stamps of the policy file and its list files as last read (see [`stamps`]).
+    seen: Vec<Option<FileStamp>>,
+    /// The moment the desired state now in the maps was taken at (expired entries as of
+    /// then are not in them).
+    applied_at: SystemTime,
+    /// Whether the maps may differ from the state last put in force (start-up, a failed
+    /// or partial update): the next change then reads them back instead of diffing.
+    dirty: bool,
+    /// Entry counts of the state in force, counted when it was put in force.
+    counts: Counts,
+    /// Allowlist entries the last update could not insert because the map is full.
+    allow_not_inserted: usize,
+    /// When the inline allowlist entries of the policy in force expire, sorted (list
+    /// files carry no expiry, so this is short).
+    policy_expiries: Vec<SystemTime>,
+    /// Whether the last expiry update failed: the timer then waits before retrying.
+    expiry_failed: bool,
     interfaces: BTreeMap<String, IfaceState>,
     /// Unix time of the last successful reconcile (for the staleness alert).
     last_sync_unix: f64,
@@ -124,7 +148,7 @@ pub async fn run(opts: Options) -> Result<()> {
     for warning in &checked.warnings {
         warn!(%warning, "policy warning");
     }
-    let seen = stamp(&opts.policy);
+    let seen = stamps(&opts.policy, &checked.policy);
     let runtime = RuntimeStore::open(&opts.state).context("opening the runtime state")?;
     let _lock = lock(&opts.socket)?;
     let event_output = observe::open_sink(&opts.events)?;
@@ -160,6 +184,13 @@ pub async fn run(opts: Options) -> Result<()> {
         reloads_failed: 0,
         last_error: None,
         seen,
+        applied_at: SystemTime::UNIX_EPOCH,
+        // Whatever the maps hold (adopted pins, an older p25d) is read back once.
+        dirty: true,
+        counts: Counts::default(),
+        allow_not_inserted: 0,
+        policy_expiries: Vec::new(),
+        expiry_failed: false,
         interfaces: BTreeMap::new(),
     };
     daemon.apply(checked.policy, "start")?;
@@ -199,7 +230,11 @@ pub async fn run(opts: Options) -> Result<()> {
 
     info!(socket = %daemon.opts.socket.display(), "ready");
     loop {
+        // Expiry acts on time: sleep until the next entry expires (at most an hour at a
+        // time, so that a clock step is noticed), not until the next resync.
+        let expiry = daemon.next_expiry_in();
         tokio::select! {
+            () = tokio::time::sleep(expiry) => { daemon.expire_due(); }
             Some((request, reply)) = jobs.recv() => {
                 let response = daemon.handle(request);
                 let _ = reply.send(response);
@@ -214,7 +249,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 daemon.check_interfaces();
             }
             _ = poll.tick() => {
-                if stamp(&daemon.opts.policy) != daemon.seen {
+                if stamps(&daemon.opts.policy, &daemon.policy) != daemon.seen {
                     daemon.reload("policy file changed");
                 }
                 daemon.check_interfaces();
@@ -374,80 +409,79 @@ fn ok(data: impl serde::Serialize) -> Response {
     }
 }
 
-/// The ALLOW value of a policy entry: its origin and SYN limit.
-pub(crate) fn policy_allow_value(entry: &AllowEntry) -> AllowValue {
-    let value = AllowValue::new(Origin::POLICY);
-    match entry.syn_limit {
-        Some(limit) => value.with_syn_limit(limit.per_minute, limit.burst),
-        None => value,
-    }
-}
-
 impl Daemon {
-    /// The maps' target state for `policy`, the runtime entries, and `generation`.
-    fn desired(&self, policy: &Policy, generation: u32) -> Desired {
-        let now = SystemTime::now();
-        let (event_rate, event_burst) = if self.opts.events == EventSink::Off {
+    /// The daemon's own settings that go into CONFIG.
+    fn settings(&self) -> desired::Settings {
+        let (events_rate, events_burst) = if self.opts.events == EventSink::Off {
             (0, 0)
         } else {
-            // The kernel's bucket is per CPU; split the operator's total evenly, rounding
-            // up so that a small total never becomes zero.
-            (
-                self.opts.events_rate.div_ceil(self.cpus),
-                self.opts.events_burst.div_ceil(self.cpus).max(1),
-            )
+            (self.opts.events_rate, self.opts.events_burst)
         };
-        let config = Config {
-            mode: policy.defaults.mode.into(),
-            fragments: FragmentPolicy::from(policy.defaults.fragments),
+        desired::Settings {
             offender_v6_prefix: self.opts.offender_v6_prefix,
-            action: policy.defaults.action.into(),
-            generation,
-            event_rate,
-            event_burst,
-            // Per CPU in the kernel, like the event bucket: split the policy's router-wide
-            // rate so that a flood spread over every CPU still gets at most about it.
-            rst_rate: policy.defaults.reject_rate.div_ceil(self.cpus),
-            rst_burst: policy.defaults.reject_burst.div_ceil(self.cpus).max(1),
+            events_rate,
+            events_burst,
+            cpus: self.cpus,
+        }
+    }
+
+    /// Brings the maps from the state last put in force (`self.policy` at
+    /// `self.applied_at`) to `new`: by the difference, or by reading the maps back if they
+    /// may have drifted (`self.dirty`). Records what is then in force.
+    fn update_maps(
+        &mut self,
+        new: &Policy,
+        generation: u32,
+        now: SystemTime,
+    ) -> Result<SyncReport> {
+        let settings = self.settings();
+        let runtime = self.runtime.entries();
+        let config = desired::config(new, &settings, generation);
+        let target = Desired::new(config, new, runtime, now);
+        let result = if self.dirty {
+            sync::reconcile(&mut self.tables, &target)
+        } else {
+            let config = desired::config(&self.policy, &settings, self.generation);
+            let old = Desired::new(config, &self.policy, runtime, self.applied_at);
+            sync::apply_diff(&mut self.tables, &old, &target)
         };
-        let subscribers = policy
-            .subscribers
-            .iter()
-            .map(|s| {
-                let mode = s.mode.map_or(Mode::DEFAULT, Mode::from);
-                let action = s.action.map_or(BlockAction::DEFAULT, BlockAction::from);
-                (s.prefix, SubscriberValue::new(mode).with_action(action))
-            })
-            .collect();
-        let mut allow: BTreeMap<IpNet, AllowValue> = policy
-            .allow
-            .iter()
-            .filter(|a| a.expires.is_none_or(|e| e > now))
-            .map(|a| (a.prefix, policy_allow_value(a)))
-            .collect();
-        for entry in self.runtime.entries().values() {
-            if !entry.expired(now) {
-                allow
-                    .entry(entry.prefix)
-                    .or_insert(AllowValue::new(Origin::RUNTIME));
+        let counts = target.counts();
+        drop(target);
+        let report = match result {
+            Ok(report) => report,
+            Err(e) => {
+                self.dirty = true;
+                return Err(e).context("updating the maps");
             }
+        };
+        self.counts = counts;
+        self.applied_at = now;
+        self.allow_not_inserted = report.allow_not_inserted;
+        // What did not fit is retried (by reading the maps back) at the next change.
+        self.dirty = report.allow_not_inserted > 0;
+        if report.allow_not_inserted > 0 {
+            let message = format!(
+                "the allowlist map is full: {} allowlist entries are not in the maps (the \
+                 other changes are); remove entries or raise the capacity",
+                report.allow_not_inserted
+            );
+            error!(not_inserted = report.allow_not_inserted, "{message}");
+            self.last_error = Some(message);
         }
-        Desired {
-            config,
-            subscribers,
-            allow,
-        }
+        self.synced();
+        Ok(report)
     }
 
     /// Puts `policy` in force: attach its interfaces, reconcile the maps, bump the
     /// generation. Only errors of the maps themselves fail it.
     fn apply(&mut self, policy: Policy, reason: &str) -> Result<()> {
         let generation = self.generation.wrapping_add(1);
-        let desired = self.desired(&policy, generation);
-        let report = reconcile(&mut self.tables, &desired).context("updating the maps")?;
-        self.synced();
+        let report = self.update_maps(&policy, generation, SystemTime::now())?;
         self.generation = generation;
         self.sync_interfaces(&policy);
+        self.policy_expiries = policy.allow.iter().filter_map(|a| a.expires).collect();
+        self.policy_expiries.sort_unstable();
+        // The old policy goes only now: it was the "before" of the difference.
         self.policy = policy;
         info!(
             reason,
@@ -455,16 +489,81 @@ impl Daemon {
             added = report.added,
             updated = report.updated,
             removed = report.removed,
-            subscribers = desired.subscribers.len(),
-            allow = desired.allow.len(),
+            subscribers = self.counts.subscribers,
+            allow = self.counts.allow_policy + self.counts.allow_runtime,
+            allow_not_inserted = report.allow_not_inserted,
             "policy in force"
         );
         Ok(())
     }
 
+    /// How long until the next entry of the state in force expires (an hour if none).
+    /// Called on every turn of the loop, so it looks only at the cached expiries of the
+    /// policy and at the runtime entries (few), never at the whole policy.
+    fn next_expiry_in(&self) -> Duration {
+        const IDLE: Duration = Duration::from_secs(3600);
+        const RETRY: Duration = Duration::from_secs(5);
+        let after = self.applied_at;
+        let policy = self
+            .policy_expiries
+            .get(self.policy_expiries.partition_point(|at| *at <= after))
+            .copied();
+        let runtime = self
+            .runtime
+            .entries()
+            .values()
+            .filter_map(|r| r.expires_unix)
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .filter(|at| *at > after)
+            .min();
+        let next = policy.into_iter().chain(runtime).min();
+        let wait = next.map_or(IDLE, |at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
+        if self.expiry_failed {
+            wait.max(RETRY).min(IDLE)
+        } else {
+            wait.min(IDLE)
+        }
+    }
+
+    /// Takes what has expired out of the maps (the difference between the state in force
+    /// and the same state now), then out of the runtime store.
+    fn expire_due(&mut self) {
+        let now = SystemTime::now();
+        let policy = std::mem::replace(&mut self.policy, Policy::empty());
+        let result = self.update_maps(&policy, self.generation, now);
+        self.policy = policy;
+        self.expiry_failed = result.is_err();
+        match result {
+            Ok(report) if report.changed() => {
+                info!(
+                    removed = report.removed,
+                    updated = report.updated,
+                    "expired allowlist entries left the maps"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                error!(error = %format!("{e:#}"), "removing expired entries failed; the next resync retries")
+            }
+        }
+        match self.runtime.expire(now) {
+            Ok(expired) => {
+                for entry in expired {
+                    info!(prefix = %entry.prefix, "runtime allow entry expired");
+                }
+            }
+            Err(e) => error!(error = %e, "expiring runtime entries failed"),
+        }
+    }
+
     /// Re-reads the policy file. A bad file is rejected and counted; the old policy stays.
     fn reload(&mut self, reason: &str) -> Response {
-        self.seen = stamp(&self.opts.policy);
+        // Stamped before reading, so that an edit during the read is seen next time. A
+        // rejected file keeps the list files of the policy in force watched.
+        self.seen = stamps(&self.opts.policy, &self.policy);
         let checked = match policy::load(&self.opts.policy) {
             Ok(checked) => checked,
             Err(e) => {
@@ -478,10 +577,20 @@ impl Daemon {
         for warning in &checked.warnings {
             warn!(%warning, "policy warning");
         }
+        let seen = stamps(&self.opts.policy, &checked.policy);
+        // The stamps of list files as of just after the read would miss an edit made
+        // during it; the policy file's own stamp is the one taken before reading.
+        self.seen = self
+            .seen
+            .iter()
+            .take(1)
+            .cloned()
+            .chain(seen.into_iter().skip(1))
+            .collect();
+        self.last_error = None;
         match self.apply(checked.policy, reason) {
             Ok(()) => {
                 self.reloads_ok += 1;
-                self.last_error = None;
                 ok(serde_json::json!({ "generation": self.generation }))
             }
             Err(e) => {
@@ -494,21 +603,17 @@ impl Daemon {
         }
     }
 
-    /// Periodic repair: expire runtime entries and re-apply the desired state, so drift
-    /// (say, an entry deleted with bpftool) does not persist.
+    /// Periodic repair: read the maps back and re-apply the state in force, so drift
+    /// (say, an entry deleted with bpftool, or a runtime entry whose write failed) does
+    /// not persist.
     fn resync(&mut self) {
-        match self.runtime.expire(SystemTime::now()) {
-            Ok(expired) => {
-                for entry in expired {
-                    info!(prefix = %entry.prefix, "runtime allow entry expired");
-                }
-            }
-            Err(e) => error!(error = %e, "expiring runtime entries failed"),
-        }
-        let desired = self.desired(&self.policy, self.generation);
-        match reconcile(&mut self.tables, &desired) {
+        self.expire_due();
+        self.dirty = true;
+        let policy = std::mem::replace(&mut self.policy, Policy::empty());
+        let result = self.update_maps(&policy, self.generation, SystemTime::now());
+        self.policy = policy;
+        match result {
             Ok(report) => {
-                self.synced();
                 if report.changed() {
                     info!(
                         added = report.added,
@@ -607,11 +712,19 @@ impl Daemon {
             let total = packets.entry((interface, key)).or_default();
             *total = filter_common::abi::Counter::plus(*total, counter);
         }
-        let desired = self.desired(&self.policy, self.generation);
-        let allow_policy = desired
-            .allow
+        // Counted when the state was put in force; runtime entries change in between
+        // (`p25ctl allow`/`deny`), and are few, so they are counted here.
+        let now = SystemTime::now();
+        let policy_has = |prefix| {
+            self.policy
+                .allow_entry(prefix)
+                .is_some_and(|a| !a.is_expired(now))
+        };
+        let allow_runtime = self
+            .runtime
+            .entries()
             .values()
-            .filter(|v| v.origin == Origin::POLICY)
+            .filter(|r| !r.expired(now) && !policy_has(r.prefix))
             .count();
         let top_offenders = if self.opts.metrics_top_offenders == 0 {
             Vec::new()
@@ -630,9 +743,10 @@ impl Daemon {
             reloads_failed: self.reloads_failed,
             generation: self.generation,
             last_sync_unix: self.last_sync_unix,
-            allow_policy,
-            allow_runtime: desired.allow.len() - allow_policy,
-            subscriber_prefixes: desired.subscribers.len(),
+            allow_policy: self.counts.allow_policy,
+            allow_runtime,
+            allow_not_inserted: self.allow_not_inserted,
+            subscriber_prefixes: self.counts.subscribers,
             offenders: self.offenders_tracked,
             offender_alerts: self.offender_alerts,
             events: self.tables.event_stats()?,
@@ -826,9 +940,8 @@ impl Daemon {
         let in_policy = self.tables.allow_covers(prefix).unwrap_or(true)
             && self
                 .policy
-                .allow
-                .iter()
-                .any(|a| a.prefix == prefix && !a.is_expired(now));
+                .allow_entry(prefix)
+                .is_some_and(|a| !a.is_expired(now));
         let written = if in_policy {
             Ok(())
         } else {
@@ -855,7 +968,7 @@ impl Daemon {
         match self.runtime.remove(prefix) {
             Ok(Some(_)) => {}
             Ok(None) => {
-                let in_policy = self.policy.allow.iter().any(|a| a.prefix == prefix);
+                let in_policy = self.policy.allow_entry(prefix).is_some();
                 let message = if in_policy {
                     format!(
                         "{prefix} comes from the policy file {}; remove it there",
@@ -876,9 +989,8 @@ impl Daemon {
         let now = SystemTime::now();
         let in_policy = self
             .policy
-            .allow
-            .iter()
-            .any(|a| a.prefix == prefix && !a.is_expired(now));
+            .allow_entry(prefix)
+            .is_some_and(|a| !a.is_expired(now));
         let removed = if in_policy {
             Ok(false)
         } else {
@@ -897,7 +1009,7 @@ impl Daemon {
 
     fn list(&self) -> ListView {
         let mut allow: BTreeMap<IpNet, AllowEntryView> = BTreeMap::new();
-        for a in &self.policy.allow {
+        for a in self.policy.allow_entries() {
             allow.insert(
                 a.prefix,
                 AllowEntryView {
