@@ -168,7 +168,14 @@ impl DaemonLab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path.display()))
             .arg(bin("p25d")?)
-            .args(["run", "--resync", "2s"])
+            .arg("run")
+            // A quick resync unless the test chose its own (e.g. to show that expiry does
+            // not wait for it).
+            .args(if self.args.iter().any(|a| a == "--resync") {
+                &[][..]
+            } else {
+                &["--resync", "2s"][..]
+            })
             // Quick file polling unless the test chose its own (e.g. to show that
             // interface changes are picked up from link notifications, not by polling).
             .args(if self.args.iter().any(|a| a == "--poll") {

@@ -426,16 +426,18 @@ impl Daemon {
     }
 
     /// Brings the maps from the state last put in force (`self.policy` at
-    /// `self.applied_at`) to `new`: by the difference, or by reading the maps back if they
-    /// may have drifted (`self.dirty`). Records what is then in force.
+    /// `self.applied_at`) to `new` (`None`: the policy in force) at `now`: by the
+    /// difference, or by reading the maps back if they may have drifted (`self.dirty`).
+    /// Records what is then in force; installing a new policy is the caller's.
     fn update_maps(
         &mut self,
-        new: &Policy,
+        new: Option<&Policy>,
         generation: u32,
         now: SystemTime,
     ) -> Result<SyncReport> {
         let settings = self.settings();
         let runtime = self.runtime.entries();
+        let new = new.unwrap_or(&self.policy);
         let config = desired::config(new, &settings, generation);
         let target = Desired::new(config, new, runtime, now);
         let result = if self.dirty {
@@ -476,7 +478,7 @@ impl Daemon {
     /// generation. Only errors of the maps themselves fail it.
     fn apply(&mut self, policy: Policy, reason: &str) -> Result<()> {
         let generation = self.generation.wrapping_add(1);
-        let report = self.update_maps(&policy, generation, SystemTime::now())?;
+        let report = self.update_maps(Some(&policy), generation, SystemTime::now())?;
         self.generation = generation;
         self.sync_interfaces(&policy);
         self.policy_expiries = policy.allow.iter().filter_map(|a| a.expires).collect();
@@ -532,9 +534,7 @@ impl Daemon {
     /// and the same state now), then out of the runtime store.
     fn expire_due(&mut self) {
         let now = SystemTime::now();
-        let policy = std::mem::replace(&mut self.policy, Policy::empty());
-        let result = self.update_maps(&policy, self.generation, now);
-        self.policy = policy;
+        let result = self.update_maps(None, self.generation, now);
         self.expiry_failed = result.is_err();
         match result {
             Ok(report) if report.changed() => {
@@ -609,9 +609,7 @@ impl Daemon {
     fn resync(&mut self) {
         self.expire_due();
         self.dirty = true;
-        let policy = std::mem::replace(&mut self.policy, Policy::empty());
-        let result = self.update_maps(&policy, self.generation, SystemTime::now());
-        self.policy = policy;
+        let result = self.update_maps(None, self.generation, SystemTime::now());
         match result {
             Ok(report) => {
                 if report.changed() {
