@@ -103,10 +103,11 @@ impl Policy {
     }
 
     /// The policy's allowlist entry for exactly `prefix`, if any (a listed one carries no
-    /// comment, owner, expiry or limit).
+    /// comment, owner, expiry or limit). A binary search: the lists must be sorted, as
+    /// [`parse`] returns them (see [`Policy::sort`]).
     pub fn allow_entry(&self, prefix: IpNet) -> Option<AllowEntry> {
-        if let Some(entry) = self.allow.iter().find(|a| a.prefix == prefix) {
-            return Some(entry.clone());
+        if let Ok(i) = self.allow.binary_search_by_key(&prefix, |a| a.prefix) {
+            return self.allow.get(i).cloned();
         }
         self.allow_listed
             .binary_search(&prefix)
