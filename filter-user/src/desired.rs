@@ -187,21 +187,34 @@ impl<'a> Desired<'a> {
             .map(|_| RUNTIME_ALLOW)
     }
 
-    /// Counts the entries (a walk over all of them: call it when the state is put in
-    /// force, and cache the result).
+    /// Counts the entries: the inline allowlist and the runtime entries are walked (they
+    /// are short), the lists from files are only measured. Call it when the state is put
+    /// in force and cache the result.
     pub fn counts(&self) -> Counts {
-        let mut counts = Counts {
-            subscribers: self.policy.subscribers.len(),
-            ..Counts::default()
+        let policy = &self.policy;
+        let inline = policy
+            .allow
+            .iter()
+            .filter(|a| !a.is_expired(self.now))
+            .count();
+        let in_policy = |prefix: &IpNet| {
+            policy.allow_listed.binary_search(prefix).is_ok()
+                || policy
+                    .allow
+                    .binary_search_by_key(prefix, |a| a.prefix)
+                    .ok()
+                    .and_then(|i| policy.allow.get(i))
+                    .is_some_and(|a| !a.is_expired(self.now))
         };
-        for (_, value) in self.allow() {
-            if value.origin == Origin::RUNTIME {
-                counts.allow_runtime += 1;
-            } else {
-                counts.allow_policy += 1;
-            }
+        Counts {
+            subscribers: policy.subscribers.len(),
+            allow_policy: inline + policy.allow_listed.len(),
+            allow_runtime: self
+                .runtime
+                .values()
+                .filter(|r| !r.expired(self.now) && !in_policy(&r.prefix))
+                .count(),
         }
-        counts
     }
 
     /// The first moment after `now` at which an entry of this state expires: when the

@@ -226,7 +226,7 @@ fn check(path: &std::path::Path) -> ExitCode {
                 "{}: ok: {} subscriber prefixes, {} allowlist entries, {} interfaces, mode {:?}",
                 path.display(),
                 p.subscribers.len(),
-                p.allow.len(),
+                p.allow_len(),
                 p.interfaces.len(),
                 p.defaults.mode
             );
