@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     str::FromStr,
     time::{Duration, SystemTime},
@@ -12,7 +12,7 @@ use std::{
 use filter_common::abi::{
     ALLOW_MAX_ENTRIES, MAX_RST_RATE, MAX_SYN_PER_MINUTE, SMTP_PORT, SUBSCRIBERS_MAX_ENTRIES,
 };
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
     AllowEntry, Checked, DEFAULT_REJECT_BURST, DEFAULT_REJECT_RATE, Defaults, Diagnostic,
@@ -151,6 +151,44 @@ impl Key {
                 addr: u128::from(n.network()),
                 len: n.prefix_len(),
             },
+        }
+    }
+}
+
+/// A prefix as 18 bytes that sort like `IpNet` (family, address in network order,
+/// length) by a plain byte comparison: a million-entry list sorts several times faster
+/// than by `IpNet`'s nested comparison, in the same 18 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Packed([u8; 18]);
+
+impl Packed {
+    fn of(net: IpNet) -> Self {
+        let mut bytes = [0_u8; 18];
+        match net {
+            IpNet::V4(n) => {
+                if let Some(addr) = bytes.get_mut(1..5) {
+                    addr.copy_from_slice(&n.addr().octets());
+                }
+            }
+            IpNet::V6(n) => {
+                bytes[0] = 1;
+                if let Some(addr) = bytes.get_mut(1..17) {
+                    addr.copy_from_slice(&n.addr().octets());
+                }
+            }
+        }
+        bytes[17] = net.prefix_len();
+        Self(bytes)
+    }
+
+    fn net(self) -> IpNet {
+        let [family, addr @ .., len] = self.0;
+        if family == 0 {
+            let [a, b, c, d, ..] = addr;
+            Ipv4Net::new(Ipv4Addr::new(a, b, c, d), len)
+                .map_or_else(|_| IpNet::default(), IpNet::V4)
+        } else {
+            Ipv6Net::new(Ipv6Addr::from(addr), len).map_or_else(|_| IpNet::default(), IpNet::V6)
         }
     }
 }
@@ -841,7 +879,7 @@ impl<'t> Checker<'t> {
             &subscribers,
             seen.iter()
                 .filter(|(_, loc)| loc.file != 0)
-                .map(|(net, loc)| (Key::of(*net), (*net, *loc))),
+                .map(|(packed, loc)| (Key::of(packed.net()), (packed.net(), *loc))),
         );
         let probe = PrefixList::new("allow", 0, 0);
         for (net, loc) in outside {
@@ -859,7 +897,7 @@ impl<'t> Checker<'t> {
         let mut listed: Vec<IpNet> = seen
             .iter()
             .filter(|(_, loc)| loc.file != 0)
-            .map(|(net, _)| *net)
+            .map(|(packed, _)| packed.net())
             .collect();
         drop(seen);
         listed.dedup();
@@ -878,7 +916,7 @@ impl<'t> Checker<'t> {
         &mut self,
         mut list: PrefixList,
         entries: &[E],
-    ) -> Vec<(IpNet, Loc)> {
+    ) -> Vec<(Packed, Loc)> {
         let mut seen = std::mem::take(&mut list.seen);
         let limit = list.limit;
         let text = |loc: Loc| {
@@ -888,10 +926,11 @@ impl<'t> Checker<'t> {
                 ""
             }
         };
-        seen.sort_unstable_by_key(|&(net, loc)| (Key::of(net), loc));
+        seen.sort_unstable();
         let (mut v4, mut v6) = (0_usize, 0_usize);
         let mut first: Option<(IpNet, Loc)> = None;
-        for &(net, loc) in &seen {
+        for &(packed, loc) in &seen {
+            let net = packed.net();
             match first {
                 Some((earlier_net, earlier)) if earlier_net == net => {
                     let (earlier_file, earlier_pos) = self.place(&list, earlier, text(earlier));
@@ -930,7 +969,8 @@ impl<'t> Checker<'t> {
             // the first that does not fit.
             let mut firsts: Vec<Loc> = Vec::with_capacity(count);
             let mut last: Option<IpNet> = None;
-            for &(net, loc) in &seen {
+            for &(packed, loc) in &seen {
+                let net = packed.net();
                 if last != Some(net) && matches!(net, IpNet::V4(_)) == v4_family {
                     firsts.push(loc);
                 }
@@ -972,7 +1012,7 @@ impl<'t> Checker<'t> {
             Ok(net) => {
                 // Duplicates and the per-family limit are found once the whole list is
                 // known, by `repeats_and_overflow`.
-                list.seen.push((net, loc));
+                list.seen.push((Packed::of(net), loc));
                 return Some(net);
             }
         };
@@ -1109,7 +1149,7 @@ struct PrefixList {
     /// Every usable prefix with where it was written, for
     /// `Checker::repeats_and_overflow` (the text of an inline entry is in the raw list,
     /// which outlives this).
-    seen: Vec<(IpNet, Loc)>,
+    seen: Vec<(Packed, Loc)>,
 }
 
 impl PrefixList {
@@ -1146,6 +1186,26 @@ impl PrefixList {
 /// which part is wrong, since "invalid IP address syntax" alone leaves the operator to
 /// guess.
 fn parse_prefix(text: &str) -> Result<IpNet, String> {
+    // The common case through std's address parsers, which are several times faster than
+    // ipnet's; anything else (and every error) through ipnet, for its exact judgement.
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (text, None),
+    };
+    let fast = match (IpAddr::from_str(addr), len) {
+        (Ok(addr), None) => Some(IpNet::from(addr)),
+        (Ok(addr), Some(len))
+            if (1..=3).contains(&len.len()) && len.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            len.parse::<u8>()
+                .ok()
+                .and_then(|len| IpNet::new(addr, len).ok())
+        }
+        _ => None,
+    };
+    if let Some(net) = fast {
+        return Ok(net);
+    }
     if let Ok(net) = IpNet::from_str(text) {
         return Ok(net);
     }
@@ -1990,6 +2050,10 @@ allow:
         nets.sort_unstable();
         by_key.sort_unstable_by_key(|n| Key::of(*n));
         assert_eq!(nets, by_key);
+        let mut packed: Vec<Packed> = nets.iter().map(|n| Packed::of(*n)).collect();
+        packed.reverse();
+        packed.sort_unstable();
+        assert_eq!(nets, packed.iter().map(|p| p.net()).collect::<Vec<_>>());
     }
 
     #[test]

@@ -95,6 +95,9 @@ pub(super) fn read(path: &Path, mut each: impl FnMut(ListLine<'_>)) -> Result<()
 /// The entry on one line, or `None` for a blank or comment line.
 pub(super) fn parse_line(number: u32, text: &str) -> Option<ListLine<'_>> {
     let text = text.trim_end_matches(['\n', '\r']);
+    if text.is_ascii() {
+        return parse_ascii_line(number, text);
+    }
     let start = text.find(|c: char| !c.is_whitespace())?;
     let rest = text.get(start..)?;
     if rest.starts_with('#') {
@@ -117,6 +120,37 @@ pub(super) fn parse_line(number: u32, text: &str) -> Option<ListLine<'_>> {
         line: number,
         column: column(start),
         prefix,
+        trailing,
+    })
+}
+
+/// [`parse_line`] for an ASCII line (nearly all of them): bytes are characters, so no
+/// decoding and no counting for the columns.
+fn parse_ascii_line(number: u32, text: &str) -> Option<ListLine<'_>> {
+    let bytes = text.as_bytes();
+    let space = |b: &u8| b.is_ascii_whitespace() || *b == 0x0b;
+    let start = bytes.iter().position(|b| !space(b))?;
+    if bytes.get(start) == Some(&b'#') {
+        return None;
+    }
+    let rest = bytes.get(start..)?;
+    let end = start
+        + rest
+            .iter()
+            .position(|b| space(b) || *b == b'#')
+            .unwrap_or(rest.len());
+    let column = |at: usize| u32::try_from(at + 1).unwrap_or(u32::MAX);
+    let trailing = bytes
+        .get(end..)?
+        .iter()
+        .position(|b| !space(b))
+        .map(|at| end + at)
+        .filter(|&at| bytes.get(at) != Some(&b'#'))
+        .and_then(|at| Some((column(at), text.get(at..)?.trim_end())));
+    Some(ListLine {
+        line: number,
+        column: column(start),
+        prefix: text.get(start..end)?,
         trailing,
     })
 }
