@@ -186,6 +186,19 @@ impl RuntimeStore {
 
 /// Writes `bytes` to `path` so that readers see either the old or the new content.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_atomically_with(path, bytes, |dir| fs::File::open(dir)?.sync_all())
+}
+
+/// [`write_atomically`] with the directory sync as a parameter, for tests.
+///
+/// Once the rename has happened the new content is what readers (and the next p25d) see,
+/// so an error after it (the directory fsync) is a warning: reporting a failure would make
+/// the caller roll back its in-memory state to something no longer on disk.
+fn write_atomically_with(
+    path: &Path,
+    bytes: &[u8],
+    sync_dir: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let name = path
@@ -197,13 +210,21 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let mut file = fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        fs::File::open(dir)?.sync_all()
+        fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
+        return result;
     }
-    result
+    if let Err(e) = sync_dir(dir) {
+        tracing::warn!(
+            path = %path.display(),
+            error = %e,
+            "the new state file is in place but syncing its directory failed: a power loss \
+             now could bring back the previous version"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -258,6 +279,24 @@ mod tests {
         assert!(err.contains("not overwritten"), "{err}");
         assert_eq!(fs::read(&path)?, b"{ not json");
         let _ = fs::remove_dir_all(path.parent().unwrap_or(Path::new("/nonexistent")));
+        Ok(())
+    }
+
+    #[test]
+    fn an_error_after_the_rename_is_a_warning_not_a_failure()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let path = scratch("after-rename");
+        let dir = path.parent().ok_or("scratch path has no directory")?.to_owned();
+        fs::create_dir_all(&dir)?;
+        fs::write(&path, b"old")?;
+        write_atomically_with(&path, b"new", |_| Err(io::Error::other("fsync failed")))?;
+        assert_eq!(fs::read(&path)?, b"new");
+        // A failure before the rename still fails and leaves the old content.
+        let missing = dir.join("no-such-dir/sub/state.json");
+        fs::write(dir.join("no-such-dir"), b"a file, not a directory")?;
+        assert!(write_atomically_with(&missing, b"x", |_| Ok(())).is_err());
+        assert_eq!(fs::read(&path)?, b"new");
+        let _ = fs::remove_dir_all(&dir);
         Ok(())
     }
 
