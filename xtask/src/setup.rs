@@ -40,6 +40,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "ethtool",
     "prometheus",
+    // systemd-analyze verify/security and systemd-sysusers check deploy/ (tests/tests/
+    // unit_file.rs); setpriv and unshare run p25d unprivileged (tests/tests/privileges.rs).
+    "systemd",
+    "util-linux",
 ];
 
 /// Services that installing a package of [`DEBIAN_PACKAGES`] starts (package, service).

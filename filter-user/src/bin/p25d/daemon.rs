@@ -126,8 +126,11 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let seen = stamp(&opts.policy);
     let runtime = RuntimeStore::open(&opts.state).context("opening the runtime state")?;
-    let _lock = lock(&opts.socket)?;
+    // The event log first: an unusable --events path must stop p25d before it creates or
+    // touches anything under the pin root.
     let event_output = observe::open_sink(&opts.events)?;
+    let _pin_lock = lock_pin_root(opts.layout.root(), LockFor::Run)?;
+    let _socket_lock = lock_socket(&opts.socket)?;
 
     let adopting = opts.layout.dir().exists();
     let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
@@ -265,11 +268,12 @@ fn migrate_other_versions(dataplane: &mut Dataplane, layout: &PinLayout) {
     }
 }
 
-/// Takes an exclusive lock next to the socket so two daemons never write the same maps.
-fn lock(socket: &Path) -> Result<fs::File> {
+/// Takes an exclusive lock next to the socket so two daemons never serve (and remove) the
+/// same socket file. The maps are guarded by [`lock_pin_root`].
+fn lock_socket(socket: &Path) -> Result<fs::File> {
     let path = socket.with_extension("lock");
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        create_runtime_dir(dir, None)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
@@ -277,21 +281,122 @@ fn lock(socket: &Path) -> Result<fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a valid fd we own.
-    let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if ret != 0 {
+    if !try_flock(&file) {
         bail!(
-            "another p25d holds {} (only one daemon may write the maps)",
-            path.display()
+            "another p25d holds {} and serves the socket {}: give this one another --socket",
+            path.display(),
+            socket.display()
         );
     }
     Ok(file)
 }
 
+/// An exclusive, non-blocking flock; false if someone else holds it.
+fn try_flock(file: &fs::File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a valid fd we own.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// What holds a pin root's lock when it is taken, for the error message.
+#[derive(Clone, Copy, Debug)]
+pub enum LockFor {
+    /// `p25d run`.
+    Run,
+    /// `p25d detach`.
+    Detach,
+}
+
+/// Takes the writer lock of a pin root: one writer (a running p25d, or `p25d detach`) per
+/// pin root, whatever socket each uses.
+///
+/// The lock is an flock on the pin root directory itself, on bpffs (flock works on any
+/// inode there; bpffs cannot hold regular lock files). Unlike a lock file under /run
+/// derived from the root's name, it needs no writable directory elsewhere, cannot be
+/// dodged by spelling the same root differently (a symlink, `//`, a relative path), and
+/// every mount namespace that sees the pins sees the lock (PrivateTmp, containers).
+///
+/// `p25d run` creates the root (mode 0700) if needed; `p25d detach` only locks an existing
+/// one (`None` when there is nothing to detach). Detach removes the directory it locked, so
+/// after taking the lock the path is checked to still name the locked directory; if not,
+/// the lock is taken again on the new one.
+pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> {
+    for _ in 0..8 {
+        match purpose {
+            LockFor::Run => {
+                use std::os::unix::fs::DirBuilderExt as _;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(root)
+                    .with_context(|| format!("creating the pin root {}", root.display()))?;
+            }
+            LockFor::Detach if !root.exists() => return Ok(None),
+            LockFor::Detach => {}
+        }
+        let dir = match fs::File::open(root) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("opening the pin root {} to lock it", root.display())
+                });
+            }
+        };
+        if !try_flock(&dir) {
+            match purpose {
+                LockFor::Run => bail!(
+                    "another p25d is running on the pin root {} (it holds the pin root's \
+                     lock): only one daemon may write these maps. Stop it first (`systemctl \
+                     stop p25d`), or give this one another --pin-root",
+                    root.display()
+                ),
+                LockFor::Detach => bail!(
+                    "a p25d is running on the pin root {} (it holds the pin root's lock): \
+                     stop it first (`systemctl stop p25d`), then detach; detaching under it \
+                     would leave it writing to maps no program reads",
+                    root.display()
+                ),
+            }
+        }
+        let locked = dir.metadata().with_context(|| format!("stat {}", root.display()))?;
+        match fs::metadata(root) {
+            Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
+                return Ok(Some(dir));
+            }
+            // Removed (by the detach that held the lock) or replaced meanwhile: retry.
+            _ => continue,
+        }
+    }
+    bail!(
+        "the pin root {} keeps being removed and recreated while p25d tries to lock it",
+        root.display()
+    )
+}
+
+/// Creates a runtime directory (socket, lock) that does not exist yet: mode 0750, in the
+/// socket group if one is given, so the group can reach the socket inside (the umask is
+/// 077). An existing directory is left as it is: systemd's RuntimeDirectory= sets its own.
+fn create_runtime_dir(dir: &Path, group: Option<u32>) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
+        .with_context(|| format!("chmod 0750 {}", dir.display()))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(dir, None, Some(gid))
+            .with_context(|| format!("chgrp {gid} {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    let gid = group
+        .map(|group| group_id(group).with_context(|| format!("unknown group {group:?}")))
+        .transpose()?;
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        create_runtime_dir(dir, gid)?;
     }
     // A socket file left by a killed daemon: we hold the lock, so nobody else uses it.
     match fs::remove_file(path) {
@@ -303,10 +408,9 @@ fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    if let Some(group) = group {
-        let gid = group_id(group).with_context(|| format!("unknown group {group:?}"))?;
+    if let Some(gid) = gid {
         std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("chgrp {group} {}", path.display()))?;
+            .with_context(|| format!("chgrp {gid} {}", path.display()))?;
     }
     Ok(listener)
 }

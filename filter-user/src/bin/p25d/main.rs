@@ -73,10 +73,10 @@ struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
     /// Re-sync the maps with the desired state this often, repairing any drift.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = nonzero_duration)]
     resync: Duration,
     /// How often to check the policy file and the interfaces for changes.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = nonzero_duration)]
     poll: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -97,10 +97,10 @@ struct RunArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     alert_threshold: u64,
     /// The offender alert window.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = nonzero_duration)]
     alert_window: Duration,
     /// How often to scan the offender table for alerts.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = nonzero_duration)]
     offender_scan: Duration,
     /// Where to write sampled drop events as JSON lines: a file (appended), `-` for stdout,
     /// or `off`.
@@ -112,6 +112,19 @@ struct RunArgs {
     /// Burst size of the drop-event rate limit.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     events_burst: u32,
+}
+
+/// Parses a duration such as `1s` or `5m` that must not be zero: these flags are timer
+/// periods (a zero period would spin, and tokio refuses it with a panic) or the alert
+/// window (a zero window never sees two attempts).
+fn nonzero_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err(format!(
+            "{text:?} is zero; give a positive duration such as 100ms, 1s or 5m"
+        ));
+    }
+    Ok(duration)
 }
 
 fn main() -> ExitCode {
@@ -155,6 +168,8 @@ fn run(command: Command) -> Result<ExitCode> {
             pin_root,
             all_versions,
         } => {
+            // Refused while a p25d runs on this root; held until the pins are gone.
+            let _lock = daemon::lock_pin_root(&pin_root, daemon::LockFor::Detach)?;
             let layout = PinLayout::new(&pin_root);
             let mut removed = remove_all_pins(&layout)
                 .with_context(|| format!("removing pinned state under {}", pin_root.display()))?;
@@ -178,6 +193,11 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
+            // Everything p25d creates (pins, state file, event log, directories) is private
+            // unless it says otherwise: the socket gets an explicit 0660 and the runtime
+            // directory 0750 in the socket group.
+            // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+            unsafe { libc::umask(0o077) };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
