@@ -169,22 +169,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ipv4_mapped_prefixes_are_refused_with_the_ipv4_form() -> Result<(), Box<dyn std::error::Error>>
-    {
+    fn ipv4_mapped_prefixes_are_refused_with_the_ipv4_form()
+    -> Result<(), Box<dyn std::error::Error>> {
         for (text, v4) in [
             ("::ffff:192.0.2.1/128", "192.0.2.1/32"),
             ("::ffff:198.51.100.0/120", "198.51.100.0/24"),
             ("::ffff:0:0/96", "0.0.0.0/0"),
         ] {
-            match check_prefix(text.parse()?) {
-                Err(err @ Error::Ipv4Mapped { .. }) => {
-                    assert!(err.to_string().contains(&format!("use {v4}")), "{text}: {err}");
-                }
-                other => panic!("{text}: expected Ipv4Mapped, got {other:?}"),
-            }
+            let result = check_prefix(text.parse()?);
+            assert!(
+                matches!(&result, Err(Error::Ipv4Mapped { .. })),
+                "{text}: expected Ipv4Mapped, got {result:?}"
+            );
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(&format!("use {v4}")), "{text}: {message}");
         }
         // Neighbours of the mapped range, and wider prefixes containing it, stay usable.
-        for text in ["::/0", "::/64", "::fffe:c000:201/128", "2001:db8::/32", "::1/128"] {
+        for text in [
+            "::/0",
+            "::/64",
+            "::fffe:c000:201/128",
+            "2001:db8::/32",
+            "::1/128",
+        ] {
             let net: IpNet = text.parse()?;
             assert_eq!(check_prefix(net)?, net, "{text}");
         }

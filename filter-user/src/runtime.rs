@@ -286,7 +286,10 @@ mod tests {
     fn an_error_after_the_rename_is_a_warning_not_a_failure()
     -> Result<(), Box<dyn std::error::Error>> {
         let path = scratch("after-rename");
-        let dir = path.parent().ok_or("scratch path has no directory")?.to_owned();
+        let dir = path
+            .parent()
+            .ok_or("scratch path has no directory")?
+            .to_owned();
         fs::create_dir_all(&dir)?;
         fs::write(&path, b"old")?;
         write_atomically_with(&path, b"new", |_| Err(io::Error::other("fsync failed")))?;

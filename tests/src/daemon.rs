@@ -79,6 +79,8 @@ pub struct DaemonLab {
     starts: u32,
     /// Extra arguments for `p25d run`.
     args: Vec<String>,
+    /// A command (and its arguments) p25d runs under, such as `setpriv ...`.
+    wrapper: Vec<String>,
 }
 
 impl DaemonLab {
@@ -100,6 +102,7 @@ impl DaemonLab {
             child: None,
             starts: 0,
             args: Vec::new(),
+            wrapper: Vec::new(),
         })
     }
 
@@ -117,12 +120,37 @@ impl DaemonLab {
             child: None,
             starts: 0,
             args: Vec::new(),
+            wrapper: Vec::new(),
         })
     }
 
     /// Adds arguments to every later `p25d run` of this lab.
     pub fn run_args(&mut self, args: &[&str]) {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
+    }
+
+    /// Runs every later `p25d run` of this lab as user and group `id` (no supplementary
+    /// groups) holding exactly the capabilities `caps` (setpriv names such as `bpf`), as the
+    /// systemd unit does. The lab's directory is handed to that user; the pin root is left
+    /// for p25d to create.
+    pub fn run_as(&mut self, id: u32, caps: &[&str]) -> Result<()> {
+        std::os::unix::fs::chown(&self.dir, Some(id), Some(id))
+            .with_context(|| format!("chown {id}:{id} {}", self.dir.display()))?;
+        let caps = std::iter::once("-all".to_owned())
+            .chain(caps.iter().map(|cap| format!("+{cap}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.wrapper = vec![
+            "setpriv".into(),
+            format!("--reuid={id}"),
+            format!("--regid={id}"),
+            "--clear-groups".into(),
+            format!("--inh-caps={caps}"),
+            format!("--ambient-caps={caps}"),
+            format!("--bounding-set={caps}"),
+            "--".into(),
+        ];
+        Ok(())
     }
 
     /// The policy file the daemon watches.
@@ -167,6 +195,7 @@ impl DaemonLab {
     fn run_command(&self, log: fs::File) -> Result<Command> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path.display()))
+            .args(&self.wrapper)
             .arg(bin("p25d")?)
             .args(["run", "--resync", "2s"])
             // Quick file polling unless the test chose its own (e.g. to show that

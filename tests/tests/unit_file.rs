@@ -54,7 +54,9 @@ fn unit_exposure_is_at_most_two() -> Result<()> {
     let line = text
         .lines()
         .find(|l| l.contains("Overall exposure level"))
-        .with_context(|| format!("no exposure level in systemd-analyze's output:\n{text}\n{stderr}"))?;
+        .with_context(|| {
+            format!("no exposure level in systemd-analyze's output:\n{text}\n{stderr}")
+        })?;
     let score: f64 = line
         .split(':')
         .nth(1)
@@ -118,10 +120,16 @@ fn unit_runs_p25d_unprivileged_with_three_capabilities() -> Result<()> {
             other => anyhow::bail!("{key}= should be set once, found {other:?}"),
         }
     };
-    ensure!(one("User")? == "p25" && one("Group")? == "p25", "not User=p25, Group=p25");
+    ensure!(
+        one("User")? == "p25" && one("Group")? == "p25",
+        "not User=p25, Group=p25"
+    );
     ensure!(one("Type")? == "notify", "readiness must be Type=notify");
     ensure!(one("UMask")? == "0077", "UMask=0077");
-    ensure!(one("RuntimeDirectoryMode")? == "0750", "RuntimeDirectoryMode=0750");
+    ensure!(
+        one("RuntimeDirectoryMode")? == "0750",
+        "RuntimeDirectoryMode=0750"
+    );
     ensure!(
         one("ExecStart")?.starts_with("/usr/sbin/p25d run "),
         "ExecStart must run the packaged /usr/sbin/p25d"
@@ -135,7 +143,9 @@ fn unit_runs_p25d_unprivileged_with_three_capabilities() -> Result<()> {
     }
     let filters = values(&settings, "SystemCallFilter");
     ensure!(
-        filters.iter().any(|f| f.split_whitespace().any(|s| s == "bpf")),
+        filters
+            .iter()
+            .any(|f| f.split_whitespace().any(|s| s == "bpf")),
         "SystemCallFilter= must allow bpf(2), which @system-service lacks: {filters:?}"
     );
     Ok(())
@@ -170,7 +180,10 @@ fn sysusers_creates_the_user_and_both_groups() -> Result<()> {
     let user_gid = field(&passwd, "p25", 3).context("no user p25 in passwd")?;
     let p25_gid = field(&group, "p25", 2).context("no group p25")?;
     ensure!(user_gid == p25_gid, "user p25's primary group is not p25");
-    ensure!(field(&group, "p25-admin", 2).is_some(), "no group p25-admin");
+    ensure!(
+        field(&group, "p25-admin", 2).is_some(),
+        "no group p25-admin"
+    );
     ensure!(
         field(&passwd, "p25", 6).is_some_and(|shell| shell.ends_with("nologin")),
         "p25 must have no login shell"

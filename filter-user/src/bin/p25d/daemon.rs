@@ -207,6 +207,14 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     };
 
+    // The policy is in force and the socket listens: tell systemd (Type=notify).
+    if let Err(e) = crate::notify::ready(&format!(
+        "filtering; policy generation {}; socket {}",
+        daemon.generation,
+        daemon.opts.socket.display()
+    )) {
+        warn!(error = %e, "telling the service manager p25d is ready failed");
+    }
     info!(socket = %daemon.opts.socket.display(), "ready");
     loop {
         tokio::select! {
@@ -337,6 +345,16 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
         let dir = match fs::File::open(root) {
             Ok(dir) => dir,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "opening the pin root {} to lock it: it must belong to the user p25d \
+                         runs as, pins included (the systemd unit's ExecStartPre runs `chown -R \
+                         p25:p25` on it)",
+                        root.display()
+                    )
+                });
+            }
             Err(e) => {
                 return Err(e).with_context(|| {
                     format!("opening the pin root {} to lock it", root.display())
@@ -359,7 +377,9 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
                 ),
             }
         }
-        let locked = dir.metadata().with_context(|| format!("stat {}", root.display()))?;
+        let locked = dir
+            .metadata()
+            .with_context(|| format!("stat {}", root.display()))?;
         match fs::metadata(root) {
             Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
                 return Ok(Some(dir));

@@ -6,6 +6,7 @@
 
 mod daemon;
 mod linkwatch;
+mod notify;
 mod observe;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
