@@ -2,7 +2,7 @@
 //! p25d and `p25d detach` are refused while one runs), zero timer periods refused by the
 //! flags, the event log (no symlinks, reopened on SIGHUP for logrotate), and p25d filtering
 //! as an unprivileged user with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, as the
-//! systemd unit runs it.
+//! systemd unit runs it; `p25ctl allow` refusing IPv4-mapped IPv6 prefixes.
 
 #![expect(
     clippy::indexing_slicing,
@@ -339,6 +339,35 @@ fn p25d_filters_as_an_unprivileged_user_with_three_capabilities() -> Result<()> 
             Duration::from_millis(1200)
         )?))?,
         "after p25ctl deny, port 25 should be dropped again"
+    );
+    Ok(())
+}
+
+/// `p25ctl allow` refuses an IPv4-mapped IPv6 prefix, naming the IPv4 form, and the daemon
+/// keeps no entry for it.
+#[test]
+fn p25ctl_allow_refuses_ipv4_mapped_ipv6() -> Result<()> {
+    let netns = Netns::new("mapped")?;
+    let mut lab = DaemonLab::new(&netns)?;
+    lab.write_policy(NO_INTERFACES)?;
+    lab.run_args(&["--metrics-listen", "off"]);
+    lab.start()?;
+    for (arg, v4) in [
+        ("::ffff:192.0.2.1", "use 192.0.2.1/32"),
+        ("::ffff:100.64.1.0/120", "use 100.64.1.0/24"),
+    ] {
+        let out = lab.ctl(&["allow", arg])?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(!out.status.success(), "p25ctl allow {arg} must fail");
+        ensure!(
+            stderr.contains("IPv4-mapped") && stderr.contains(v4),
+            "p25ctl allow {arg}: the message should name the IPv4 form ({v4}): {stderr}"
+        );
+    }
+    let list = lab.list()?;
+    ensure!(
+        !list.to_string().contains("ffff"),
+        "a mapped prefix reached the allowlist: {list}"
     );
     Ok(())
 }
