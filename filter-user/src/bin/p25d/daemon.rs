@@ -315,6 +315,10 @@ pub enum LockFor {
     Detach,
 }
 
+/// How long `p25d detach` waits for the pin root's lock: 30 × 100 ms.
+const DETACH_LOCK_TRIES: u32 = 30;
+const DETACH_LOCK_PAUSE: Duration = Duration::from_millis(100);
+
 /// Takes the writer lock of a pin root: one writer (a running p25d, or `p25d detach`) per
 /// pin root, whatever socket each uses.
 ///
@@ -324,8 +328,9 @@ pub enum LockFor {
 /// dodged by spelling the same root differently (a symlink, `//`, a relative path), and
 /// every mount namespace that sees the pins sees the lock (PrivateTmp, containers).
 ///
-/// `p25d run` creates the root (mode 0700) if needed; `p25d detach` only locks an existing
-/// one (`None` when there is nothing to detach). Detach removes the directory it locked, so
+/// `p25d run` creates the root (mode 0700) if needed and fails at once if the lock is held;
+/// `p25d detach` only locks an existing root (`None` when there is nothing to detach) and
+/// waits up to 3 s for it. Detach removes the directory it locked, so
 /// after taking the lock the path is checked to still name the locked directory; if not,
 /// the lock is taken again on the new one.
 pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> {
@@ -361,7 +366,23 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
                 });
             }
         };
-        if !try_flock(&dir) {
+        // Detach gives a daemon that was just killed a moment to exit (its lock goes with
+        // its last fd); a running daemon still refuses it after that.
+        let tries = match purpose {
+            LockFor::Run => 1,
+            LockFor::Detach => DETACH_LOCK_TRIES,
+        };
+        let mut locked = false;
+        for attempt in 0..tries {
+            if attempt > 0 {
+                std::thread::sleep(DETACH_LOCK_PAUSE);
+            }
+            if try_flock(&dir) {
+                locked = true;
+                break;
+            }
+        }
+        if !locked {
             match purpose {
                 LockFor::Run => bail!(
                     "another p25d is running on the pin root {} (it holds the pin root's \
@@ -377,11 +398,11 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
                 ),
             }
         }
-        let locked = dir
+        let held = dir
             .metadata()
             .with_context(|| format!("stat {}", root.display()))?;
         match fs::metadata(root) {
-            Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
                 return Ok(Some(dir));
             }
             // Removed (by the detach that held the lock) or replaced meanwhile: retry.
