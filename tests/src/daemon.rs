@@ -81,6 +81,8 @@ pub struct DaemonLab {
     args: Vec<String>,
     /// A command (and its arguments) p25d runs under, such as `setpriv ...`.
     wrapper: Vec<String>,
+    /// The control socket; `p25.sock` in `dir` unless [`DaemonLab::set_socket`] chose.
+    socket: Option<PathBuf>,
 }
 
 impl DaemonLab {
@@ -103,6 +105,7 @@ impl DaemonLab {
             starts: 0,
             args: Vec::new(),
             wrapper: Vec::new(),
+            socket: None,
         })
     }
 
@@ -121,6 +124,7 @@ impl DaemonLab {
             starts: 0,
             args: Vec::new(),
             wrapper: Vec::new(),
+            socket: None,
         })
     }
 
@@ -160,7 +164,15 @@ impl DaemonLab {
 
     /// The control socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("p25.sock")
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.dir.join("p25.sock"))
+    }
+
+    /// Puts the control socket at `path` for every later start (it should be inside
+    /// `dir`, which is removed on drop).
+    pub fn set_socket(&mut self, path: PathBuf) {
+        self.socket = Some(path);
     }
 
     /// Writes the policy file atomically (the daemon never sees half a file).

@@ -371,3 +371,40 @@ fn p25ctl_allow_refuses_ipv4_mapped_ipv6() -> Result<()> {
     );
     Ok(())
 }
+
+/// Outside systemd (which creates /run/p25 itself), p25d creates the socket's directory
+/// 0750 in the socket group so that group can reach the 0660 socket, although its umask
+/// is 077.
+#[test]
+fn a_new_socket_directory_is_reachable_by_the_socket_group() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    const GROUP: &str = "nogroup";
+    let gid: u32 = fs::read_to_string("/etc/group")?
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{GROUP}:x:"))?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("no group {GROUP} in /etc/group"))?;
+    let netns = Netns::new("sockdir")?;
+    let mut lab = DaemonLab::new(&netns)?;
+    lab.write_policy(NO_INTERFACES)?;
+    let dir = lab.dir.join("run");
+    lab.set_socket(dir.join("p25.sock"));
+    lab.run_args(&["--socket-group", GROUP, "--metrics-listen", "off"]);
+    lab.start()?;
+    for (path, mode) in [(dir.clone(), 0o750), (lab.socket(), 0o660)] {
+        let meta = fs::metadata(&path)?;
+        ensure!(
+            meta.permissions().mode() & 0o777 == mode && meta.gid() == gid,
+            "{}: mode {:o} gid {}, want {mode:o} and the group {GROUP} ({gid})",
+            path.display(),
+            meta.permissions().mode() & 0o777,
+            meta.gid()
+        );
+    }
+    Ok(())
+}

@@ -130,7 +130,7 @@ pub async fn run(opts: Options) -> Result<()> {
     // touches anything under the pin root.
     let event_output = observe::open_sink(&opts.events)?;
     let _pin_lock = lock_pin_root(opts.layout.root(), LockFor::Run)?;
-    let _socket_lock = lock_socket(&opts.socket)?;
+    let _socket_lock = lock_socket(&opts.socket, opts.socket_group.as_deref())?;
 
     let adopting = opts.layout.dir().exists();
     let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
@@ -278,10 +278,10 @@ fn migrate_other_versions(dataplane: &mut Dataplane, layout: &PinLayout) {
 
 /// Takes an exclusive lock next to the socket so two daemons never serve (and remove) the
 /// same socket file. The maps are guarded by [`lock_pin_root`].
-fn lock_socket(socket: &Path) -> Result<fs::File> {
+fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
     let path = socket.with_extension("lock");
     if let Some(dir) = path.parent() {
-        create_runtime_dir(dir, None)?;
+        create_runtime_dir(dir, socket_gid(group)?)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
@@ -350,19 +350,15 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
         let dir = match fs::File::open(root) {
             Ok(dir) => dir,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "opening the pin root {} to lock it: it must belong to the user p25d \
-                         runs as, pins included (the systemd unit's ExecStartPre runs `chown -R \
-                         p25:p25` on it)",
-                        root.display()
-                    )
-                });
-            }
             Err(e) => {
+                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    ": it must belong to the user p25d runs as, pins included (the systemd \
+                     unit's ExecStartPre runs `chown -R p25:p25` on it)"
+                } else {
+                    ""
+                };
                 return Err(e).with_context(|| {
-                    format!("opening the pin root {} to lock it", root.display())
+                    format!("opening the pin root {} to lock it{hint}", root.display())
                 });
             }
         };
@@ -423,19 +419,29 @@ fn create_runtime_dir(dir: &Path, group: Option<u32>) -> Result<()> {
         return Ok(());
     }
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o750))
-        .with_context(|| format!("chmod 0750 {}", dir.display()))?;
+    set_mode_and_group(dir, 0o750, group)
+}
+
+/// chmod, then chgrp if a group is given.
+fn set_mode_and_group(path: &Path, mode: u32, group: Option<u32>) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:04o} {}", path.display()))?;
     if let Some(gid) = group {
-        std::os::unix::fs::chown(dir, None, Some(gid))
-            .with_context(|| format!("chgrp {gid} {}", dir.display()))?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("chgrp {gid} {}", path.display()))?;
     }
     Ok(())
 }
 
-fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
-    let gid = group
+/// The gid of `--socket-group`, if given.
+fn socket_gid(group: Option<&str>) -> Result<Option<u32>> {
+    group
         .map(|group| group_id(group).with_context(|| format!("unknown group {group:?}")))
-        .transpose()?;
+        .transpose()
+}
+
+fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    let gid = socket_gid(group)?;
     if let Some(dir) = path.parent() {
         create_runtime_dir(dir, gid)?;
     }
@@ -447,12 +453,7 @@ fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("chgrp {gid} {}", path.display()))?;
-    }
+    set_mode_and_group(path, 0o660, gid)?;
     Ok(listener)
 }
 
