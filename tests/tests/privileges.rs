@@ -41,6 +41,15 @@ subscribers:
 /// tests that need a running daemon but no traffic.
 const NO_INTERFACES: &str = "version: 1\nsubscribers:\n  - prefix: 100.64.1.0/24\n";
 
+/// A daemon for `netns` with [`NO_INTERFACES`] and no metrics endpoint (tests that share a
+/// namespace would fight over its port), not started.
+fn bare_lab(netns: &Netns) -> Result<DaemonLab> {
+    let mut lab = DaemonLab::new(netns)?;
+    lab.write_policy(NO_INTERFACES)?;
+    lab.run_args(&["--metrics-listen", "off"]);
+    Ok(lab)
+}
+
 const SETTLE: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(100);
 
@@ -56,15 +65,11 @@ const UNPRIVILEGED: u32 = 64_025;
 #[test]
 fn one_writer_per_pin_root() -> Result<()> {
     let netns = Netns::new("lock")?;
-    let mut first = DaemonLab::new(&netns)?;
-    first.write_policy(NO_INTERFACES)?;
-    first.run_args(&["--metrics-listen", "off"]);
+    let mut first = bare_lab(&netns)?;
     first.start()?;
 
-    let mut second = DaemonLab::new(&netns)?;
+    let mut second = bare_lab(&netns)?;
     second.pin_root.clone_from(&first.pin_root);
-    second.write_policy(NO_INTERFACES)?;
-    second.run_args(&["--metrics-listen", "off"]);
     ensure!(
         second.socket() != first.socket(),
         "the second daemon needs its own socket"
@@ -155,14 +160,13 @@ fn zero_intervals_are_refused_by_the_flags() -> Result<()> {
 #[test]
 fn an_event_log_symlink_is_refused() -> Result<()> {
     let netns = Netns::new("evsym")?;
-    let mut lab = DaemonLab::new(&netns)?;
-    lab.write_policy(NO_INTERFACES)?;
+    let mut lab = bare_lab(&netns)?;
     let target = lab.dir.join("elsewhere");
     fs::write(&target, b"")?;
     let link = lab.dir.join("events.jsonl");
     std::os::unix::fs::symlink(&target, &link)?;
     let link_arg = link.to_string_lossy().into_owned();
-    lab.run_args(&["--events", &link_arg, "--metrics-listen", "off"]);
+    lab.run_args(&["--events", &link_arg]);
     let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
     ensure!(
         !status.success(),
@@ -348,9 +352,7 @@ fn p25d_filters_as_an_unprivileged_user_with_three_capabilities() -> Result<()> 
 #[test]
 fn p25ctl_allow_refuses_ipv4_mapped_ipv6() -> Result<()> {
     let netns = Netns::new("mapped")?;
-    let mut lab = DaemonLab::new(&netns)?;
-    lab.write_policy(NO_INTERFACES)?;
-    lab.run_args(&["--metrics-listen", "off"]);
+    let mut lab = bare_lab(&netns)?;
     lab.start()?;
     for (arg, v4) in [
         ("::ffff:192.0.2.1", "use 192.0.2.1/32"),
@@ -390,11 +392,10 @@ fn a_new_socket_directory_is_reachable_by_the_socket_group() -> Result<()> {
         })
         .with_context(|| format!("no group {GROUP} in /etc/group"))?;
     let netns = Netns::new("sockdir")?;
-    let mut lab = DaemonLab::new(&netns)?;
-    lab.write_policy(NO_INTERFACES)?;
+    let mut lab = bare_lab(&netns)?;
     let dir = lab.dir.join("run");
     lab.set_socket(dir.join("p25.sock"));
-    lab.run_args(&["--socket-group", GROUP, "--metrics-listen", "off"]);
+    lab.run_args(&["--socket-group", GROUP]);
     lab.start()?;
     for (path, mode) in [(dir.clone(), 0o750), (lab.socket(), 0o660)] {
         let meta = fs::metadata(&path)?;
