@@ -439,3 +439,345 @@ fn list<T>(out: &mut Vec<u8>, parts: &Parts<'_, T>) {
         );
     }
 }
+
+/// Allowlist maps in memory: the fuzz target's and the tests' stand-in for the kernel's.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryTables(pub std::collections::BTreeMap<IpNet, AllowValue>);
+
+impl AllowTables for MemoryTables {
+    fn allow_covers(&self, prefix: IpNet) -> Result<bool, Error> {
+        Ok(self.0.keys().any(|p| p.contains(&prefix)))
+    }
+    fn insert_allow(&mut self, prefix: IpNet, value: AllowValue) -> Result<(), Error> {
+        self.0.insert(check_prefix(prefix)?, value);
+        Ok(())
+    }
+    fn remove_allow(&mut self, prefix: IpNet) -> Result<bool, Error> {
+        Ok(self.0.remove(&check_prefix(prefix)?).is_some())
+    }
+}
+
+/// A daemon in memory: a policy, its allowlist in [`MemoryTables`] and a runtime store
+/// that writes no file. What the handler does with it is what it does in p25d; status,
+/// stats and offenders answer fixed views, reload re-applies the same policy.
+#[derive(Debug)]
+pub struct MemoryHost {
+    /// The maps.
+    pub tables: MemoryTables,
+    /// The runtime allowlist.
+    pub runtime: RuntimeStore,
+    /// The policy in force.
+    pub policy: Policy,
+    /// Most runtime entries.
+    pub max_runtime_entries: usize,
+    /// Generation, bumped by each reload.
+    pub generation: u32,
+}
+
+impl MemoryHost {
+    /// A host with `policy` in force (its allowlist written to the maps).
+    pub fn new(policy: Policy, max_runtime_entries: usize) -> Self {
+        let tables = MemoryTables(
+            policy
+                .allow
+                .iter()
+                .map(|a| {
+                    (
+                        a.prefix,
+                        AllowValue::new(filter_common::abi::Origin::POLICY),
+                    )
+                })
+                .collect(),
+        );
+        Self {
+            tables,
+            runtime: RuntimeStore::in_memory(),
+            policy,
+            max_runtime_entries,
+            generation: 1,
+        }
+    }
+}
+
+impl Host for MemoryHost {
+    type Tables = MemoryTables;
+
+    fn parts(&mut self) -> Parts<'_, MemoryTables> {
+        Parts {
+            tables: &mut self.tables,
+            runtime: &mut self.runtime,
+            policy: &self.policy,
+            policy_path: Path::new("memory.yaml"),
+            admin_group: "p25-admin",
+            max_runtime_entries: self.max_runtime_entries,
+        }
+    }
+
+    fn status(&self) -> Result<StatusView, String> {
+        Ok(StatusView {
+            generation: self.generation,
+            allow: self.tables.0.len(),
+            runtime_allow: self.runtime.entries().len(),
+            subscribers: self.policy.subscribers.len(),
+            ..StatusView::default()
+        })
+    }
+
+    fn stats(&self) -> Result<StatsView, String> {
+        Ok(StatsView::default())
+    }
+
+    fn reload(&mut self, _reason: &str) -> Result<ReloadView, String> {
+        self.generation = self.generation.wrapping_add(1);
+        Ok(ReloadView {
+            generation: self.generation,
+        })
+    }
+
+    fn offenders(
+        &self,
+        _since_secs: Option<u64>,
+        _limit: Option<usize>,
+    ) -> Result<Vec<OffenderView>, String> {
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::{AllowEntryView, read_line};
+
+    const ROOT: Peer = Peer {
+        uid: 0,
+        pid: Some(1),
+        admin: true,
+    };
+    const NOBODY: Peer = Peer {
+        uid: 65534,
+        pid: Some(2),
+        admin: false,
+    };
+
+    fn host() -> Result<MemoryHost, Box<dyn std::error::Error>> {
+        let checked = crate::policy::parse(
+            "version: 1\nsubscribers:\n  - prefix: 100.64.0.0/16\n  - prefix: 2001:db8:1::/48\n\
+             allow:\n  - prefix: 100.64.9.0/24\n    comment: relay\n",
+            "test.yaml",
+        )?;
+        Ok(MemoryHost::new(checked.policy, 3))
+    }
+
+    /// Sends `request` (JSON) and returns the answer's lines.
+    fn ask(host: &mut MemoryHost, peer: &Peer, request: &str) -> Vec<String> {
+        let out = handle(host, peer, format!("{request}\n").as_bytes());
+        let mut reader = std::io::Cursor::new(out);
+        let mut lines = Vec::new();
+        while let Ok(Some(line)) = read_line(&mut reader, MAX_MESSAGE) {
+            lines.push(String::from_utf8_lossy(&line).trim_end().to_owned());
+        }
+        lines
+    }
+
+    fn error_of(lines: &[String]) -> String {
+        match lines
+            .first()
+            .map(|l| serde_json::from_str::<Response<()>>(l))
+        {
+            Some(Ok(Response::Error { message })) => message,
+            other => format!("not an error: {other:?}"),
+        }
+    }
+
+    fn allowed(lines: &[String]) -> Result<AllowedView, String> {
+        match lines
+            .first()
+            .map(|l| serde_json::from_str::<Response<AllowedView>>(l))
+        {
+            Some(Ok(Response::Ok { data })) => Ok(data),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn far_expiry_is_an_error_not_a_crash() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        let years_8000 = 8000 * 31_557_600_u64;
+        for secs in [years_8000, u64::MAX, MAX_LIFETIME_SECS + 1, 0] {
+            let lines = ask(
+                &mut host,
+                &ROOT,
+                &format!(
+                    r#"{{"command":"allow","prefix":"100.64.1.2/32","expires_in_secs":{secs}}}"#
+                ),
+            );
+            let error = error_of(&lines);
+            assert!(error.contains("expires_in_secs"), "{secs}: {error}");
+        }
+        assert!(host.runtime.entries().is_empty());
+        let ok = allowed(&ask(
+            &mut host,
+            &ROOT,
+            &format!(
+                r#"{{"command":"allow","prefix":"100.64.1.2/32","expires_in_secs":{MAX_LIFETIME_SECS}}}"#
+            ),
+        ))?;
+        assert!(ok.expires.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn changes_need_an_administrator() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        for request in [
+            r#"{"command":"allow","prefix":"100.64.1.2/32"}"#,
+            r#"{"command":"deny","prefix":"100.64.9.0/24"}"#,
+            r#"{"command":"reload"}"#,
+        ] {
+            let error = error_of(&ask(&mut host, &NOBODY, request));
+            assert!(
+                error.contains("permission denied") && error.contains("p25-admin"),
+                "{error}"
+            );
+        }
+        assert!(host.runtime.entries().is_empty());
+        assert_eq!(host.generation, 1);
+        // Read-only commands are open.
+        for request in [
+            r#"{"command":"status"}"#,
+            r#"{"command":"list"}"#,
+            r#"{"command":"stats"}"#,
+            r#"{"command":"offenders"}"#,
+        ] {
+            let lines = ask(&mut host, &NOBODY, request);
+            assert!(
+                lines
+                    .first()
+                    .is_some_and(|l| l.starts_with(r#"{"result":"ok""#)),
+                "{lines:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn wide_prefixes_need_force() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        for prefix in ["0.0.0.0/0", "::/0", "100.0.0.0/8", "2001:db8::/32"] {
+            let request = format!(r#"{{"command":"allow","prefix":"{prefix}"}}"#);
+            let error = error_of(&ask(&mut host, &ROOT, &request));
+            assert!(error.contains("--force"), "{prefix}: {error}");
+        }
+        assert!(host.runtime.entries().is_empty());
+        // The subscriber prefix itself, and anything inside it, is fine.
+        allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.0.0/16"}"#,
+        ))?;
+        allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"0.0.0.0/0","force":true}"#,
+        ))?;
+        assert_eq!(host.runtime.entries().len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn runtime_entries_are_capped() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        for i in 1..=3 {
+            allowed(&ask(
+                &mut host,
+                &ROOT,
+                &format!(r#"{{"command":"allow","prefix":"100.64.2.{i}/32"}}"#),
+            ))?;
+        }
+        let error = error_of(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.2.4/32"}"#,
+        ));
+        assert!(error.contains("full (3 entries"), "{error}");
+        // Replacing an existing entry is not a new one.
+        allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.2.1/32","comment":"again"}"#,
+        ))?;
+        Ok(())
+    }
+
+    #[test]
+    fn syn_limits_reach_the_map_and_the_list() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        let view = allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.3.1/32","max_syn_per_minute":30}"#,
+        ))?;
+        assert_eq!(
+            (view.max_syn_per_minute, view.syn_burst),
+            (Some(30), Some(30))
+        );
+        let prefix: IpNet = "100.64.3.1/32".parse()?;
+        let value = host
+            .tables
+            .0
+            .get(&prefix)
+            .copied()
+            .ok_or("not in the map")?;
+        assert_eq!((value.syn_per_minute, value.syn_burst), (30, 30));
+        let error = error_of(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.3.2/32","syn_burst":5}"#,
+        ));
+        assert!(error.contains("without max_syn_per_minute"), "{error}");
+        let error = error_of(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.3.2/32","max_syn_per_minute":0}"#,
+        ));
+        assert!(error.contains("out of range"), "{error}");
+        // list: head, then the rows it announces.
+        let lines = ask(&mut host, &NOBODY, r#"{"command":"list"}"#);
+        let head = match serde_json::from_str::<Response<ListHead>>(&lines[0])? {
+            Response::Ok { data } => data,
+            Response::Error { message } => return Err(message.into()),
+        };
+        assert_eq!((head.allow, head.subscribers), (2, 2));
+        assert_eq!(lines.len(), 5);
+        let row: AllowEntryView = serde_json::from_str(&lines[2])?;
+        assert_eq!(
+            (row.prefix, row.source, row.max_syn_per_minute),
+            (prefix, Source::Runtime, Some(30))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn bad_requests_are_answered() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        let long = format!(
+            r#"{{"command":"allow","prefix":"100.64.1.2/32","comment":"{}"}}"#,
+            "x".repeat(MAX_REQUEST)
+        );
+        for request in [
+            "",
+            "{",
+            "\u{0}",
+            r#"{"command":"frobnicate"}"#,
+            r#"{"command":"allow","prefix":"100.64.1.2/24"}"#,
+            long.as_str(),
+        ] {
+            let lines = ask(&mut host, &ROOT, request);
+            assert_eq!(lines.len(), 1, "{lines:?}");
+            assert!(!error_of(&lines).starts_with("not an error"), "{lines:?}");
+        }
+        let invalid_utf8 = handle(&mut host, &ROOT, b"\xff\xfe\n");
+        assert!(String::from_utf8_lossy(&invalid_utf8).contains("malformed request"));
+        Ok(())
+    }
+}
