@@ -615,7 +615,10 @@ mod tests {
             ]
         );
         assert!(
-            store.skipped()[0].reason.contains("10 years"),
+            store
+                .skipped()
+                .first()
+                .is_some_and(|s| s.reason.contains("10 years")),
             "{:?}",
             store.skipped()
         );

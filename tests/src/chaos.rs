@@ -20,11 +20,6 @@
 //! p25d reports it attached again. The time a recreated interface spends unfiltered is
 //! reported as its own figure (`unfiltered window`) instead of being hidden in the counts.
 
-#![expect(
-    clippy::indexing_slicing,
-    reason = "serde_json::Value indexing yields Null for a missing key or index; it never panics"
-)]
-
 use std::{
     collections::BTreeSet,
     fs,

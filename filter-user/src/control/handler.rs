@@ -743,13 +743,14 @@ mod tests {
         assert!(error.contains("out of range"), "{error}");
         // list: head, then the rows it announces.
         let lines = ask(&mut host, &NOBODY, r#"{"command":"list"}"#);
-        let head = match serde_json::from_str::<Response<ListHead>>(&lines[0])? {
+        let first = lines.first().ok_or("no answer")?;
+        let head = match serde_json::from_str::<Response<ListHead>>(first)? {
             Response::Ok { data } => data,
             Response::Error { message } => return Err(message.into()),
         };
         assert_eq!((head.allow, head.subscribers), (2, 2));
         assert_eq!(lines.len(), 5);
-        let row: AllowEntryView = serde_json::from_str(&lines[2])?;
+        let row: AllowEntryView = serde_json::from_str(lines.get(2).ok_or("no row")?)?;
         assert_eq!(
             (row.prefix, row.source, row.max_syn_per_minute),
             (prefix, Source::Runtime, Some(30))
