@@ -16,7 +16,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use serde_json::Value;
+use filter_user::{
+    control::{ListView, StatsView, StatusView},
+    offenders::OffenderView,
+};
 
 use crate::netns::{Netns, wait_until};
 
@@ -196,8 +199,7 @@ impl DaemonLab {
             {
                 bail!("p25d exited during start-up ({status}):\n{}", self.log());
             }
-            Ok(self.ctl(&["status", "--json"])?.status.success()
-                && self.status()?.get("daemon") == Some(&Value::Bool(true)))
+            Ok(self.ctl(&["status", "--json"])?.status.success() && self.status()?.daemon)
         })?;
         ensure!(ready, "p25d did not answer within 15 s:\n{}", self.log());
         Ok(())
@@ -297,13 +299,29 @@ impl DaemonLab {
     }
 
     /// `p25ctl status --json`.
-    pub fn status(&self) -> Result<Value> {
-        Ok(serde_json::from_str(&self.ctl_ok(&["status", "--json"])?)?)
+    pub fn status(&self) -> Result<StatusView> {
+        self.ctl_json(&["status", "--json"])
     }
 
     /// `p25ctl list --json`.
-    pub fn list(&self) -> Result<Value> {
-        Ok(serde_json::from_str(&self.ctl_ok(&["list", "--json"])?)?)
+    pub fn list(&self) -> Result<ListView> {
+        self.ctl_json(&["list", "--json"])
+    }
+
+    /// `p25ctl stats --json`.
+    pub fn stats(&self) -> Result<StatsView> {
+        self.ctl_json(&["stats", "--json"])
+    }
+
+    /// `p25ctl top --json --limit N`.
+    pub fn top(&self, limit: usize) -> Result<Vec<OffenderView>> {
+        self.ctl_json(&["top", "--json", "--limit", &limit.to_string()])
+    }
+
+    /// Runs p25ctl (which must succeed) and reads its `--json` output as a `T`.
+    pub fn ctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let out = self.ctl_ok(args)?;
+        serde_json::from_str(&out).with_context(|| format!("p25ctl {args:?} printed {out}"))
     }
 }
 

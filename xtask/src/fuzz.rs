@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets of `fuzz/` for a bounded time each.
 //!
 //! Targets: `policy` (the policy parser on arbitrary bytes) and `classifier` (the
-//! reference classifier on arbitrary frames under a fuzzer-chosen policy); their checks are
+//! reference classifier on arbitrary frames under a fuzzer-chosen policy) and `control`
+//! (p25d's control-socket request handler on arbitrary request lines); their checks are
 //! in `fuzz/src/lib.rs`. Each starts from the kept inputs (`fuzz/seeds/<target>/`,
 //! `fuzz/regressions/<target>/`) plus a local corpus (`fuzz/corpus/<target>/`, not
 //! committed). A crash leaves its input in `fuzz/artifacts/<target>/`: fix the code, then
@@ -17,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{cmd, setup};
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 2] = ["policy", "classifier"];
+pub const TARGETS: [&str; 3] = ["policy", "classifier", "control"];
 
 /// Pinned: 0.13.2 builds with the toolchains here (newer releases may need a newer rustc).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -28,7 +29,7 @@ pub struct Args {
     /// Seconds of fuzzing per target (after the build).
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
-    /// Only this target (policy or classifier); all of them by default.
+    /// Only this target (policy, classifier or control); all of them by default.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     pub target: Option<String>,
 }

@@ -82,8 +82,9 @@ enum Task {
     /// if a blocked SYN leaked, an allowlisted or 587 SYN was lost, or an invalid policy
     /// replaced the one in force.
     Chaos(chaos::Args),
-    /// Run setup, then the cargo-fuzz targets (policy parser, reference classifier) for a
-    /// bounded time each (installs cargo-fuzz if needed; uses nightly).
+    /// Run setup, then the cargo-fuzz targets (policy parser, reference classifier, control
+    /// request handler) for a bounded time each (installs cargo-fuzz if needed; uses
+    /// nightly).
     ///
     /// A crash leaves its input in fuzz/artifacts/<target>/; once fixed, keep it in
     /// fuzz/regressions/<target>/, which `cargo test` replays without libFuzzer.

@@ -17,18 +17,18 @@ use filter_common::abi::{
     AllowValue, BlockAction, Config, FragmentPolicy, Mode, Origin, SubscriberValue, iface_slot,
 };
 use filter_user::{
-    Dataplane, KernelTables, check_prefix,
+    Dataplane, KernelTables,
     control::{
-        AllowEntryView, InterfaceView, ListView, Request, Response, Source, StatsView, StatusView,
-        SubscriberView,
+        InterfaceView, ReloadView, StatsView, StatusView,
+        handler::{self, Host, Parts, Peer},
     },
     loader::{
         Hook, PinLayout, ensure_bpffs, ifindex, links_in, pinned_link_ifindex, pinned_link_status,
     },
     metrics,
-    offenders::{self, AlertTracker, monotonic_ns},
+    offenders::{self, AlertTracker, OffenderView, monotonic_ns},
     policy::{self, AllowEntry, Attach, Policy, Role},
-    runtime::{RuntimeEntry, RuntimeStore, rfc3339, unix},
+    runtime::{RuntimeStore, unix},
     sync::{Desired, reconcile},
 };
 use ipnet::IpNet;
@@ -62,6 +62,10 @@ pub struct Options {
     pub events: EventSink,
     pub events_rate: u32,
     pub events_burst: u32,
+    /// Group whose members may change the filter (besides root).
+    pub admin_group: String,
+    /// Most runtime allowlist entries.
+    pub max_runtime_entries: usize,
 }
 
 /// Identifies a version of the policy file cheaply, to notice edits.
@@ -91,7 +95,8 @@ struct IfaceState {
     note: String,
 }
 
-type Job = (Request, oneshot::Sender<Response>);
+/// One control request: its line, who sent it, and where the answer goes.
+type Job = (Vec<u8>, Peer, oneshot::Sender<Vec<u8>>);
 
 struct Daemon {
     opts: Options,
@@ -176,7 +181,11 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let listener = bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    tokio::spawn(accept_loop(listener, jobs_tx));
+    let admin_gid = group_id(&daemon.opts.admin_group);
+    if admin_gid.is_none() {
+        warn!(group = %daemon.opts.admin_group, "the admin group does not exist: only root may change the filter (allow, deny, reload)");
+    }
+    tokio::spawn(accept_loop(listener, jobs_tx, admin_gid));
     let (metrics_tx, mut metrics_jobs) = mpsc::channel::<MetricsJob>(16);
     if let Some(addr) = daemon.opts.metrics_listen {
         observe::serve_metrics(addr, metrics_tx).await?;
@@ -218,11 +227,11 @@ pub async fn run(opts: Options) -> Result<()> {
     info!(socket = %daemon.opts.socket.display(), "ready");
     loop {
         tokio::select! {
-            Some((request, reply)) = jobs.recv() => {
-                let response = daemon.handle(request);
-                let _ = reply.send(response);
+            Some((line, peer, reply)) = jobs.recv() => {
+                let answer = handler::handle(&mut daemon, &peer, &line);
+                let _ = reply.send(answer);
             }
-            _ = hup.recv() => { daemon.reload("SIGHUP"); }
+            _ = hup.recv() => { let _ = daemon.reload("SIGHUP"); }
             () = async {
                 match &links {
                     Some(watch) => watch.changed().await,
@@ -233,7 +242,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = poll.tick() => {
                 if stamp(&daemon.opts.policy) != daemon.seen {
-                    daemon.reload("policy file changed");
+                    let _ = daemon.reload("policy file changed");
                 }
                 daemon.check_interfaces();
             }
@@ -466,66 +475,203 @@ fn group_id(name: &str) -> Option<u32> {
     (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
-async fn accept_loop(listener: UnixListener, jobs: mpsc::Sender<Job>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve(stream, jobs.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting a control connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+/// Control connections served at once from users other than root. Root is never turned
+/// away: an operator must be able to allow, deny and reload during a flood of idle
+/// connections.
+const MAX_CONNECTIONS: usize = 128;
+/// Control connections served at once per non-root user, so that one local user cannot
+/// take every slot.
+const MAX_CONNECTIONS_PER_UID: usize = 8;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one chunk of an answer may wait for the client to read: a client that stops
+/// reading a long `list` is dropped after this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers are written in chunks of this size, each under [`WRITE_TIMEOUT`].
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Counts the open control connections of each non-root user.
+#[derive(Debug, Default)]
+struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// A slot taken from [`PerUid`], given back when the connection ends.
+struct UidSlot {
+    counts: Arc<PerUid>,
+    uid: u32,
+}
+
+impl PerUid {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(uid).or_default();
+        if *count >= MAX_CONNECTIONS_PER_UID {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.uid);
             }
         }
     }
 }
 
-/// One request, one response. Malformed input gets an error response, never a crash.
-async fn serve(stream: UnixStream, jobs: mpsc::Sender<Job>) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(64 * 1024);
-    let mut line = String::new();
-    let response =
-        match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
-            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(request) => {
-                    let (tx, rx) = oneshot::channel();
-                    if jobs.send((request, tx)).await.is_err() {
-                        Response::Error {
-                            message: "the daemon is shutting down".into(),
-                        }
-                    } else {
-                        rx.await.unwrap_or(Response::Error {
-                            message: "the daemon dropped the request".into(),
-                        })
-                    }
-                }
-                Err(e) => Response::Error {
-                    message: format!("malformed request: {e}"),
-                },
-            },
-            Ok(Err(e)) => Response::Error {
-                message: format!("reading the request: {e}"),
-            },
-            Err(_) => Response::Error {
-                message: "timed out waiting for the request".into(),
-            },
+/// The supplementary groups of the peer as the kernel recorded them at connect time
+/// (SO_PEERGROUPS); empty if the kernel cannot tell.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
+        .unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many,
+    // and updates `len` to the bytes written; the fd is the stream's, open while borrowed.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Vec::new();
+    }
+    let count = usize::try_from(len).unwrap_or(0) / size_of::<libc::gid_t>();
+    groups.truncate(count);
+    groups
+}
+
+/// Who is on the other end: SO_PEERCRED for uid, gid and pid, SO_PEERGROUPS for the
+/// supplementary groups. An administrator is root or a member of `admin_gid`.
+fn peer(stream: &UnixStream, admin_gid: Option<u32>) -> std::io::Result<Peer> {
+    let cred = stream.peer_cred()?;
+    let uid = cred.uid();
+    let admin = uid == 0
+        || admin_gid.is_some_and(|gid| cred.gid() == gid || peer_groups(stream).contains(&gid));
+    Ok(Peer {
+        uid,
+        pid: cred.pid(),
+        admin,
+    })
+}
+
+async fn accept_loop(listener: UnixListener, jobs: mpsc::Sender<Job>, admin_gid: Option<u32>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_uid = Arc::new(PerUid::default());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-    let mut bytes = serde_json::to_vec(&response).unwrap_or_default();
-    bytes.push(b'\n');
-    let _ = write.write_all(&bytes).await;
+        let peer = match peer(&stream, admin_gid) {
+            Ok(peer) => peer,
+            Err(e) => {
+                warn!(error = %e, "control connection without peer credentials; closed");
+                continue;
+            }
+        };
+        // Root is served whatever the load; everyone else within the caps.
+        let permits = if peer.uid == 0 {
+            None
+        } else {
+            let Some(uid_slot) = per_uid.take(peer.uid) else {
+                refuse(&stream, peer, "too many connections from your user");
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                refuse(&stream, peer, "too many control connections");
+                continue;
+            };
+            Some((uid_slot, permit))
+        };
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            serve(stream, peer, jobs).await;
+            drop(permits);
+        });
+    }
+}
+
+/// Turns a connection away with a one-line error, written only if the socket takes it at
+/// once (a fresh socket's buffer always does).
+fn refuse(stream: &UnixStream, peer: Peer, why: &str) {
+    warn!(uid = peer.uid, pid = ?peer.pid, reason = why, "control connection refused");
+    let message = format!(
+        "{why} (at most {MAX_CONNECTIONS_PER_UID} per user, {MAX_CONNECTIONS} in all); try again"
+    );
+    let mut line = serde_json::to_vec(&filter_user::control::Response::<()>::Error { message })
+        .unwrap_or_default();
+    line.push(b'\n');
+    let _ = stream.try_write(&line);
+}
+
+/// One request, one answer. Malformed input gets an error answer, never a crash; a client
+/// that sends nothing, or stops reading, is dropped after a timeout.
+async fn serve(stream: UnixStream, peer: Peer, jobs: mpsc::Sender<Job>) {
+    let (read, mut write) = stream.into_split();
+    // One byte more than the cap, so that the handler sees (and refuses) a longer line.
+    let cap = u64::try_from(filter_user::control::MAX_REQUEST + 1).unwrap_or(u64::MAX);
+    let mut reader = BufReader::new(read).take(cap);
+    let mut line = Vec::new();
+    let answer =
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+            Ok(Ok(_)) => {
+                let (tx, rx) = oneshot::channel();
+                if jobs.send((line, peer, tx)).await.is_err() {
+                    error_answer("the daemon is shutting down")
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| error_answer("the daemon dropped the request"))
+                }
+            }
+            Ok(Err(e)) => error_answer(&format!("reading the request: {e}")),
+            Err(_) => error_answer("timed out waiting for the request"),
+        };
+    for chunk in answer.chunks(WRITE_CHUNK) {
+        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                warn!(uid = peer.uid, pid = ?peer.pid, "control client stopped reading; dropped");
+                return;
+            }
+        }
+    }
+}
+
+fn error_answer(message: &str) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&filter_user::control::Response::<()>::Error {
+        message: message.to_owned(),
+    })
+    .unwrap_or_default();
+    line.push(b'\n');
+    line
 }
 
 use tokio::io::AsyncReadExt as _;
-
-fn ok(data: impl serde::Serialize) -> Response {
-    match serde_json::to_value(data) {
-        Ok(data) => Response::Ok { data },
-        Err(e) => Response::Error {
-            message: e.to_string(),
-        },
-    }
-}
 
 /// The ALLOW value of a policy entry: its origin and SYN limit.
 pub(crate) fn policy_allow_value(entry: &AllowEntry) -> AllowValue {
@@ -582,7 +728,7 @@ impl Daemon {
             if !entry.expired(now) {
                 allow
                     .entry(entry.prefix)
-                    .or_insert(AllowValue::new(Origin::RUNTIME));
+                    .or_insert_with(|| entry.allow_value());
             }
         }
         Desired {
@@ -616,7 +762,7 @@ impl Daemon {
     }
 
     /// Re-reads the policy file. A bad file is rejected and counted; the old policy stays.
-    fn reload(&mut self, reason: &str) -> Response {
+    fn reload(&mut self, reason: &str) -> Result<ReloadView, String> {
         self.seen = stamp(&self.opts.policy);
         let checked = match policy::load(&self.opts.policy) {
             Ok(checked) => checked,
@@ -625,7 +771,7 @@ impl Daemon {
                 let message = e.to_string();
                 error!(reason, error = %message, generation = self.generation, "policy rejected; the previous policy stays in force");
                 self.last_error = Some(message.clone());
-                return Response::Error { message };
+                return Err(message);
             }
         };
         for warning in &checked.warnings {
@@ -635,14 +781,16 @@ impl Daemon {
             Ok(()) => {
                 self.reloads_ok += 1;
                 self.last_error = None;
-                ok(serde_json::json!({ "generation": self.generation }))
+                Ok(ReloadView {
+                    generation: self.generation,
+                })
             }
             Err(e) => {
                 self.reloads_failed += 1;
                 let message = format!("{e:#}");
                 error!(reason, error = %message, "applying the policy failed");
                 self.last_error = Some(message.clone());
-                Response::Error { message }
+                Err(message)
             }
         }
     }
@@ -710,19 +858,17 @@ impl Daemon {
     }
 
     /// The offender table as views, filtered as asked.
-    fn offender_views(&self, since_secs: Option<u64>, limit: Option<usize>) -> Response {
-        match self.tables.offenders() {
-            Ok(entries) => {
-                let views = offenders::views(&entries, &offenders::Clock::now());
-                let now = unix(SystemTime::now());
-                ok(filter_user::control::filter_offenders(
-                    views, since_secs, limit, now,
-                ))
-            }
-            Err(e) => Response::Error {
-                message: e.to_string(),
-            },
-        }
+    fn offender_views(
+        &self,
+        since_secs: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<OffenderView>, String> {
+        let entries = self.tables.offenders().map_err(|e| e.to_string())?;
+        let views = offenders::views(&entries, &offenders::Clock::now());
+        let now = unix(SystemTime::now());
+        Ok(filter_user::control::filter_offenders(
+            views, since_secs, limit, now,
+        ))
     }
 
     /// One `/metrics` page. Empty on failure (the HTTP side answers 503), with the reason
@@ -922,181 +1068,6 @@ impl Daemon {
         }
     }
 
-    fn handle(&mut self, request: Request) -> Response {
-        match request {
-            Request::Allow {
-                prefix,
-                comment,
-                expires_in_secs,
-            } => self.allow(prefix, comment, expires_in_secs),
-            Request::Deny { prefix } => self.deny(prefix),
-            Request::List => ok(self.list()),
-            Request::Status => match self.status() {
-                Ok(s) => ok(s),
-                Err(e) => Response::Error {
-                    message: format!("{e:#}"),
-                },
-            },
-            Request::Stats => match self.tables.counters() {
-                Ok(c) => ok(StatsView::from(&c)),
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
-            },
-            Request::Reload => self.reload("p25ctl reload"),
-            Request::Offenders { since_secs, limit } => self.offender_views(since_secs, limit),
-        }
-    }
-
-    fn allow(
-        &mut self,
-        prefix: IpNet,
-        comment: Option<String>,
-        expires_in: Option<u64>,
-    ) -> Response {
-        if let Err(e) = check_prefix(prefix) {
-            return Response::Error {
-                message: e.to_string(),
-            };
-        }
-        let now = unix(SystemTime::now());
-        let entry = RuntimeEntry {
-            prefix,
-            comment,
-            added_unix: now,
-            expires_unix: expires_in.map(|s| now.saturating_add(s)),
-        };
-        if let Err(e) = self.runtime.add(entry.clone()) {
-            return Response::Error {
-                message: e.to_string(),
-            };
-        }
-        // Write just this entry instead of a full reconcile, which reads every map entry
-        // back (seconds at a million entries). A policy entry keeps its origin, as in
-        // `desired`; only a prefix the maps already cover can be one, so the scan of the
-        // policy is skipped in the common case. The periodic resync still repairs drift.
-        let now = SystemTime::now();
-        let in_policy = self.tables.allow_covers(prefix).unwrap_or(true)
-            && self
-                .policy
-                .allow
-                .iter()
-                .any(|a| a.prefix == prefix && !a.is_expired(now));
-        let written = if in_policy {
-            Ok(())
-        } else {
-            self.tables
-                .insert_allow(prefix, AllowValue::new(Origin::RUNTIME))
-        };
-        if let Err(e) = written {
-            return Response::Error {
-                message: format!(
-                    "saved, but updating the maps failed (the next resync retries): {e}"
-                ),
-            };
-        }
-        info!(%prefix, expires = ?entry.expires_unix.map(rfc3339), "runtime allow added");
-        ok(serde_json::json!({ "prefix": prefix, "expires": entry.expires_unix.map(rfc3339) }))
-    }
-
-    fn deny(&mut self, prefix: IpNet) -> Response {
-        if let Err(e) = check_prefix(prefix) {
-            return Response::Error {
-                message: e.to_string(),
-            };
-        }
-        match self.runtime.remove(prefix) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let in_policy = self.policy.allow.iter().any(|a| a.prefix == prefix);
-                let message = if in_policy {
-                    format!(
-                        "{prefix} comes from the policy file {}; remove it there",
-                        self.opts.policy.display()
-                    )
-                } else {
-                    format!("{prefix} is not in the runtime allowlist (see `p25ctl list`)")
-                };
-                return Response::Error { message };
-            }
-            Err(e) => {
-                return Response::Error {
-                    message: e.to_string(),
-                };
-            }
-        }
-        // Remove just this entry (see `allow`), unless the policy allows the same prefix.
-        let now = SystemTime::now();
-        let in_policy = self
-            .policy
-            .allow
-            .iter()
-            .any(|a| a.prefix == prefix && !a.is_expired(now));
-        let removed = if in_policy {
-            Ok(false)
-        } else {
-            self.tables.remove_allow(prefix)
-        };
-        if let Err(e) = removed {
-            return Response::Error {
-                message: format!(
-                    "removed from the state, but updating the maps failed (the next resync retries): {e}"
-                ),
-            };
-        }
-        info!(%prefix, "runtime allow removed");
-        ok(serde_json::json!({ "prefix": prefix }))
-    }
-
-    fn list(&self) -> ListView {
-        let mut allow: BTreeMap<IpNet, AllowEntryView> = BTreeMap::new();
-        for a in &self.policy.allow {
-            allow.insert(
-                a.prefix,
-                AllowEntryView {
-                    prefix: a.prefix,
-                    source: Source::Policy,
-                    comment: a.comment.as_deref().map(str::to_owned),
-                    owner: a.owner.as_deref().map(str::to_owned),
-                    expires: a.expires.map(|e| rfc3339(unix(e))),
-                    max_syn_per_minute: a.syn_limit.map(|l| l.per_minute),
-                    syn_burst: a.syn_limit.map(|l| l.burst),
-                },
-            );
-        }
-        for r in self.runtime.entries().values() {
-            allow
-                .entry(r.prefix)
-                .and_modify(|v| v.source = Source::PolicyAndRuntime)
-                .or_insert(AllowEntryView {
-                    prefix: r.prefix,
-                    source: Source::Runtime,
-                    comment: r.comment.clone(),
-                    owner: None,
-                    expires: r.expires_unix.map(rfc3339),
-                    max_syn_per_minute: None,
-                    syn_burst: None,
-                });
-        }
-        ListView {
-            allow: allow.into_values().collect(),
-            subscribers: self
-                .policy
-                .subscribers
-                .iter()
-                .map(|s| SubscriberView {
-                    prefix: s.prefix,
-                    mode: s.mode.map_or(Mode::DEFAULT, Mode::from).name().into(),
-                    action: s
-                        .action
-                        .map_or(BlockAction::DEFAULT, BlockAction::from)
-                        .name()
-                        .into(),
-                })
-                .collect(),
-        }
-    }
-
     fn interface_views(&self) -> Vec<InterfaceView> {
         let links = pinned_link_status(&self.opts.layout);
         self.interfaces
@@ -1140,6 +1111,45 @@ impl Daemon {
             runtime_allow: self.runtime.entries().len(),
             pins: self.opts.layout.dir().display().to_string(),
         })
+    }
+}
+
+/// The control handler's view of the daemon (see `filter_user::control::handler`).
+impl Host for Daemon {
+    type Tables = KernelTables;
+
+    fn parts(&mut self) -> Parts<'_, KernelTables> {
+        Parts {
+            tables: &mut self.tables,
+            runtime: &mut self.runtime,
+            policy: &self.policy,
+            policy_path: &self.opts.policy,
+            admin_group: &self.opts.admin_group,
+            max_runtime_entries: self.opts.max_runtime_entries,
+        }
+    }
+
+    fn status(&self) -> Result<StatusView, String> {
+        Daemon::status(self).map_err(|e| format!("{e:#}"))
+    }
+
+    fn stats(&self) -> Result<StatsView, String> {
+        self.tables
+            .counters()
+            .map(|c| StatsView::from(&c))
+            .map_err(|e| e.to_string())
+    }
+
+    fn reload(&mut self, reason: &str) -> Result<ReloadView, String> {
+        Daemon::reload(self, reason)
+    }
+
+    fn offenders(
+        &self,
+        since_secs: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<OffenderView>, String> {
+        self.offender_views(since_secs, limit)
     }
 }
 

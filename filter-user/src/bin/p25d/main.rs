@@ -70,6 +70,14 @@ struct RunArgs {
     /// Group allowed to use the control socket (besides root); the socket is mode 0660.
     #[arg(long)]
     socket_group: Option<String>,
+    /// Group whose members may change the filter through the socket (allow, deny,
+    /// reload), besides root. Read-only commands need only --socket-group.
+    #[arg(long, default_value = "p25-admin")]
+    admin_group: String,
+    /// Most runtime allowlist entries (p25ctl allow); more belong in the policy file.
+    #[arg(long, default_value_t = filter_user::runtime::DEFAULT_MAX_RUNTIME_ENTRIES,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_runtime_entries: u64,
     /// Root of the pinned state on bpffs.
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -229,6 +237,9 @@ fn run(command: Command) -> Result<ExitCode> {
                 },
                 events_rate: args.events_rate,
                 events_burst: args.events_burst,
+                admin_group: args.admin_group,
+                max_runtime_entries: usize::try_from(args.max_runtime_entries)
+                    .unwrap_or(usize::MAX),
             }))?;
             Ok(ExitCode::SUCCESS)
         }
