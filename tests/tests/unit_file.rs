@@ -4,6 +4,7 @@
 //! the user and both socket groups.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     process::Command,
@@ -187,6 +188,161 @@ fn sysusers_creates_the_user_and_both_groups() -> Result<()> {
     ensure!(
         field(&passwd, "p25", 6).is_some_and(|shell| shell.ends_with("nologin")),
         "p25 must have no login shell"
+    );
+    Ok(())
+}
+
+/// Every system call p25d made under `strace -f` during a run that covered start-up (load,
+/// pin, attach XDP and tcx), p25ctl allow/list/top/deny, a /metrics scrape, a policy edit,
+/// SIGHUP (reload and event log reopen), an interface removal and SIGTERM; plus chown(2)
+/// for `--socket-group`. A filter that drops one of them breaks p25d at run time, which
+/// `systemd-analyze` does not notice (`~@privileged` would have removed bpf(2)).
+const P25D_SYSCALLS: &[&str] = &[
+    "accept4",
+    "access",
+    "arch_prctl",
+    "bind",
+    "bpf",
+    "brk",
+    "chmod",
+    "chown",
+    "clone3",
+    "close",
+    "epoll_create1",
+    "epoll_ctl",
+    "epoll_wait",
+    "eventfd2",
+    "execve",
+    "exit",
+    "exit_group",
+    "fchownat",
+    "fcntl",
+    "flock",
+    "fsync",
+    "futex",
+    "getdents64",
+    "getpid",
+    "getrandom",
+    "gettid",
+    "ioctl",
+    "listen",
+    "madvise",
+    "mkdir",
+    "mmap",
+    "mprotect",
+    "mremap",
+    "munmap",
+    "newfstatat",
+    "openat",
+    "poll",
+    "prctl",
+    "pread64",
+    "prlimit64",
+    "read",
+    "recvfrom",
+    "rename",
+    "rseq",
+    "rt_sigaction",
+    "rt_sigprocmask",
+    "rt_sigreturn",
+    "sched_getaffinity",
+    "sendto",
+    "set_robust_list",
+    "set_tid_address",
+    "setsockopt",
+    "shutdown",
+    "sigaltstack",
+    "socket",
+    "socketpair",
+    "statx",
+    "umask",
+    "uname",
+    "unlink",
+    "write",
+];
+
+/// The system-call groups systemd knows (`systemd-analyze syscall-filter`), by name.
+fn syscall_groups() -> Result<BTreeMap<String, Vec<String>>> {
+    let out = Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager"])
+        .output()
+        .context("running systemd-analyze syscall-filter")?;
+    let mut groups = BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if line.starts_with('@') {
+            let name = line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            groups.insert(name.clone(), Vec::new());
+            current = Some(name);
+        } else if let Some(name) = &current {
+            let item = line.trim();
+            if !item.is_empty() && !item.starts_with('#') {
+                groups
+                    .entry(name.clone())
+                    .or_insert_with(Vec::new)
+                    .push(item.to_owned());
+            }
+        }
+    }
+    ensure!(
+        groups.contains_key("@system-service"),
+        "no @system-service group listed"
+    );
+    Ok(groups)
+}
+
+fn expand(groups: &BTreeMap<String, Vec<String>>, item: &str, out: &mut BTreeSet<String>) {
+    match groups.get(item) {
+        Some(members) if item.starts_with('@') => {
+            for member in members {
+                expand(groups, member, out);
+            }
+        }
+        _ => {
+            out.insert(item.to_owned());
+        }
+    }
+}
+
+/// The unit's SystemCallFilter= lines applied the way systemd does when the first one is
+/// an allow list: later plain lines add to it, `~` lines remove from it.
+#[test]
+fn system_call_filter_allows_every_call_p25d_makes() -> Result<()> {
+    let groups = syscall_groups()?;
+    let text = fs::read_to_string(unit())?;
+    let lines = values(&settings(&text), "SystemCallFilter");
+    ensure!(
+        lines.first().is_some_and(|first| !first.starts_with('~')),
+        "the first SystemCallFilter= must be an allow list: {lines:?}"
+    );
+    let mut allowed = BTreeSet::new();
+    for line in &lines {
+        let (deny, list) = match line.strip_prefix('~') {
+            Some(list) => (true, list),
+            None => (false, *line),
+        };
+        let mut set = BTreeSet::new();
+        for item in list.split_whitespace() {
+            expand(&groups, item, &mut set);
+        }
+        if deny {
+            allowed.retain(|call| !set.contains(call));
+        } else {
+            allowed.extend(set);
+        }
+    }
+    let missing: Vec<&str> = P25D_SYSCALLS
+        .iter()
+        .copied()
+        .filter(|call| !allowed.contains(*call))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "SystemCallFilter= blocks system calls p25d makes: {missing:?} (filter {lines:?})"
     );
     Ok(())
 }

@@ -67,7 +67,8 @@ struct RunArgs {
     /// The control socket p25ctl talks to.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Group allowed to use the control socket (besides root); the socket is mode 0660.
+    /// Group allowed to use the control socket (besides root); the socket is mode 0660,
+    /// and its directory, if p25d creates it, 0750 in this group.
     #[arg(long)]
     socket_group: Option<String>,
     /// Group whose members may change the filter through the socket (allow, deny,
