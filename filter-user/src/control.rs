@@ -136,6 +136,16 @@ pub enum Response<T> {
     },
 }
 
+/// A whole error answer: one [`Response::Error`] line.
+pub fn error_answer(message: String) -> Vec<u8> {
+    let response: Response<()> = Response::Error { message };
+    // A String and a tag always serialize; should that ever fail, an empty answer is
+    // still an answer the client reports ("closed the connection").
+    let mut line = serde_json::to_vec(&response).unwrap_or_default();
+    line.push(b'\n');
+    line
+}
+
 /// `p25ctl allow` data.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowedView {

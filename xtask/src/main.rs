@@ -171,7 +171,7 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         .args(cargo_test_args);
     cmd::run(&mut cargo).context("tests failed")?;
     // Each fuzz target for a bounded time (the crashes once found are replayed by
-    // `cargo test` above): about 2 × 30 s plus the first build (~8 min on 2 cores, cached).
+    // `cargo test` above): about 3 × 30 s plus the first build (~8 min on 2 cores, cached).
     fuzz::run(&fuzz::Args {
         seconds: 30,
         target: None,

@@ -207,12 +207,7 @@ fn encode<T: Serialize>(out: &mut Vec<u8>, value: &T) -> bool {
 }
 
 fn error_line(out: &mut Vec<u8>, message: String) {
-    let response: Response<()> = Response::Error { message };
-    // A String and a tag always serialize.
-    if let Ok(bytes) = serde_json::to_vec(&response) {
-        out.extend_from_slice(&bytes);
-    }
-    out.push(b'\n');
+    out.extend_from_slice(&super::error_answer(message));
 }
 
 fn single<T: Serialize>(out: &mut Vec<u8>, result: Result<T, String>) {

@@ -19,7 +19,7 @@ use filter_common::abi::{
 use filter_user::{
     Dataplane, KernelTables,
     control::{
-        InterfaceView, ReloadView, StatsView, StatusView,
+        InterfaceView, ReloadView, StatsView, StatusView, error_answer,
         handler::{self, Host, Parts, Peer},
     },
     loader::{
@@ -622,10 +622,7 @@ fn refuse(stream: &UnixStream, peer: Peer, why: &str) {
     let message = format!(
         "{why} (at most {MAX_CONNECTIONS_PER_UID} per user, {MAX_CONNECTIONS} in all); try again"
     );
-    let mut line = serde_json::to_vec(&filter_user::control::Response::<()>::Error { message })
-        .unwrap_or_default();
-    line.push(b'\n');
-    let _ = stream.try_write(&line);
+    let _ = stream.try_write(&error_answer(message));
 }
 
 /// One request, one answer. Malformed input gets an error answer, never a crash; a client
@@ -641,14 +638,14 @@ async fn serve(stream: UnixStream, peer: Peer, jobs: mpsc::Sender<Job>) {
             Ok(Ok(_)) => {
                 let (tx, rx) = oneshot::channel();
                 if jobs.send((line, peer, tx)).await.is_err() {
-                    error_answer("the daemon is shutting down")
+                    error_answer("the daemon is shutting down".into())
                 } else {
                     rx.await
-                        .unwrap_or_else(|_| error_answer("the daemon dropped the request"))
+                        .unwrap_or_else(|_| error_answer("the daemon dropped the request".into()))
                 }
             }
-            Ok(Err(e)) => error_answer(&format!("reading the request: {e}")),
-            Err(_) => error_answer("timed out waiting for the request"),
+            Ok(Err(e)) => error_answer(format!("reading the request: {e}")),
+            Err(_) => error_answer("timed out waiting for the request".into()),
         };
     for chunk in answer.chunks(WRITE_CHUNK) {
         match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(chunk)).await {
@@ -660,15 +657,6 @@ async fn serve(stream: UnixStream, peer: Peer, jobs: mpsc::Sender<Job>) {
             }
         }
     }
-}
-
-fn error_answer(message: &str) -> Vec<u8> {
-    let mut line = serde_json::to_vec(&filter_user::control::Response::<()>::Error {
-        message: message.to_owned(),
-    })
-    .unwrap_or_default();
-    line.push(b'\n');
-    line
 }
 
 use tokio::io::AsyncReadExt as _;
