@@ -295,7 +295,9 @@ impl Drop for Installed {
 }
 
 /// An exclusive flock, released when dropped (with the file descriptor).
-struct Lock(fs::File);
+struct Lock {
+    _file: fs::File,
+}
 
 impl Lock {
     fn take(path: &str) -> Result<Self> {
@@ -310,6 +312,6 @@ impl Lock {
         if rc != 0 {
             return Err(io::Error::last_os_error()).with_context(|| format!("locking {path}"));
         }
-        Ok(Self(file))
+        Ok(Self { _file: file })
     }
 }
