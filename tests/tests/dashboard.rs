@@ -21,29 +21,26 @@ use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     daemon::DaemonLab,
     exporter::METRICS_ADDR,
-    lab::{SERVER4, SMTP, SUB4, SUB4_ALLOWED, Topology},
+    lab::{POLICY_HEAD, SERVER4, SMTP, SUB4, SUB4_ALLOWED, Topology},
     netns::wait_until,
     prometheus::{Prometheus, dashboard_panels, label_values_selector},
     traffic::SynSender,
 };
 use serde_json::Value;
 
-const POLICY: &str = r"version: 1
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
+/// Enforced subscribers, a monitor-mode part of them, one allowlisted business.
+fn policy() -> String {
+    format!(
+        "{POLICY_HEAD}subscribers:
   - prefix: 100.64.1.0/24
   - prefix: 100.64.1.128/25
     mode: monitor
 allow:
   - prefix: 100.64.1.3/32
     comment: business customer
-";
+"
+    )
+}
 
 /// A subscriber inside the monitor-mode prefix.
 const MONITORED4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 200);
@@ -147,7 +144,7 @@ fn every_dashboard_query_parses_and_returns_data_in_the_lab() -> Result<()> {
     let topology = Topology::build()?;
     topology.sub.add_addr("s0", &format!("{MONITORED4}/24"))?;
     let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    lab.write_policy(&policy())?;
     lab.run_args(&["--alert-threshold", "20", "--offender-scan", "200ms"]);
     lab.start()?;
     let prometheus = Prometheus::builder(METRICS_ADDR)
@@ -187,7 +184,7 @@ fn every_dashboard_query_parses_and_returns_data_in_the_lab() -> Result<()> {
         rejected,
         "the broken policy was never counted as a failed reload"
     );
-    lab.write_policy(POLICY)?;
+    lab.write_policy(&policy())?;
 
     let mut empty = Vec::new();
     let (blocked, allowed, monitored) = (

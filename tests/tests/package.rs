@@ -24,7 +24,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     daemon::DaemonLab,
-    lab::{SERVER4, SMTP, SUB4, SUBMISSION, Topology},
+    lab::{POLICY_HEAD, SERVER4, SMTP, SUB4, SUBMISSION, Topology},
     netns::{Netns, wait_until},
 };
 
@@ -33,17 +33,9 @@ const LOCK: &str = "/tmp/p25-package.lock";
 const UNIT: &str = "/lib/systemd/system/p25d.service";
 
 /// The test's own policy: the lab's subscriber prefix, attached in the router namespace.
-const POLICY: &str = r"version: 1
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-";
+fn policy() -> String {
+    format!("{POLICY_HEAD}subscribers:\n  - prefix: 100.64.1.0/24\n")
+}
 
 /// A blocked connect must not complete within this (the SYN is dropped).
 const BLOCKED_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -110,7 +102,7 @@ fn scenario(work: &Path) -> Result<()> {
     let topology = Topology::build()?;
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.use_binaries("/usr/sbin");
-    lab.write_policy(POLICY)?;
+    lab.write_policy(&policy())?;
     lab.start()?;
     expect_filtering(&topology, "installed p25d")?;
 
