@@ -109,7 +109,19 @@ fn scenario(work: &Path) -> Result<()> {
     // An upgrade replaces the binaries under the running daemon: filtering goes on. The
     // daemon is then restarted (what postinst's try-restart does under systemd), and the
     // new p25d adopts the pinned programs and maps.
+    // The operator's edit of the conffile survives the upgrade.
+    let conffile = Path::new("/etc/p25/policy.yaml");
+    let edited = format!(
+        "{}\n# edited by the operator\n",
+        fs::read_to_string(conffile)?
+    );
+    fs::write(conffile, &edited)?;
     run(Command::new("dpkg").arg("-i").arg(&newer))?;
+    ensure!(
+        fs::read_to_string(conffile)? == edited,
+        "the upgrade replaced the operator's {}",
+        conffile.display()
+    );
     expect_filtering(&topology, "after the upgrade, old p25d still running")?;
     lab.kill9()?;
     expect_filtering(&topology, "after the upgrade, p25d stopped (pins only)")?;
