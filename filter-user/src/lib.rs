@@ -5,6 +5,7 @@
 //! - [`tables`]: the kernel's policy and counter maps, typed and validated.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
 
+pub mod cli_docs;
 pub mod control;
 pub mod loader;
 pub mod metrics;

@@ -86,6 +86,8 @@ pub struct DaemonLab {
     wrapper: Vec<String>,
     /// The control socket; `p25.sock` in `dir` unless [`DaemonLab::set_socket`] chose.
     socket: Option<PathBuf>,
+    /// Where p25d and p25ctl are taken from; the workspace's build ([`bin`]) if unset.
+    bin_dir: Option<PathBuf>,
 }
 
 impl DaemonLab {
@@ -109,6 +111,7 @@ impl DaemonLab {
             args: Vec::new(),
             wrapper: Vec::new(),
             socket: None,
+            bin_dir: None,
         })
     }
 
@@ -128,7 +131,22 @@ impl DaemonLab {
             args: Vec::new(),
             wrapper: Vec::new(),
             socket: None,
+            bin_dir: None,
         })
+    }
+
+    /// Runs p25d and p25ctl from `dir` (e.g. the installed package's /usr/sbin) instead of
+    /// the workspace's build.
+    pub fn use_binaries(&mut self, dir: impl Into<PathBuf>) {
+        self.bin_dir = Some(dir.into());
+    }
+
+    /// The p25d or p25ctl this lab runs.
+    fn binary(&self, name: &str) -> Result<PathBuf> {
+        match &self.bin_dir {
+            Some(dir) => Ok(dir.join(name)),
+            None => bin(name),
+        }
     }
 
     /// Adds arguments to every later `p25d run` of this lab.
@@ -210,7 +228,7 @@ impl DaemonLab {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path.display()))
             .args(&self.wrapper)
-            .arg(bin("p25d")?)
+            .arg(self.binary("p25d")?)
             .args(["run", "--resync", "2s"])
             // Quick file polling unless the test chose its own (e.g. to show that
             // interface changes are picked up from link notifications, not by polling).
@@ -276,7 +294,7 @@ impl DaemonLab {
 
     /// Runs p25ctl against this daemon (or its pins) and returns its output.
     pub fn ctl(&self, args: &[&str]) -> Result<Output> {
-        Command::new(bin("p25ctl")?)
+        Command::new(self.binary("p25ctl")?)
             .arg("--socket")
             .arg(self.socket())
             .arg("--pin-root")
@@ -328,7 +346,8 @@ impl DaemonLab {
 impl Drop for DaemonLab {
     fn drop(&mut self) {
         let _ = self.kill9();
-        // The daemon leaves its pins on purpose; the test must not.
+        // The daemon leaves its pins on purpose; the test must not. The workspace's p25d
+        // detaches, since a lab's own binary may be gone by now (a purged package).
         if let Ok(p25d) = bin("p25d") {
             let _ = Command::new(p25d)
                 .args(["detach", "--all-versions", "--pin-root"])

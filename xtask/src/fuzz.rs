@@ -11,7 +11,7 @@
 //!
 //! cargo-fuzz needs nightly (`-Z` sanitizer flags) and is installed on demand.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{fs, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -41,9 +41,7 @@ pub fn run(args: &Args) -> Result<()> {
     let root = cmd::workspace_root()?;
     let fuzz_dir = root.join("fuzz");
     // Inside the workspace's (ignored) target directory, not fuzz/target.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("fuzz");
+    let target_dir = cmd::target_dir()?.join("fuzz");
     let targets: Vec<&str> = match &args.target {
         Some(one) => vec![one.as_str()],
         None => TARGETS.to_vec(),

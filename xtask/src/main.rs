@@ -8,6 +8,8 @@ mod chaos;
 mod cmd;
 mod demo;
 mod fuzz;
+mod manpage;
+mod package;
 mod setup;
 
 use std::process::ExitCode;
@@ -89,6 +91,13 @@ enum Task {
     /// A crash leaves its input in fuzz/artifacts/<target>/; once fixed, keep it in
     /// fuzz/regressions/<target>/, which `cargo test` replays without libFuzzer.
     Fuzz(fuzz::Args),
+    /// Run setup, build release binaries, then the Debian package with cargo-deb.
+    ///
+    /// p25d and p25ctl in /usr/sbin, the systemd unit (installed, not enabled), a
+    /// sysusers.d entry, a policy that filters nothing as the /etc/p25/policy.yaml
+    /// conffile, man pages, completions, Prometheus rules and the Grafana dashboard.
+    /// Prints the path of the .deb (default directory: <target>/debian).
+    Package(package::Args),
 }
 
 fn main() -> ExitCode {
@@ -122,6 +131,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::Chaos(args) => chaos::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Package(args) => package::run(&args).map(drop),
         Task::Demo { keep, down } => demo::run(match (keep, down) {
             (_, true) => demo::Mode::Down,
             (true, false) => demo::Mode::Keep,

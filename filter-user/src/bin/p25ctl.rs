@@ -40,6 +40,10 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Allowlist an address or prefix at run time (survives reloads and restarts).
+    #[command(
+        after_help = "Examples:\n  p25ctl allow 198.51.100.25 --comment \"customer 4711 relay\"\n  \
+        p25ctl allow 2001:db8:40::/64 --expires 7d"
+    )]
     Allow {
         /// IPv4/IPv6 address or CIDR prefix (host bits must be clear).
         prefix: String,
@@ -63,6 +67,7 @@ enum Command {
         json: bool,
     },
     /// Remove a runtime allowlist entry.
+    #[command(after_help = "Example:\n  p25ctl deny 198.51.100.25")]
     Deny {
         /// The address or prefix given to `allow`.
         prefix: String,
@@ -71,30 +76,35 @@ enum Command {
         json: bool,
     },
     /// Show the allowlist (policy and runtime entries, apart) and subscriber prefixes.
+    #[command(after_help = "Examples:\n  p25ctl list\n  p25ctl list --json | jq '.allow[]'")]
     List {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show attached interfaces, modes, policy generation and reload results.
+    #[command(after_help = "Examples:\n  p25ctl status\n  p25ctl status --json")]
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show the verdict and parse-outcome counters.
+    #[command(after_help = "Example:\n  p25ctl stats --json")]
     Stats {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Make the daemon re-read its policy file now.
+    #[command(after_help = "Example:\n  p25d check /etc/p25/policy.yaml && p25ctl reload")]
     Reload {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show the worst offenders: subscribers with the most blocked port-25 attempts.
+    #[command(after_help = "Examples:\n  p25ctl top\n  p25ctl top --limit 50 --json")]
     Top {
         /// How many rows.
         #[arg(long, default_value_t = 10)]
@@ -104,6 +114,10 @@ enum Command {
         json: bool,
     },
     /// Export offenders for the abuse desk: the evidence to hand to the customer.
+    #[command(
+        after_help = "Examples:\n  p25ctl offenders --since 1h > offenders.csv\n  \
+        p25ctl offenders --since 24h --format json"
+    )]
     Offenders {
         /// Only subscribers whose latest attempt is at most this old (e.g. 1h, 30m).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -129,6 +143,11 @@ enum ExportFormat {
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    // `__generate-docs DIR` (for packaging) is not a clap subcommand, so that it shows up
+    // in neither --help nor the completions it writes.
+    if let Some(code) = filter_user::cli_docs::generate_if_asked::<Cli>() {
+        return code;
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,13 +30,22 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load, pin and attach the dataplane, then keep it in sync with the policy.
+    #[command(
+        after_help = "Examples:\n  p25d run    # /etc/p25/policy.yaml, socket /run/p25/p25.sock\n  \
+        p25d run --policy lab.yaml --socket-group p25 --log-format json"
+    )]
     Run(Box<RunArgs>),
     /// Validate a policy file without touching the kernel; exit 1 on any error.
+    #[command(after_help = "Example:\n  p25d check /etc/p25/policy.yaml && systemctl reload p25d")]
     Check {
         /// The policy file.
         policy: PathBuf,
     },
     /// Detach and unpin everything p25 left in the kernel (programs, links, maps).
+    #[command(
+        after_help = "Examples:\n  systemctl stop p25d && p25d detach    # filtering stops here\n  \
+        p25d detach --all-versions           # also state of older p25 releases"
+    )]
     Detach {
         /// Root of the pinned state.
         #[arg(long, default_value = DEFAULT_PIN_ROOT)]
@@ -138,6 +147,11 @@ fn nonzero_duration(text: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // `__generate-docs DIR` (for packaging) is not a clap subcommand, so that it shows up
+    // in neither --help nor the completions it writes.
+    if let Some(code) = filter_user::cli_docs::generate_if_asked::<Cli>() {
+        return code;
+    }
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Run(args) => args.log_format,
