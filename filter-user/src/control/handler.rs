@@ -119,7 +119,13 @@ pub fn handle<H: Host>(host: &mut H, peer: &Peer, line: &[u8]) -> Vec<u8> {
             );
             return out;
         }
-        tracing::info!(command, uid = peer.uid, pid = ?peer.pid, request = %String::from_utf8_lossy(line).trim_end(), "control command");
+        // The request as sent, cut at 1 KiB (a request may be 64 KiB of comment).
+        let shown: String = String::from_utf8_lossy(line)
+            .trim_end()
+            .chars()
+            .take(1024)
+            .collect();
+        tracing::info!(command, uid = peer.uid, pid = ?peer.pid, request = %shown, "control command");
     }
     match request {
         Request::Allow {
