@@ -66,8 +66,11 @@ fn scenario(work: &Path) -> Result<()> {
     lintian(&deb)?;
     let files = package_files(&deb)?;
 
-    // Purges on drop (also on failure); declared first so that it is dropped last, after
-    // the daemon below has been killed.
+    // Purge keeps the system user and groups, as Debian does; the test removes those it
+    // made itself, after the purge (guards drop in reverse order).
+    let _accounts = Accounts::missing()?;
+    // Purges on drop (also on failure); declared before the lab so that it is dropped
+    // after the daemon below has been killed.
     let _installed = Installed;
     run(Command::new("dpkg").arg("-i").arg(&deb))?;
     ensure!(
@@ -76,7 +79,7 @@ fn scenario(work: &Path) -> Result<()> {
     );
 
     // postinst: the user and groups exist; the unit is installed but not enabled.
-    for (db, name) in [("passwd", "p25"), ("group", "p25"), ("group", "p25-admin")] {
+    for (db, name) in ACCOUNTS {
         run(Command::new("getent").args([db, name]))
             .with_context(|| format!("postinst did not create {db} entry {name}"))?;
     }
@@ -285,6 +288,44 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The accounts postinst creates (sysusers.d/p25.conf), as `getent` databases and names.
+const ACCOUNTS: [(&str, &str); 3] = [("passwd", "p25"), ("group", "p25"), ("group", "p25-admin")];
+
+/// The accounts of [`ACCOUNTS`] that did not exist before the test; deleted when dropped.
+struct Accounts(Vec<(&'static str, &'static str)>);
+
+impl Accounts {
+    fn missing() -> Result<Self> {
+        let mut missing = Vec::new();
+        for (db, name) in ACCOUNTS {
+            let known = Command::new("getent")
+                .args([db, name])
+                .output()
+                .context("running getent")?
+                .status
+                .success();
+            if !known {
+                missing.push((db, name));
+            }
+        }
+        Ok(Self(missing))
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        // ACCOUNTS lists the user first: its primary group cannot go while it exists.
+        for (db, name) in &self.0 {
+            let tool = if *db == "passwd" {
+                "userdel"
+            } else {
+                "groupdel"
+            };
+            let _ = Command::new(tool).arg(name).output();
+        }
+    }
 }
 
 /// Purges the package when dropped, so that a failing test leaves nothing installed.
