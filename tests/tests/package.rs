@@ -10,6 +10,10 @@
 //! a release build of filter-user (incremental after the first; ~10 min cold on 2 cores),
 //! lintian ~10 s, the rest ~20 s. Runs are serialized by /tmp/p25-package.lock, since
 //! there is only one /usr/sbin/p25d per machine.
+#![expect(
+    clippy::indexing_slicing,
+    reason = "serde_json's Value index returns Null for a missing key; it never panics"
+)]
 
 use std::{
     collections::BTreeSet,
@@ -101,10 +105,24 @@ fn scenario(work: &Path) -> Result<()> {
     run(Command::new("man").args(["-w", "5", "p25-policy"]))
         .context("man does not find the installed p25-policy(5)")?;
 
-    // The installed binaries filter: port 25 dropped, 587 passes.
+    // The installed p25d with the shipped policy runs and filters nothing: no interface
+    // attached, no subscriber prefix, port 25 connects.
     let topology = Topology::build()?;
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.use_binaries("/usr/sbin");
+    lab.write_policy(&fs::read_to_string("/etc/p25/policy.yaml")?)?;
+    lab.start()?;
+    let status = lab.status()?;
+    ensure!(
+        status["interfaces"].as_array().is_some_and(Vec::is_empty) && status["subscribers"] == 0,
+        "with the shipped policy p25d must attach nothing and know no subscriber: {status}"
+    );
+    expect_connects(&topology.sub, SocketAddr::new(IpAddr::V4(SERVER4), SMTP))
+        .context("the shipped policy must not filter port 25")?;
+    lab.kill9()?;
+
+    // With a policy that lists subscriber space, the installed binaries filter: port 25
+    // dropped, 587 passes.
     lab.write_policy(&policy())?;
     lab.start()?;
     expect_filtering(&topology, "installed p25d")?;
