@@ -10,6 +10,10 @@
 //! a release build of filter-user (incremental after the first; ~10 min cold on 2 cores),
 //! lintian ~10 s, the rest ~20 s. Runs are serialized by /tmp/p25-package.lock, since
 //! there is only one /usr/sbin/p25d per machine.
+#![expect(
+    clippy::indexing_slicing,
+    reason = "serde_json's Value index returns Null for a missing key; it never panics"
+)]
 
 use std::{
     collections::BTreeSet,
@@ -66,8 +70,11 @@ fn scenario(work: &Path) -> Result<()> {
     lintian(&deb)?;
     let files = package_files(&deb)?;
 
-    // Purges on drop (also on failure); declared first so that it is dropped last, after
-    // the daemon below has been killed.
+    // Purge keeps the system user and groups, as Debian does; the test removes those it
+    // made itself, after the purge (guards drop in reverse order).
+    let _accounts = Accounts::missing()?;
+    // Purges on drop (also on failure); declared before the lab so that it is dropped
+    // after the daemon below has been killed.
     let _installed = Installed;
     run(Command::new("dpkg").arg("-i").arg(&deb))?;
     ensure!(
@@ -76,7 +83,7 @@ fn scenario(work: &Path) -> Result<()> {
     );
 
     // postinst: the user and groups exist; the unit is installed but not enabled.
-    for (db, name) in [("passwd", "p25"), ("group", "p25"), ("group", "p25-admin")] {
+    for (db, name) in ACCOUNTS {
         run(Command::new("getent").args([db, name]))
             .with_context(|| format!("postinst did not create {db} entry {name}"))?;
     }
@@ -98,10 +105,24 @@ fn scenario(work: &Path) -> Result<()> {
     run(Command::new("man").args(["-w", "5", "p25-policy"]))
         .context("man does not find the installed p25-policy(5)")?;
 
-    // The installed binaries filter: port 25 dropped, 587 passes.
+    // The installed p25d with the shipped policy runs and filters nothing: no interface
+    // attached, no subscriber prefix, port 25 connects.
     let topology = Topology::build()?;
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.use_binaries("/usr/sbin");
+    lab.write_policy(&fs::read_to_string("/etc/p25/policy.yaml")?)?;
+    lab.start()?;
+    let status = lab.status()?;
+    ensure!(
+        status["interfaces"].as_array().is_some_and(Vec::is_empty) && status["subscribers"] == 0,
+        "with the shipped policy p25d must attach nothing and know no subscriber: {status}"
+    );
+    expect_connects(&topology.sub, SocketAddr::new(IpAddr::V4(SERVER4), SMTP))
+        .context("the shipped policy must not filter port 25")?;
+    lab.kill9()?;
+
+    // With a policy that lists subscriber space, the installed binaries filter: port 25
+    // dropped, 587 passes.
     lab.write_policy(&policy())?;
     lab.start()?;
     expect_filtering(&topology, "installed p25d")?;
@@ -285,6 +306,44 @@ fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+/// The accounts postinst creates (sysusers.d/p25.conf), as `getent` databases and names.
+const ACCOUNTS: [(&str, &str); 3] = [("passwd", "p25"), ("group", "p25"), ("group", "p25-admin")];
+
+/// The accounts of [`ACCOUNTS`] that did not exist before the test; deleted when dropped.
+struct Accounts(Vec<(&'static str, &'static str)>);
+
+impl Accounts {
+    fn missing() -> Result<Self> {
+        let mut missing = Vec::new();
+        for (db, name) in ACCOUNTS {
+            let known = Command::new("getent")
+                .args([db, name])
+                .output()
+                .context("running getent")?
+                .status
+                .success();
+            if !known {
+                missing.push((db, name));
+            }
+        }
+        Ok(Self(missing))
+    }
+}
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        // ACCOUNTS lists the user first: its primary group cannot go while it exists.
+        for (db, name) in &self.0 {
+            let tool = if *db == "passwd" {
+                "userdel"
+            } else {
+                "groupdel"
+            };
+            let _ = Command::new(tool).arg(name).output();
+        }
+    }
 }
 
 /// Purges the package when dropped, so that a failing test leaves nothing installed.
