@@ -14,6 +14,7 @@ use std::{
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Mutex,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -21,6 +22,29 @@ use anyhow::{Context as _, Result, bail, ensure};
 use filter_user::loader::PinLayout;
 
 use crate::netns::Netns;
+
+/// Pids of the daemons running now, for [`kill_all`].
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Kills and reaps every daemon still running: called on a signal, before the sweep, so
+/// that no daemon writes its pins or files again after they are removed.
+pub fn kill_all() {
+    let pids = RUNNING
+        .lock()
+        .map(|mut pids| std::mem::take(&mut *pids))
+        .unwrap_or_default();
+    for pid in pids {
+        let Ok(pid) = libc::pid_t::try_from(pid) else {
+            continue;
+        };
+        // SAFETY: plain syscalls on a child of this process that has not been reaped (it
+        // is removed from RUNNING before `Drop` reaps it).
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+        }
+    }
+}
 
 /// A running p25d with private files and pins; `Drop` stops it and removes everything.
 #[derive(Debug)]
@@ -95,7 +119,11 @@ impl Daemon {
             });
         }
         daemon.spawned = SystemTime::now();
-        daemon.child = Some(cmd.spawn().context("spawning p25d")?);
+        let child = cmd.spawn().context("spawning p25d")?;
+        if let Ok(mut pids) = RUNNING.lock() {
+            pids.push(child.id());
+        }
+        daemon.child = Some(child);
         daemon.wait_for_log("ready", Duration::from_secs(300))?;
         Ok(daemon)
     }
@@ -167,6 +195,9 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if let Ok(mut pids) = RUNNING.lock() {
+                pids.retain(|pid| *pid != child.id());
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

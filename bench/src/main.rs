@@ -87,7 +87,10 @@ enum Section {
 }
 
 fn main() -> ExitCode {
-    if let Err(err) = sys::on_signal_exit(netns::sweep_own) {
+    if let Err(err) = sys::on_signal_exit(|| {
+        daemon::kill_all();
+        netns::sweep_own();
+    }) {
         eprintln!("p25-bench: error: {err:#}");
         return ExitCode::FAILURE;
     }
