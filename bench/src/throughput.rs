@@ -993,3 +993,33 @@ fn flood_result(
         target_over_nft: flood.target_over_nft,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header carrying its checksum sums to zero (RFC 1071), for the template's own
+    /// source and for a rewritten one.
+    #[test]
+    fn rewritten_sources_carry_valid_checksums() -> Result<()> {
+        let src = Ipv4Addr::new(100, 64, 1, 2);
+        let dst = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 25));
+        let frame = template(IpAddr::V4(src), dst, [2; 6], [4; 6])?;
+        let header = frame.get(14..34).context("short frame")?;
+        assert_eq!(ipv4_checksum(header), 0);
+        let other = Ipv4Addr::new(100, 127, 255, 254);
+        let csum = ipv4_csum_with(&frame, Some(other))?;
+        let mut rewritten = frame.clone();
+        rewritten
+            .get_mut(26..30)
+            .context("short frame")?
+            .copy_from_slice(&other.octets());
+        rewritten
+            .get_mut(24..26)
+            .context("short frame")?
+            .copy_from_slice(&csum);
+        assert_eq!(ipv4_checksum(rewritten.get(14..34).context("short")?), 0);
+        assert_ne!(csum, ipv4_csum_with(&frame, None)?);
+        Ok(())
+    }
+}
