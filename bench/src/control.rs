@@ -24,16 +24,17 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
 use aya::programs::{TestRun as _, TestRunOptions};
-use filter_user::{Dataplane, loader::PinLayout};
+use filter_user::Dataplane;
 use p25_tests::packet::Pkt;
 
 use crate::{
+    daemon::{Daemon, log_time, write_atomically},
     netns::{Netns, veth},
     scale::{self, PolicySet},
     stats::Stats,
@@ -257,99 +258,8 @@ impl Report {
     }
 }
 
-/// A running p25d with private files and pins; `Drop` stops it and removes everything.
-struct Daemon {
-    dir: PathBuf,
-    pin_root: PathBuf,
-    bin_dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn policy(&self) -> PathBuf {
-        self.dir.join("policy.yaml")
-    }
-    fn file(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-    fn socket(&self) -> PathBuf {
-        self.dir.join("p25.sock")
-    }
-    fn log(&self) -> PathBuf {
-        self.dir.join("p25d.log")
-    }
-
-    fn ctl(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(self.bin_dir.join("p25ctl"));
-        cmd.arg("--socket")
-            .arg(self.socket())
-            .arg("--pin-root")
-            .arg(&self.pin_root)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        cmd
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new(self.bin_dir.join("p25d"))
-            .args(["detach", "--all-versions", "--pin-root"])
-            .arg(&self.pin_root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = fs::remove_dir_all(&self.pin_root);
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Timestamp of the first JSON log line whose message is `message`.
-fn log_time(log: &str, message: &str) -> Option<SystemTime> {
-    log.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        if v.pointer("/fields/message")?.as_str()? != message {
-            return None;
-        }
-        humantime::parse_rfc3339_weak(v.get("timestamp")?.as_str()?).ok()
-    })
-}
-
 fn since(from: SystemTime, to: SystemTime) -> f64 {
     to.duration_since(from).map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// Waits (bounded) for `message` in the daemon's log; fails early if the daemon exits.
-fn wait_for_log(daemon: &mut Daemon, message: &str, timeout: Duration) -> Result<String> {
-    let started = Instant::now();
-    // 20 ms polls: the bound is timeout / 20 ms rounds.
-    let rounds = timeout.as_millis() / 20 + 1;
-    for _ in 0..rounds {
-        let log = fs::read_to_string(daemon.log()).unwrap_or_default();
-        if log_time(&log, message).is_some() {
-            return Ok(log);
-        }
-        if let Some(child) = daemon.child.as_mut()
-            && let Some(status) = child.try_wait()?
-        {
-            bail!("p25d exited ({status}) before {message:?}:\n{log}");
-        }
-        if started.elapsed() > timeout {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("p25d did not log {message:?} within {timeout:?}")
 }
 
 /// A memory figure of `/proc/PID/status` (`VmHWM`, `VmRSS`), MiB.
@@ -416,8 +326,8 @@ fn write_policy(
         Layout::ListFiles => {
             let files = scale::list_files(set, "cp0", toggled);
             // Lists first: the daemon notices the policy file last, whole.
-            write_atomically(&daemon.file("subscribers.txt"), &files.subscribers)?;
-            write_atomically(&daemon.file("allow.txt"), &files.allow)?;
+            write_atomically(&daemon.dir.join("subscribers.txt"), &files.subscribers)?;
+            write_atomically(&daemon.dir.join("allow.txt"), &files.allow)?;
             write_atomically(&daemon.policy(), &files.policy)?;
             Ok(files.len())
         }
@@ -426,14 +336,6 @@ fn write_policy(
 
 /// Runs the section: list files, then inline YAML.
 pub fn run(opts: &Options, set: &PolicySet) -> Result<Report> {
-    for bin in ["p25d", "p25ctl"] {
-        ensure!(
-            opts.bin_dir.join(bin).exists(),
-            "{} not found; build it with `cargo build --release -p filter-user --bins` \
-             (cargo xtask bench does)",
-            opts.bin_dir.join(bin).display()
-        );
-    }
     Ok(Report {
         list_files: run_layout(opts, set, Layout::ListFiles)?,
         inline_yaml: run_layout(opts, set, Layout::InlineYaml)?,
@@ -444,49 +346,26 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
     eprintln!("  control: {layout:?}");
     let ns = Netns::new("cp")?;
     veth(&ns, "cp0", &ns, "cp1")?;
-    let id = format!("p25b-{}-cp", std::process::id());
-    let mut daemon = Daemon {
-        dir: std::env::temp_dir().join(&id),
-        pin_root: PathBuf::from("/sys/fs/bpf").join(&id),
-        bin_dir: opts.bin_dir.clone(),
-        child: None,
+    // The list files go in before p25d starts; the policy names them.
+    let (text, lists) = match layout {
+        Layout::InlineYaml => (scale::yaml(set, "cp0", &HashSet::new()), None),
+        Layout::ListFiles => {
+            let files = scale::list_files(set, "cp0", &HashSet::new());
+            (files.policy.clone(), Some(files))
+        }
     };
-    let _ = fs::remove_dir_all(&daemon.dir);
-    fs::create_dir_all(&daemon.dir)?;
-    let policy_bytes = write_policy(&daemon, set, &HashSet::new(), layout)?;
-    let (check_seconds, check_rss_mib) = check(&opts.bin_dir, &daemon.policy())?;
-    eprintln!("  control: p25d check {check_seconds:.3} s, {check_rss_mib:.0} MiB");
-
-    // Cold start.
-    let log = fs::File::create(daemon.log())?;
-    let spawned = SystemTime::now();
-    let child = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
-        .arg(opts.bin_dir.join("p25d"))
-        .args([
-            "run",
-            "--poll",
-            "1h",
-            "--resync",
-            "1h",
-            "--log-format",
-            "json",
-        ])
-        .arg("--policy")
-        .arg(daemon.policy())
-        .arg("--state")
-        .arg(daemon.dir.join("state.json"))
-        .arg("--socket")
-        .arg(daemon.socket())
-        .arg("--pin-root")
-        .arg(&daemon.pin_root)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("spawning p25d")?;
-    daemon.child = Some(child);
-    let log = wait_for_log(&mut daemon, "ready", Duration::from_secs(300))?;
+    let extra: Vec<(&str, &str)> = lists.as_ref().map_or_else(Vec::new, |files| {
+        vec![
+            ("subscribers.txt", files.subscribers.as_str()),
+            ("allow.txt", files.allow.as_str()),
+        ]
+    });
+    let policy_bytes = lists.as_ref().map_or(text.len(), scale::ListFiles::len);
+    let mut daemon = Daemon::start_with(&opts.bin_dir, &ns, "cp", &text, &extra)?;
+    drop(extra);
+    drop(lists);
+    let spawned = daemon.spawned;
+    let log = daemon.wait_for_log("ready", Duration::from_secs(300))?;
     let loaded = log_time(&log, "dataplane loaded").context("no 'dataplane loaded' line")?;
     let in_force = log_time(&log, "policy in force").context("no 'policy in force' line")?;
     let cold_seconds = since(spawned, in_force);
@@ -497,6 +376,8 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
     let idle_rss_mib = vm_mib(pid, "VmRSS")?;
     let cold_peak_rss_mib = vm_mib(pid, "VmHWM")?;
     eprintln!("  control: idle RSS {idle_rss_mib:.1} MiB (cold peak {cold_peak_rss_mib:.1} MiB)");
+    let (check_seconds, check_rss_mib) = check(&opts.bin_dir, &daemon.policy())?;
+    eprintln!("  control: p25d check {check_seconds:.3} s, {check_rss_mib:.0} MiB");
 
     // 1% diff.
     let (changed_set, toggled, diff_changed_entries) = scale::one_percent_diff(set, 0xD1FF)?;
@@ -516,8 +397,8 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
     );
 
     // Single allows, observed through our own instance of p25_xdp over the pinned maps.
-    let mut probe = Dataplane::open_pinned(&PinLayout::new(&daemon.pin_root))
-        .context("opening the daemon's pinned maps")?;
+    let mut probe =
+        Dataplane::open_pinned(&daemon.layout()).context("opening the daemon's pinned maps")?;
     let (mut verdict_ms, mut exit_ms) = (Vec::new(), Vec::new());
     for ip in set.probes.fresh_v4.iter().take(opts.allows) {
         let (v, e) = one_allow(&daemon, &mut probe, *ip, set.probes.mx_v4)?;
@@ -551,12 +432,6 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
         peak_rss_mib,
         cold_peak_rss_mib,
     })
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
 }
 
 /// One `p25ctl allow`: (ms until the verdict changed, ms until p25ctl exited).

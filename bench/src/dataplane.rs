@@ -12,17 +12,18 @@
 //!   dispatcher only covers attached programs, and an unattached one pays an indirect
 //!   (retpolined) call per packet that a real deployment never pays.
 
-use std::net::IpAddr;
+use std::{fmt::Write as _, net::Ipv6Addr};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use aya::programs::{TestRun, TestRunOptions, TestRunResult, XdpMode};
 use filter_user::Dataplane;
-use p25_tests::packet::{Pkt, Pppoe, TPID_8021AD, TPID_8021Q};
+use ipnet::IpNet;
+use p25_tests::packet::{Ext, Pkt, Pppoe, TPID_8021AD, TPID_8021Q};
 
 use crate::{
     floors::{BenchObject, XDP_PASS_FLOOR},
     netns::{Netns, veth},
-    scale::Probes,
+    scale::PolicySet,
     stats::Stats,
     sys,
 };
@@ -64,71 +65,136 @@ pub struct Class {
     pub target_ns: Option<f64>,
 }
 
-/// The packet classes of the issue.
-pub fn classes(p: &Probes) -> Vec<Class> {
+/// The packet classes of the issue, from the addresses of the generated policy.
+pub fn classes(set: &PolicySet) -> Result<Vec<Class>> {
+    let p = &set.probes;
     let v4 = |src, dport| Pkt::v4(src, 40_000, p.mx_v4, dport);
+    let v6 = |src, dport| Pkt::v6(src, 40_000, p.mx_v6, dport);
+    let allowed_v6 = set
+        .allow
+        .iter()
+        .find_map(|n| match n {
+            IpNet::V6(n) => Some(n.addr()),
+            IpNet::V4(_) => None,
+        })
+        .context("no IPv6 allowlist entry in the policy")?;
+    // Outside every generated /56 (its site bits, ffff:ff, are above the generator's).
+    let outside_v6 = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0xff00, 0, 0, 0, 7);
     let sub25 = v4(p.sub_v4, 25);
+    let sub25_v6 = v6(p.sub_v6, 25);
     let mut truncated = sub25.build();
     // Ethernet + IPv4 header + 2 bytes of TCP: the ports are cut off (parse outcome
     // `truncated`). Long enough for the kernel's skb test run (34 bytes).
     truncated.truncate(14 + 20 + 2);
-    vec![
-        Class {
-            name: "v4_syn_443",
-            description: "IPv4 SYN to 443 from a subscriber (the common case)",
-            frame: v4(p.sub_v4, 443).build(),
-            drop: false,
-            target_ns: Some(TARGET_NON25_NS),
-        },
-        Class {
-            name: "v4_syn_25_sub",
-            description: "IPv4 SYN to 25 from a subscriber (drop)",
-            frame: sub25.build(),
-            drop: true,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
-        Class {
-            name: "v4_syn_25_allow",
-            description: "IPv4 SYN to 25 from an allowlisted source (pass)",
-            frame: v4(p.allowed_v4, 25).build(),
-            drop: false,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
-        Class {
-            name: "v4_syn_25_outside",
-            description: "IPv4 SYN to 25 from outside subscriber space (pass)",
-            frame: v4(p.outside_v4, 25).build(),
-            drop: false,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
-        Class {
-            name: "v6_syn_25_sub",
-            description: "IPv6 SYN to 25 from a subscriber (drop)",
-            frame: Pkt::tcp(IpAddr::V6(p.sub_v6), 40_000, IpAddr::V6(p.mx_v6), 25).build(),
-            drop: true,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
-        Class {
-            name: "vlan_syn_25_sub",
-            description: "802.1Q-tagged IPv4 SYN to 25 from a subscriber (drop)",
-            frame: sub25.clone().tags(&[TPID_8021Q]).build(),
-            drop: true,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
-        Class {
-            name: "qinq_syn_25_sub",
-            description: "QinQ (802.1ad + 802.1Q) IPv4 SYN to 25 from a subscriber (drop)",
-            frame: sub25.clone().tags(&[TPID_8021AD, TPID_8021Q]).build(),
-            drop: true,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
-        Class {
-            name: "pppoe_syn_25_sub",
-            description: "PPPoE session IPv4 SYN to 25 from a subscriber (drop)",
-            frame: sub25.clone().pppoe(Pppoe::default()).build(),
-            drop: true,
-            target_ns: Some(TARGET_PORT25_NS),
-        },
+    let class = |name, description, pkt: Pkt, drop, target_ns| Class {
+        name,
+        description,
+        frame: pkt.build(),
+        drop,
+        target_ns,
+    };
+    let (non25, port25) = (Some(TARGET_NON25_NS), Some(TARGET_PORT25_NS));
+    Ok(vec![
+        class(
+            "v4_syn_443",
+            "IPv4 SYN to 443 from a subscriber (the common case)",
+            v4(p.sub_v4, 443),
+            false,
+            non25,
+        ),
+        class(
+            "v4_syn_25_sub",
+            "IPv4 SYN to 25 from a subscriber (drop)",
+            sub25.clone(),
+            true,
+            port25,
+        ),
+        class(
+            "v4_syn_25_allow",
+            "IPv4 SYN to 25 from an allowlisted source (pass)",
+            v4(p.allowed_v4, 25),
+            false,
+            port25,
+        ),
+        class(
+            "v4_syn_25_outside",
+            "IPv4 SYN to 25 from outside subscriber space (pass)",
+            v4(p.outside_v4, 25),
+            false,
+            port25,
+        ),
+        class(
+            "vlan_syn_25_sub",
+            "802.1Q-tagged IPv4 SYN to 25 from a subscriber (drop)",
+            sub25.clone().tags(&[TPID_8021Q]),
+            true,
+            port25,
+        ),
+        class(
+            "qinq_syn_25_sub",
+            "QinQ (802.1ad + 802.1Q) IPv4 SYN to 25 from a subscriber (drop)",
+            sub25.clone().tags(&[TPID_8021AD, TPID_8021Q]),
+            true,
+            port25,
+        ),
+        class(
+            "pppoe_syn_25_sub",
+            "PPPoE session IPv4 SYN to 25 from a subscriber (drop)",
+            sub25.clone().pppoe(Pppoe::default()),
+            true,
+            port25,
+        ),
+        class(
+            "v6_syn_443",
+            "IPv6 SYN to 443 from a subscriber",
+            v6(p.sub_v6, 443),
+            false,
+            non25,
+        ),
+        class(
+            "v6_syn_25_sub",
+            "IPv6 SYN to 25 from a subscriber (drop)",
+            sub25_v6.clone(),
+            true,
+            port25,
+        ),
+        class(
+            "v6_syn_25_allow",
+            "IPv6 SYN to 25 from an allowlisted source (pass)",
+            v6(allowed_v6, 25),
+            false,
+            port25,
+        ),
+        class(
+            "v6_syn_25_outside",
+            "IPv6 SYN to 25 from outside subscriber space (pass)",
+            v6(outside_v6, 25),
+            false,
+            port25,
+        ),
+        class(
+            "v6_hbh_syn_25_sub",
+            "IPv6 with a hop-by-hop header, SYN to 25 from a subscriber (drop)",
+            sub25_v6.clone().ext(&[Ext::HopByHop(0)]),
+            true,
+            port25,
+        ),
+        class(
+            "v6_ext3_syn_25_sub",
+            "IPv6 with hop-by-hop, destination options and routing headers, SYN to 25 from a subscriber (drop)",
+            sub25_v6
+                .clone()
+                .ext(&[Ext::HopByHop(0), Ext::DestOpts(1), Ext::Routing(0)]),
+            true,
+            port25,
+        ),
+        class(
+            "pppoe_v6_syn_25_sub",
+            "PPPoE session IPv6 SYN to 25 from a subscriber (drop)",
+            sub25_v6.clone().pppoe(Pppoe::default()),
+            true,
+            port25,
+        ),
         Class {
             name: "truncated",
             description: "truncated frame: IPv4 header, TCP cut before the ports (pass)",
@@ -136,7 +202,7 @@ pub fn classes(p: &Probes) -> Vec<Class> {
             drop: false,
             target_ns: None,
         },
-    ]
+    ])
 }
 
 /// Which hook.
@@ -166,6 +232,8 @@ pub struct ClassResult {
     pub floor_ns: Stats,
     /// p25 minus floor, per round, ns/packet.
     pub net_ns: Stats,
+    /// p25 / floor, per round.
+    pub ratio_over_floor: Stats,
     /// min(p25) minus min(floor): the least noisy estimate of the net cost.
     pub net_of_mins_ns: f64,
     /// The kernel's own median figure for p25 (integer ns, a cross-check).
@@ -185,6 +253,67 @@ pub struct Report {
     pub options: Options,
     /// Results, XDP classes then TC classes.
     pub results: Vec<ClassResult>,
+}
+
+impl Report {
+    /// The section as text: one line per class, XDP and TC side by side, each against its
+    /// own floor and target.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nDataplane cost per packet (BPF_PROG_TEST_RUN, K={} rounds x {} packets, ns/pkt, medians over rounds; net = p25 - floor of the same hook, same round; x = p25 / floor)",
+            self.options.rounds, self.options.repeat
+        );
+        let _ = writeln!(
+            out,
+            "{:<20} {:<4} | {:>6} {:>7} {:>7} {:>6} {:>10} | {:>6} {:>7} {:>7} {:>6} {:>10}",
+            "class",
+            "verd",
+            "xdp fl",
+            "net",
+            "net min",
+            "x",
+            "xdp target",
+            "tc fl",
+            "net",
+            "net min",
+            "x",
+            "tc target"
+        );
+        let target = |r: &ClassResult| match (r.target_ns, r.met) {
+            (Some(t), Some(true)) => format!("<={t:.0} ok"),
+            (Some(t), _) => format!("<={t:.0} MISS"),
+            _ => "-".into(),
+        };
+        let xdp = self.results.iter().filter(|r| r.hook == Hook::Xdp);
+        for x in xdp {
+            let Some(t) = self
+                .results
+                .iter()
+                .find(|r| r.hook == Hook::Tc && r.class == x.class)
+            else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "{:<20} {:<4} | {:>6.1} {:>7.1} {:>7.1} {:>6.2} {:>10} | {:>6.1} {:>7.1} {:>7.1} {:>6.2} {:>10}",
+                x.class,
+                x.verdict,
+                x.floor_ns.median,
+                x.net_ns.median,
+                x.net_ns.min,
+                x.ratio_over_floor.median,
+                target(x),
+                t.floor_ns.median,
+                t.net_ns.median,
+                t.net_ns.min,
+                t.ratio_over_floor.median,
+                target(t),
+            );
+        }
+        out
+    }
 }
 
 /// One timed test run.
@@ -254,9 +383,9 @@ pub fn run(
     opts: Options,
     dataplane: &mut Dataplane,
     bench: &mut BenchObject,
-    probes: &Probes,
+    set: &PolicySet,
 ) -> Result<Report> {
-    let classes = classes(probes);
+    let classes = classes(set)?;
     // The spare veth: both timed XDP programs attached (native mode), one per end.
     let ns = Netns::new("tr")?;
     veth(&ns, "spa", &ns, "spb")?;
@@ -319,6 +448,8 @@ pub fn run(
             let p25_ns = Stats::of(&cpu(p)).context("no p25 samples")?;
             let floor_ns = Stats::of(&cpu(f)).context("no floor samples")?;
             let net_ns = Stats::of(&net).context("no net samples")?;
+            let ratio: Vec<f64> = p.iter().zip(f).map(|(a, b)| a.cpu_ns / b.cpu_ns).collect();
+            let ratio_over_floor = Stats::of(&ratio).context("no samples")?;
             results.push(ClassResult {
                 hook,
                 class: class.name,
@@ -327,6 +458,7 @@ pub fn run(
                 p25_ns,
                 floor_ns,
                 net_ns,
+                ratio_over_floor,
                 net_of_mins_ns: p25_ns.min - floor_ns.min,
                 kernel_p25_median_ns: Stats::of(&kernel(p)).map_or(f64::NAN, |s| s.median),
                 kernel_floor_median_ns: Stats::of(&kernel(f)).map_or(f64::NAN, |s| s.median),

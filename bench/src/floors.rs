@@ -17,8 +17,10 @@ pub const XDP_DROP_FLOOR: &str = "floor_xdp_drop";
 pub const TC_OK_FLOOR: &str = "floor_tc_ok";
 /// The live-frames XDP_TX generator.
 pub const GENERATOR: &str = "gen_xdp_tx";
-/// The generator's restore map.
-pub const GEN_RESTORE: &str = "GEN_RESTORE";
+/// The generator's configuration (TTL, hop limit, checksum, number of sources).
+pub const GEN_CONFIG: &str = "GEN_CONFIG";
+/// The generator's table of rotating source addresses.
+pub const GEN_SOURCES: &str = "GEN_SOURCES";
 
 /// The loaded benchmark object, every program verified.
 #[derive(Debug)]

@@ -1,16 +1,25 @@
 //! `p25-bench`: p25's benchmarks, normally run through `cargo xtask bench`.
 //!
 //! 1. dataplane: per-packet cost of `p25_xdp` and `p25_tc` under BPF_PROG_TEST_RUN, net
-//!    of a trivial program of the same hook, per packet class, maps at full scale;
-//! 2. throughput: drop rate through a veth into a router namespace pinned to one CPU,
-//!    p25's XDP program against an XDP_DROP floor and against nftables, same run;
+//!    of a trivial program of the same hook, per packet class (IPv4, IPv6, tags, PPPoE,
+//!    extension headers), maps at full scale;
+//! 2. throughput: floods through a veth into a router namespace pinned to one CPU, p25's
+//!    XDP program against the floor of the same verdict in the same run: drop floods from
+//!    one source (also against nftables) and from 65,536 rotating sources, pass floods
+//!    from rotating allowlisted sources, IPv4 and IPv6;
 //! 3. control: p25d loading and reconciling a 1M-entry policy (cold and as a 1% diff),
 //!    the latency of one `p25ctl allow`, and the daemon's peak RSS.
 //!
+//! The dataplane sections measure the maps as `p25d run` fills them from the generated
+//! policy (the benchmark opens them through the daemon's pins), so they do not depend on
+//! the map layout.
+//!
 //! Prints a table and writes JSON. Everything it creates (namespaces, pins, nft tables,
-//! processes) is removed on exit, also on failure.
+//! processes, temporary files) is removed on exit, also on failure and on SIGINT,
+//! SIGTERM or SIGHUP; leftovers of a run killed otherwise are removed by the next one.
 
 mod control;
+mod daemon;
 mod dataplane;
 mod floors;
 mod netns;
@@ -20,11 +29,11 @@ mod stats;
 mod sys;
 mod throughput;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{collections::HashSet, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, ValueEnum};
-use filter_user::{Dataplane, loader::Capacity};
+use filter_user::Dataplane;
 
 /// p25 benchmarks: dataplane cost per packet, veth drop throughput against nftables, and
 /// the control plane at scale. Needs root.
@@ -40,9 +49,15 @@ struct Cli {
     /// Runs per configuration of the throughput benchmark (at least 5 for the report).
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Frames the generator sends per throughput run.
+    /// Most frames the generator sends per throughput run.
     #[arg(long, default_value_t = 10_000_000)]
     frames: u32,
+    /// Aimed length of one throughput run, seconds (sized from the warm-up rate).
+    #[arg(long, default_value_t = 3.0)]
+    run_seconds: f64,
+    /// Distinct sources of the many-source floods (at most 131,072).
+    #[arg(long, default_value_t = 65_536)]
+    sources: usize,
     /// Single `p25ctl allow` latency samples.
     #[arg(long, default_value_t = 20)]
     allows: usize,
@@ -65,13 +80,20 @@ struct Cli {
 enum Section {
     /// Per-packet cost (BPF_PROG_TEST_RUN).
     Dataplane,
-    /// veth drop throughput against an XDP_DROP floor and nftables.
+    /// Floods through veth against XDP_DROP / XDP_PASS floors and nftables.
     Throughput,
     /// p25d and p25ctl at scale.
     Control,
 }
 
 fn main() -> ExitCode {
+    if let Err(err) = sys::on_signal_exit(|| {
+        daemon::kill_all();
+        netns::sweep_own();
+    }) {
+        eprintln!("p25-bench: error: {err:#}");
+        return ExitCode::FAILURE;
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -93,12 +115,21 @@ fn run(mut cli: Cli) -> Result<()> {
         cli.repeat = cli.repeat.min(100_000);
         cli.runs = cli.runs.min(2);
         cli.frames = cli.frames.min(1_000_000);
+        cli.run_seconds = cli.run_seconds.min(0.3);
+        cli.sources = cli.sources.min(4_096);
         cli.allows = cli.allows.min(5);
         scale::Scale::QUICK
     } else {
         scale::Scale::FULL
     };
     let cpus = sys::online_cpus();
+    let bin_dir = match cli.bin_dir.clone() {
+        Some(dir) => dir,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary has no directory")?
+            .to_path_buf(),
+    };
     let mut report = report::Report::new(&cli_summary(&cli), scale)?;
     eprintln!(
         "p25-bench: generating the policy ({} subscriber prefixes, {} allowlist entries)",
@@ -108,16 +139,27 @@ fn run(mut cli: Cli) -> Result<()> {
     let set = scale::generate(scale, 0x5053_2525)?;
 
     if wants(Section::Dataplane) || wants(Section::Throughput) {
+        // p25d loads the policy into its pinned maps, as on a router; the benchmark opens
+        // them through the pins with its own instance of the programs.
+        eprintln!("p25-bench: loading the policy through p25d");
+        let ns = netns::Netns::new("dp")?;
+        netns::veth(&ns, "dp0", &ns, "dp1")?;
+        let mut daemon = daemon::Daemon::start(
+            &bin_dir,
+            &ns,
+            "dp",
+            &scale::yaml(&set, "dp0", &HashSet::new()),
+        )?;
+        let log = daemon.wait_for_log("ready", Duration::from_secs(300))?;
+        let in_force =
+            daemon::log_time(&log, "policy in force").context("no 'policy in force' line")?;
+        let seconds = in_force
+            .duration_since(daemon.spawned)
+            .map_or(0.0, |d| d.as_secs_f64());
+        report.policy_load_seconds = Some(seconds);
+        eprintln!("p25-bench: policy in force after {seconds:.2} s");
         let mut dataplane =
-            Dataplane::load_with(Capacity::default()).context("loading the p25 dataplane")?;
-        let mut tables = dataplane.take_tables()?;
-        let started = std::time::Instant::now();
-        scale::fill(&mut tables, &set)?;
-        report.fill_seconds = Some(started.elapsed().as_secs_f64());
-        eprintln!(
-            "p25-bench: maps filled in {:.2} s",
-            started.elapsed().as_secs_f64()
-        );
+            Dataplane::open_pinned(&daemon.layout()).context("opening p25d's pinned maps")?;
         let mut bench = floors::BenchObject::load()?;
         if wants(Section::Dataplane) {
             eprintln!("p25-bench: dataplane cost per packet (BPF_PROG_TEST_RUN)");
@@ -127,33 +169,26 @@ fn run(mut cli: Cli) -> Result<()> {
                 cpu: cpus.saturating_sub(1),
             };
             sys::pin_to_cpu(0, opts.cpu)?;
-            report.dataplane = Some(dataplane::run(
-                opts,
-                &mut dataplane,
-                &mut bench,
-                &set.probes,
-            )?);
+            report.dataplane = Some(dataplane::run(opts, &mut dataplane, &mut bench, &set)?);
         }
         if wants(Section::Throughput) {
-            eprintln!("p25-bench: drop throughput through veth (XDP floor, p25, nftables)");
+            eprintln!("p25-bench: floods through veth (XDP floors, p25, nftables)");
             let opts = throughput::Options {
                 runs: cli.runs,
                 frames: cli.frames,
+                run_seconds: cli.run_seconds,
+                sources: cli.sources,
                 dut_cpu: 0,
                 gen_cpu: cpus.saturating_sub(1),
             };
             report.throughput = Some(throughput::run(opts, &mut dataplane, &mut bench, &set)?);
         }
+        drop(dataplane);
+        drop(daemon);
+        drop(ns);
     }
     if wants(Section::Control) {
         eprintln!("p25-bench: control plane (p25d, p25ctl)");
-        let bin_dir = match cli.bin_dir.clone() {
-            Some(dir) => dir,
-            None => std::env::current_exe()?
-                .parent()
-                .context("binary has no directory")?
-                .to_path_buf(),
-        };
         report.control = Some(control::run(
             &control::Options {
                 bin_dir,
@@ -162,6 +197,7 @@ fn run(mut cli: Cli) -> Result<()> {
             &set,
         )?);
     }
+    report.finish();
     report.print();
     report.write_json(&cli.json)?;
     eprintln!("p25-bench: JSON written to {}", cli.json.display());

@@ -76,27 +76,44 @@ impl Netns {
 /// Removes namespaces and pins left by a p25-bench that was killed (names carry the pid,
 /// so only those of processes that no longer exist are touched).
 pub fn sweep_stale() {
-    let Ok(list) = sys::cmd(&["ip", "netns", "list"]) else {
-        return;
-    };
-    let dead = |name: &str| {
+    sweep(|pid| !PathBuf::from(format!("/proc/{pid}")).exists());
+}
+
+/// Removes every namespace, pin directory and temporary file of this process: what a
+/// signal handler does before exiting (no destructor runs then).
+pub fn sweep_own() {
+    let me = std::process::id();
+    sweep(|pid| pid == me);
+}
+
+/// Removes the namespaces (`p25b-PID-*`: with them their veths, XDP links and nftables
+/// tables), the pin directories (`/sys/fs/bpf/p25b-PID-*`) and the temporary files and
+/// directories (`$TMPDIR/p25b-PID-*`) of the p25-bench processes `pid` selects.
+fn sweep(select: impl Fn(u32) -> bool) {
+    let selected = |name: &str| {
         name.strip_prefix("p25b-")
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
-            .is_some_and(|pid| !PathBuf::from(format!("/proc/{pid}")).exists())
+            .is_some_and(&select)
     };
-    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if dead(name) {
-            eprintln!("p25-bench: removing stale namespace {name}");
-            let _ = sys::cmd(&["ip", "netns", "del", name]);
+    if let Ok(list) = sys::cmd(&["ip", "netns", "list"]) {
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            if selected(name) {
+                eprintln!("p25-bench: removing namespace {name}");
+                let _ = sys::cmd(&["ip", "netns", "del", name]);
+            }
         }
     }
-    if let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") {
+    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if dead(&name) {
-                eprintln!("p25-bench: removing stale pins {name}");
-                let _ = std::fs::remove_dir_all(entry.path());
+            if selected(&name) {
+                eprintln!("p25-bench: removing {}", entry.path().display());
+                let path = entry.path();
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
             }
         }
     }

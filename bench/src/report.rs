@@ -41,9 +41,17 @@ impl Machine {
             cpu_model,
             cpus: crate::sys::online_cpus(),
             memory_mib,
-            loadavg_at_start: read("/proc/loadavg").trim().to_owned(),
+            loadavg_at_start: loadavg(),
         }
     }
+}
+
+/// `/proc/loadavg`.
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// The whole run.
@@ -57,14 +65,19 @@ pub struct Report {
     pub settings: String,
     /// Policy size used by every section.
     pub scale: Scale,
-    /// Seconds to fill the test maps (batched updates), for the dataplane sections.
-    pub fill_seconds: Option<f64>,
+    /// Seconds from spawning p25d to "policy in force", for the dataplane sections (p25d
+    /// fills the maps the benchmark measures).
+    pub policy_load_seconds: Option<f64>,
+    /// The p25 dataplane ABI version measured.
+    pub abi_version: u32,
     /// Per-packet cost.
     pub dataplane: Option<dataplane::Report>,
     /// Drop throughput.
     pub throughput: Option<throughput::Report>,
     /// Control plane.
     pub control: Option<control::Report>,
+    /// The load average when the run ended.
+    pub loadavg_at_end: String,
 }
 
 impl Report {
@@ -75,7 +88,9 @@ impl Report {
             machine: Machine::probe(),
             settings: settings.to_owned(),
             scale,
-            fill_seconds: None,
+            policy_load_seconds: None,
+            abi_version: filter_common::abi::ABI_VERSION,
+            loadavg_at_end: String::new(),
             dataplane: None,
             throughput: None,
             control: None,
@@ -89,6 +104,11 @@ impl Report {
         }
         let text = serde_json::to_string_pretty(self)?;
         fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Records the load average at the end of the run.
+    pub fn finish(&mut self) {
+        self.loadavg_at_end = loadavg();
     }
 
     /// Prints the tables to stdout.
@@ -107,57 +127,19 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "policy: {} subscriber prefixes, {} allowlist entries (IPv4 and IPv6 mixed)",
+            "policy: {} subscriber prefixes, {} allowlist entries (IPv4 and IPv6 mixed); dataplane ABI v{}",
             self.scale.subscribers(),
-            self.scale.allow()
+            self.scale.allow(),
+            self.abi_version
         );
+        if let Some(seconds) = self.policy_load_seconds {
+            let _ = writeln!(
+                out,
+                "policy loaded through p25d (spawn to policy in force) in {seconds:.2} s"
+            );
+        }
         if let Some(d) = &self.dataplane {
-            let _ = writeln!(
-                out,
-                "\nDataplane cost per packet (BPF_PROG_TEST_RUN, K={} rounds x {} packets, ns/pkt; net = p25 - floor, same round)",
-                d.options.rounds, d.options.repeat
-            );
-            let _ = writeln!(
-                out,
-                "{:<4} {:<18} {:<5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7}",
-                "hook",
-                "class",
-                "verd",
-                "p25 min",
-                "p25 med",
-                "flr min",
-                "flr med",
-                "net min",
-                "net med",
-                "min-min",
-                "target"
-            );
-            for r in &d.results {
-                let hook = match r.hook {
-                    dataplane::Hook::Xdp => "xdp",
-                    dataplane::Hook::Tc => "tc",
-                };
-                let target = match (r.target_ns, r.met) {
-                    (Some(t), Some(true)) => format!("<={t:.0} ok"),
-                    (Some(t), _) => format!("<={t:.0} MISS"),
-                    _ => "-".into(),
-                };
-                let _ = writeln!(
-                    out,
-                    "{:<4} {:<18} {:<5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>7}",
-                    hook,
-                    r.class,
-                    r.verdict,
-                    r.p25_ns.min,
-                    r.p25_ns.median,
-                    r.floor_ns.min,
-                    r.floor_ns.median,
-                    r.net_ns.min,
-                    r.net_ns.median,
-                    r.net_of_mins_ns,
-                    target
-                );
-            }
+            out.push_str(&d.render());
         }
         if let Some(t) = &self.throughput {
             out.push_str(&t.render());
@@ -165,6 +147,7 @@ impl Report {
         if let Some(c) = &self.control {
             out.push_str(&c.render());
         }
+        let _ = writeln!(out, "\nload average at the end: {}", self.loadavg_at_end);
         out
     }
 }

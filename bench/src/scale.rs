@@ -9,8 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use filter_common::abi::{AllowValue, Mode, Origin, SubscriberValue};
-use filter_user::KernelTables;
+use filter_common::abi::Mode;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 
@@ -226,24 +225,6 @@ fn subscriber_mode(i: usize) -> Mode {
     } else {
         Mode::DEFAULT
     }
-}
-
-/// Loads the policy into the kernel maps (batched).
-pub fn fill(tables: &mut KernelTables, set: &PolicySet) -> Result<()> {
-    let subs: Vec<_> = set
-        .subscribers
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (*n, SubscriberValue::new(subscriber_mode(i))))
-        .collect();
-    let allow: Vec<_> = set
-        .allow
-        .iter()
-        .map(|n| (*n, AllowValue::new(Origin::POLICY)))
-        .collect();
-    tables.insert_allow_many(&allow)?;
-    tables.insert_subscribers_many(&subs)?;
-    Ok(())
 }
 
 /// The policy as a p25d policy file (YAML), attaching to `interface` with XDP. The modes

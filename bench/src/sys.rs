@@ -81,3 +81,43 @@ pub fn cmd(words: &[&str]) -> Result<String> {
     };
     run(Command::new(program).args(args))
 }
+
+/// Makes SIGINT, SIGTERM and SIGHUP run `cleanup` and exit with 128 + the signal, instead
+/// of killing the process with nothing removed (no destructor runs on a signal).
+///
+/// Call it first, before any thread starts: the signals are blocked in the calling thread
+/// and so in every thread started after it, and one thread waits for them. Children do
+/// not inherit the block (std's `Command` clears the signal mask before exec).
+pub fn on_signal_exit(cleanup: fn()) -> Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
+    unsafe {
+        libc::sigemptyset(&raw mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&raw mut set, sig);
+        }
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    let rc =
+        unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut()) };
+    ensure!(rc == 0, "pthread_sigmask failed ({rc})");
+    std::thread::Builder::new()
+        .name("p25b-signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` and `sig` are valid; sigwait only fails for an invalid set.
+            let rc = unsafe { libc::sigwait(&raw const set, &raw mut sig) };
+            if rc != 0 {
+                eprintln!("p25-bench: sigwait failed ({rc}); signals stay blocked");
+                return;
+            }
+            eprintln!("p25-bench: signal {sig}: removing what this run created");
+            cleanup();
+            // SAFETY: _exit ends the process at once; p25d children die with it
+            // (PR_SET_PDEATHSIG).
+            unsafe { libc::_exit(128 + sig) }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}

@@ -77,9 +77,6 @@ pub fn policy_allow_value(entry: &AllowEntry) -> AllowValue {
     }
 }
 
-/// The ALLOW value of a runtime entry (`p25ctl allow`).
-pub const RUNTIME_ALLOW: AllowValue = AllowValue::new(Origin::RUNTIME);
-
 /// How many entries a desired state has, counted once when it is put in force (not per
 /// `/metrics` scrape).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -165,7 +162,7 @@ impl<'a> Desired<'a> {
             .runtime
             .values()
             .filter(move |r| !r.expired(now))
-            .map(|r| (r.prefix, RUNTIME_ALLOW));
+            .map(|r| (r.prefix, r.allow_value()));
         Merge::new(Merge::new(inline, listed), runtime)
     }
 
@@ -184,7 +181,7 @@ impl<'a> Desired<'a> {
         self.runtime
             .get(&prefix)
             .filter(|r| !r.expired(self.now))
-            .map(|_| RUNTIME_ALLOW)
+            .map(RuntimeEntry::allow_value)
     }
 
     /// Counts the entries: the inline allowlist and the runtime entries are walked (they
@@ -327,6 +324,8 @@ mod tests {
                     comment: None,
                     added_unix: 0,
                     expires_unix: *expires,
+                    max_syn_per_minute: None,
+                    syn_burst: None,
                 };
                 (prefix, entry)
             })

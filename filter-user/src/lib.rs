@@ -5,6 +5,7 @@
 //! - [`tables`]: the kernel's policy and counter maps, typed and validated.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
 
+pub mod cli_docs;
 pub mod control;
 pub mod desired;
 pub mod loader;
@@ -127,14 +128,75 @@ pub enum Error {
         /// The offending prefix.
         net: IpNet,
     },
+    /// An IPv4-mapped IPv6 prefix (inside ::ffff:0:0/96). No IPv6 packet carries such an
+    /// address on the wire: IPv4 traffic is matched by IPv4 prefixes, so the entry would
+    /// silently match nothing.
+    #[error(
+        "{net} is an IPv4-mapped IPv6 prefix, which no packet carries (IPv4 traffic is \
+         matched by IPv4 prefixes); use {v4}"
+    )]
+    Ipv4Mapped {
+        /// The offending prefix.
+        net: IpNet,
+        /// The IPv4 prefix it stands for.
+        v4: ipnet::Ipv4Net,
+    },
 }
 
-/// Checks that `net` has no host bits set. The kernel would silently ignore them, which
-/// would hide a typo such as 100.64.1.1/24 meant as /32.
+/// Checks that `net` has no host bits set (the kernel would silently ignore them, which
+/// would hide a typo such as 100.64.1.1/24 meant as /32) and is not an IPv4-mapped IPv6
+/// prefix (it would match nothing; see [`Error::Ipv4Mapped`]).
 pub fn check_prefix(net: IpNet) -> Result<IpNet, Error> {
-    if net.trunc() == net {
-        Ok(net)
-    } else {
-        Err(Error::HostBits { net })
+    if net.trunc() != net {
+        return Err(Error::HostBits { net });
+    }
+    if let Some(v4) = ipv4_mapped(net) {
+        return Err(Error::Ipv4Mapped { net, v4 });
+    }
+    Ok(net)
+}
+
+/// The IPv4 prefix an IPv6 prefix inside ::ffff:0:0/96 stands for; `None` for any other
+/// prefix. Wider prefixes that merely contain ::ffff:0:0/96 (::/0, ::/64) are not mapped
+/// addresses and are left to the other checks.
+pub fn ipv4_mapped(net: IpNet) -> Option<ipnet::Ipv4Net> {
+    let IpNet::V6(v6) = net else { return None };
+    let len = v6.prefix_len().checked_sub(96)?;
+    let v4 = v6.addr().to_ipv4_mapped()?;
+    ipnet::Ipv4Net::new(v4, len).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_prefixes_are_refused_with_the_ipv4_form()
+    -> Result<(), Box<dyn std::error::Error>> {
+        for (text, v4) in [
+            ("::ffff:192.0.2.1/128", "192.0.2.1/32"),
+            ("::ffff:198.51.100.0/120", "198.51.100.0/24"),
+            ("::ffff:0:0/96", "0.0.0.0/0"),
+        ] {
+            let result = check_prefix(text.parse()?);
+            assert!(
+                matches!(&result, Err(Error::Ipv4Mapped { .. })),
+                "{text}: expected Ipv4Mapped, got {result:?}"
+            );
+            let message = result.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(message.contains(&format!("use {v4}")), "{text}: {message}");
+        }
+        // Neighbours of the mapped range, and wider prefixes containing it, stay usable.
+        for text in [
+            "::/0",
+            "::/64",
+            "::fffe:c000:201/128",
+            "2001:db8::/32",
+            "::1/128",
+        ] {
+            let net: IpNet = text.parse()?;
+            assert_eq!(check_prefix(net)?, net, "{text}");
+        }
+        Ok(())
     }
 }

@@ -329,3 +329,157 @@ pub fn classifier(data: &[u8]) {
         violated(format!("blocked {subject}, which is allowlisted: {what}"));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Control protocol
+// ---------------------------------------------------------------------------------------
+
+/// The policy behind the control target: subscriber space in both families, one policy
+/// allowlist entry in each, one of them with a SYN limit.
+const CONTROL_POLICY: &str = "version: 1
+subscribers:
+  - prefix: 100.64.0.0/16
+  - prefix: 2001:db8:1::/48
+    mode: monitor
+allow:
+  - prefix: 100.64.9.0/24
+    comment: relay
+    max_syn_per_minute: 60
+  - prefix: 2001:db8:1:9::/64
+";
+
+/// The control request handler that p25d runs (`filter_user::control::handler::handle`)
+/// on arbitrary bytes: the first byte picks the peer (bit 0: administrator or not), the
+/// rest is split into request lines, run one after the other against one in-memory
+/// daemon. Every answer is well-formed JSON lines within the size cap (a streamed list
+/// has as many rows as its head announces), a non-administrator changes nothing, and
+/// after every request the allowlist maps hold exactly the policy's and the runtime
+/// entries, each of them valid (expiry at most ten years ahead).
+pub fn control(data: &[u8]) {
+    use filter_user::control::{
+        ListHead, MAX_MESSAGE, OffendersHead, Request, Response,
+        handler::{MemoryHost, Peer, handle},
+    };
+
+    static POLICY: std::sync::OnceLock<Option<policy::Policy>> = std::sync::OnceLock::new();
+    let Some(policy) = POLICY
+        .get_or_init(|| {
+            policy::parse(CONTROL_POLICY, "control.yaml")
+                .ok()
+                .map(|c| c.policy)
+        })
+        .clone()
+    else {
+        violated("the control target's policy does not parse".into());
+    };
+    let Some((&first, rest)) = data.split_first() else {
+        return;
+    };
+    let peer = Peer {
+        uid: if first & 1 == 1 { 0 } else { 65534 },
+        pid: Some(1),
+        admin: first & 1 == 1,
+    };
+    let mut host = MemoryHost::new(policy, 8);
+    let now = filter_user::runtime::unix(std::time::SystemTime::now());
+    for line in rest.split(|&b| b == b'\n').take(32) {
+        let before = (
+            host.tables.clone(),
+            host.runtime.entries().clone(),
+            host.generation,
+        );
+        let mut request_line = line.to_vec();
+        request_line.push(b'\n');
+        let answer = handle(&mut host, &peer, &request_line);
+        // Well-formed: JSON lines, each within the cap.
+        if answer.last() != Some(&b'\n') {
+            violated(format!("answer does not end a line: {answer:?}"));
+        }
+        let lines: Vec<&[u8]> = answer
+            .strip_suffix(b"\n")
+            .unwrap_or(&answer)
+            .split(|&b| b == b'\n')
+            .collect();
+        if let Some(long) = lines.iter().find(|l| l.len() >= MAX_MESSAGE) {
+            violated(format!("a line of {} bytes", long.len()));
+        }
+        let Some(head) = lines.first() else {
+            violated("an empty answer".into());
+        };
+        let head: Response<serde_json::Value> = match serde_json::from_slice(head) {
+            Ok(head) => head,
+            Err(e) => violated(format!(
+                "unreadable head ({e}): {:?}",
+                String::from_utf8_lossy(head)
+            )),
+        };
+        let request = std::str::from_utf8(line)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Request>(text).ok());
+        match (&head, &request) {
+            (Response::Ok { data }, Some(Request::List)) => {
+                let Ok(counts) = serde_json::from_value::<ListHead>(data.clone()) else {
+                    violated(format!("list head {data}"));
+                };
+                if lines.len() != 1 + counts.allow + counts.subscribers {
+                    violated(format!(
+                        "list announced {counts:?}, sent {} lines",
+                        lines.len()
+                    ));
+                }
+            }
+            (Response::Ok { data }, Some(Request::Offenders { .. })) => {
+                if serde_json::from_value::<OffendersHead>(data.clone()).is_err() {
+                    violated(format!("offenders head {data}"));
+                }
+            }
+            (Response::Ok { .. }, None) => {
+                violated(format!(
+                    "ok for an unreadable request {:?}",
+                    String::from_utf8_lossy(line)
+                ));
+            }
+            _ => {
+                if lines.len() != 1 {
+                    violated(format!("{} lines for a single answer", lines.len()));
+                }
+            }
+        }
+        if !peer.admin
+            && before
+                != (
+                    host.tables.clone(),
+                    host.runtime.entries().clone(),
+                    host.generation,
+                )
+        {
+            violated(format!(
+                "a non-administrator changed the state: {:?}",
+                String::from_utf8_lossy(line)
+            ));
+        }
+        // The maps hold the policy's entries and the runtime ones, nothing else.
+        let mut expected: std::collections::BTreeSet<IpNet> =
+            host.policy.allow.iter().map(|a| a.prefix).collect();
+        expected.extend(host.runtime.entries().keys().copied());
+        let in_maps: std::collections::BTreeSet<IpNet> = host.tables.0.keys().copied().collect();
+        if expected != in_maps {
+            violated(format!("maps {in_maps:?} but policy+runtime {expected:?}"));
+        }
+        for entry in host.runtime.entries().values() {
+            if let Err(e) = entry.validate(now) {
+                violated(format!(
+                    "an invalid runtime entry was accepted: {entry:?}: {e}"
+                ));
+            }
+            if !host.policy.allow.iter().any(|a| a.prefix == entry.prefix)
+                && host.tables.0.get(&entry.prefix) != Some(&entry.allow_value())
+            {
+                violated(format!(
+                    "the map value of {} is not the entry's",
+                    entry.prefix
+                ));
+            }
+        }
+    }
+}

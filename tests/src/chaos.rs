@@ -20,11 +20,6 @@
 //! p25d reports it attached again. The time a recreated interface spends unfiltered is
 //! reported as its own figure (`unfiltered window`) instead of being hidden in the counts.
 
-#![expect(
-    clippy::indexing_slicing,
-    reason = "serde_json::Value indexing yields Null for a missing key or index; it never panics"
-)]
-
 use std::{
     collections::BTreeSet,
     fs,
@@ -680,7 +675,7 @@ fn under_stream(
     if let Err(e) = outcome {
         fault.fail(format!("{e:#}\n{}", daemon.log()));
     }
-    if !daemon.status().is_ok_and(|s| s["daemon"] == true) {
+    if !daemon.status().is_ok_and(|s| s.daemon) {
         fault.fail(format!(
             "p25d is not answering at the end:\n{}",
             daemon.log()
@@ -689,10 +684,9 @@ fn under_stream(
     Ok(fault)
 }
 
-fn status_u64(daemon: &DaemonLab, key: &str) -> Result<u64> {
-    daemon.status()?[key]
-        .as_u64()
-        .with_context(|| format!("status without {key}"))
+/// The generation in force, as the daemon reports it.
+fn generation(daemon: &DaemonLab) -> Result<u64> {
+    Ok(u64::from(daemon.status()?.generation))
 }
 
 /// What the kernel has in force: the IPv4 allowlist and the CONFIG generation, read from
@@ -743,10 +737,10 @@ fn reloads(plan: &Plan) -> Result<FaultReport> {
                 let t0 = Instant::now();
                 if i % 2 == 0 {
                     good = i / 2 + 1;
-                    let before = status_u64(daemon, "generation")?;
+                    let before = generation(daemon)?;
                     daemon.write_policy(&valid_policy(good))?;
                     daemon.ctl_ok(&["reload"])?;
-                    let after = status_u64(daemon, "generation")?;
+                    let after = generation(daemon)?;
                     let (allow, _, generation) = kernel_state(daemon)?;
                     fault.recovery_ms.push(ms(t0.elapsed()));
                     ensure!(
@@ -765,8 +759,8 @@ fn reloads(plan: &Plan) -> Result<FaultReport> {
                         .get(invalid % INVALID.len())
                         .copied()
                         .unwrap_or(("empty file", ""));
-                    let generation = status_u64(daemon, "generation")?;
-                    let failed = status_u64(daemon, "reloads_failed")?;
+                    let generation = generation(daemon)?;
+                    let failed = daemon.status()?.reloads_failed;
                     daemon.write_policy(text)?;
                     let out = daemon.ctl(&["reload"])?;
                     let rejected = !out.status.success()
@@ -775,15 +769,15 @@ fn reloads(plan: &Plan) -> Result<FaultReport> {
                     let (allow, _, in_kernel) = kernel_state(daemon)?;
                     fault.recovery_ms.push(ms(t0.elapsed()));
                     let old_in_force = rejected
-                        && status["generation"].as_u64() == Some(generation)
-                        && status["reloads_failed"].as_u64() > Some(failed)
+                        && u64::from(status.generation) == generation
+                        && status.reloads_failed > failed
                         && u64::from(in_kernel) == generation
                         && only_v4(allow.clone()) == expected_allow(good)?;
                     if old_in_force {
                         kept += 1;
                     } else {
                         fault.fail(format!(
-                            "invalid reload {i} ({what}): rejected={rejected}, status {status}, \
+                            "invalid reload {i} ({what}): rejected={rejected}, status {status:?}, \
                              kernel {allow:?} at generation {in_kernel}; expected policy {good} \
                              at generation {generation}"
                         ));
@@ -809,13 +803,13 @@ fn kills(plan: &Plan) -> Result<FaultReport> {
         |lab, daemon, _stream, fault| {
             let mut adopted = 0;
             for i in 0..plan.kills {
-                let before = status_u64(daemon, "generation")?;
+                let before = generation(daemon)?;
                 let t0 = Instant::now();
                 daemon.kill9()?;
                 // Filtering goes on from the pins while nobody runs: the stream checks it.
                 thread::sleep(DEAD_TIME);
                 ensure!(
-                    daemon.status()?["daemon"] == false,
+                    !daemon.status()?.daemon,
                     "kill {i}: status should come from the pins"
                 );
                 daemon.start()?;
@@ -824,7 +818,7 @@ fn kills(plan: &Plan) -> Result<FaultReport> {
                     .until_probe_connects(t0)?
                     .with_context(|| format!("kill {i}: no probe connected"))?;
                 fault.recovery_ms.push(ms(recovered));
-                let after = status_u64(daemon, "generation")?;
+                let after = generation(daemon)?;
                 ensure!(
                     after > before,
                     "kill {i}: the generation went {before} → {after}"
@@ -849,9 +843,11 @@ fn kills(plan: &Plan) -> Result<FaultReport> {
 }
 
 fn interface_attached(daemon: &DaemonLab, name: &str) -> Result<bool> {
-    Ok(daemon.status()?["interfaces"]
-        .as_array()
-        .is_some_and(|i| i.iter().any(|i| i["name"] == name && i["attached"] == true)))
+    Ok(daemon
+        .status()?
+        .interfaces
+        .iter()
+        .any(|i| i.name == name && i.attached))
 }
 
 /// Whether `dev` in `netns` is operationally up.
@@ -1024,12 +1020,12 @@ fn concurrent_ctl(plan: &Plan) -> Result<FaultReport> {
             }
             let elapsed = t0.elapsed();
             fault.recovery_ms.push(ms(elapsed));
-            let listed: BTreeSet<IpNet> = daemon.list()?["allow"]
-                .as_array()
-                .context("list without allow")?
+            let listed: BTreeSet<IpNet> = daemon
+                .list()?
+                .allow
                 .iter()
-                .filter(|e| e["source"] == "runtime")
-                .filter_map(|e| e["prefix"].as_str()?.parse().ok())
+                .filter(|e| e.source == filter_user::control::Source::Runtime)
+                .map(|e| e.prefix)
                 .collect();
             let (_, in_kernel, _) = kernel_state(daemon)?;
             ensure!(
@@ -1147,7 +1143,7 @@ fn bpffs_unmounted(plan: &Plan) -> Result<FaultReport> {
                 PrivateMountDaemon::log(&daemon)
             );
         }
-        Ok(daemon.status().is_ok_and(|s| s["daemon"] == true))
+        Ok(daemon.status().is_ok_and(|s| s.daemon))
     })?;
     ensure!(
         ready,

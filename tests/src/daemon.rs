@@ -16,7 +16,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use serde_json::Value;
+use filter_user::{
+    control::{ListView, StatsView, StatusView},
+    offenders::OffenderView,
+};
 
 use crate::netns::{Netns, wait_until};
 
@@ -79,6 +82,12 @@ pub struct DaemonLab {
     starts: u32,
     /// Extra arguments for `p25d run`.
     args: Vec<String>,
+    /// A command (and its arguments) p25d runs under, such as `setpriv ...`.
+    wrapper: Vec<String>,
+    /// The control socket; `p25.sock` in `dir` unless [`DaemonLab::set_socket`] chose.
+    socket: Option<PathBuf>,
+    /// Where p25d and p25ctl are taken from; the workspace's build ([`bin`]) if unset.
+    bin_dir: Option<PathBuf>,
 }
 
 impl DaemonLab {
@@ -100,6 +109,9 @@ impl DaemonLab {
             child: None,
             starts: 0,
             args: Vec::new(),
+            wrapper: Vec::new(),
+            socket: None,
+            bin_dir: None,
         })
     }
 
@@ -117,12 +129,53 @@ impl DaemonLab {
             child: None,
             starts: 0,
             args: Vec::new(),
+            wrapper: Vec::new(),
+            socket: None,
+            bin_dir: None,
         })
+    }
+
+    /// Runs p25d and p25ctl from `dir` (e.g. the installed package's /usr/sbin) instead of
+    /// the workspace's build.
+    pub fn use_binaries(&mut self, dir: impl Into<PathBuf>) {
+        self.bin_dir = Some(dir.into());
+    }
+
+    /// The p25d or p25ctl this lab runs.
+    fn binary(&self, name: &str) -> Result<PathBuf> {
+        match &self.bin_dir {
+            Some(dir) => Ok(dir.join(name)),
+            None => bin(name),
+        }
     }
 
     /// Adds arguments to every later `p25d run` of this lab.
     pub fn run_args(&mut self, args: &[&str]) {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
+    }
+
+    /// Runs every later `p25d run` of this lab as user and group `id` (no supplementary
+    /// groups) holding exactly the capabilities `caps` (setpriv names such as `bpf`), as the
+    /// systemd unit does. The lab's directory is handed to that user; the pin root is left
+    /// for p25d to create.
+    pub fn run_as(&mut self, id: u32, caps: &[&str]) -> Result<()> {
+        std::os::unix::fs::chown(&self.dir, Some(id), Some(id))
+            .with_context(|| format!("chown {id}:{id} {}", self.dir.display()))?;
+        let caps = std::iter::once("-all".to_owned())
+            .chain(caps.iter().map(|cap| format!("+{cap}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.wrapper = vec![
+            "setpriv".into(),
+            format!("--reuid={id}"),
+            format!("--regid={id}"),
+            "--clear-groups".into(),
+            format!("--inh-caps={caps}"),
+            format!("--ambient-caps={caps}"),
+            format!("--bounding-set={caps}"),
+            "--".into(),
+        ];
+        Ok(())
     }
 
     /// The policy file the daemon watches.
@@ -132,7 +185,15 @@ impl DaemonLab {
 
     /// The control socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("p25.sock")
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.dir.join("p25.sock"))
+    }
+
+    /// Puts the control socket at `path` for every later start (it should be inside
+    /// `dir`, which is removed on drop).
+    pub fn set_socket(&mut self, path: PathBuf) {
+        self.socket = Some(path);
     }
 
     /// Writes the policy file atomically (the daemon never sees half a file).
@@ -156,8 +217,7 @@ impl DaemonLab {
             {
                 bail!("p25d exited during start-up ({status}):\n{}", self.log());
             }
-            Ok(self.ctl(&["status", "--json"])?.status.success()
-                && self.status()?.get("daemon") == Some(&Value::Bool(true)))
+            Ok(self.ctl(&["status", "--json"])?.status.success() && self.status()?.daemon)
         })?;
         ensure!(ready, "p25d did not answer within 15 s:\n{}", self.log());
         Ok(())
@@ -167,7 +227,8 @@ impl DaemonLab {
     fn run_command(&self, log: fs::File) -> Result<Command> {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns_path.display()))
-            .arg(bin("p25d")?)
+            .args(&self.wrapper)
+            .arg(self.binary("p25d")?)
             .arg("run")
             // A quick resync unless the test chose its own (e.g. to show that expiry does
             // not wait for it).
@@ -240,7 +301,7 @@ impl DaemonLab {
 
     /// Runs p25ctl against this daemon (or its pins) and returns its output.
     pub fn ctl(&self, args: &[&str]) -> Result<Output> {
-        Command::new(bin("p25ctl")?)
+        Command::new(self.binary("p25ctl")?)
             .arg("--socket")
             .arg(self.socket())
             .arg("--pin-root")
@@ -263,20 +324,37 @@ impl DaemonLab {
     }
 
     /// `p25ctl status --json`.
-    pub fn status(&self) -> Result<Value> {
-        Ok(serde_json::from_str(&self.ctl_ok(&["status", "--json"])?)?)
+    pub fn status(&self) -> Result<StatusView> {
+        self.ctl_json(&["status", "--json"])
     }
 
     /// `p25ctl list --json`.
-    pub fn list(&self) -> Result<Value> {
-        Ok(serde_json::from_str(&self.ctl_ok(&["list", "--json"])?)?)
+    pub fn list(&self) -> Result<ListView> {
+        self.ctl_json(&["list", "--json"])
+    }
+
+    /// `p25ctl stats --json`.
+    pub fn stats(&self) -> Result<StatsView> {
+        self.ctl_json(&["stats", "--json"])
+    }
+
+    /// `p25ctl top --json --limit N`.
+    pub fn top(&self, limit: usize) -> Result<Vec<OffenderView>> {
+        self.ctl_json(&["top", "--json", "--limit", &limit.to_string()])
+    }
+
+    /// Runs p25ctl (which must succeed) and reads its `--json` output as a `T`.
+    pub fn ctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let out = self.ctl_ok(args)?;
+        serde_json::from_str(&out).with_context(|| format!("p25ctl {args:?} printed {out}"))
     }
 }
 
 impl Drop for DaemonLab {
     fn drop(&mut self) {
         let _ = self.kill9();
-        // The daemon leaves its pins on purpose; the test must not.
+        // The daemon leaves its pins on purpose; the test must not. The workspace's p25d
+        // detaches, since a lab's own binary may be gone by now (a purged package).
         if let Ok(p25d) = bin("p25d") {
             let _ = Command::new(p25d)
                 .args(["detach", "--all-versions", "--pin-root"])

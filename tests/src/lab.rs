@@ -30,6 +30,18 @@ pub const SUBMISSIONS: u16 = 465;
 /// What the subscriber listens on, for the inbound rule.
 pub const SUB_PORT: u16 = 2525;
 
+/// The start of a policy for this topology: version and interfaces (native XDP on the
+/// subscriber side, TC upstream). Tests append their `subscribers:` and `allow:`.
+pub const POLICY_HEAD: &str = "version: 1
+interfaces:
+  - name: r-sub
+    role: subscriber
+    attach: xdp
+  - name: r-up
+    role: upstream
+    attach: tc
+";
+
 // Subscriber side.
 pub const SUB4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 2);
 pub const SUB4_ALLOWED: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 3);

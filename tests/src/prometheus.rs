@@ -494,6 +494,34 @@ impl Drop for ScratchDir {
     }
 }
 
+/// Every panel of a Grafana dashboard, rows' nested panels included.
+pub fn dashboard_panels(dashboard: &Value) -> Vec<Value> {
+    fn walk(list: Option<&Value>, out: &mut Vec<Value>) {
+        for panel in list.and_then(Value::as_array).into_iter().flatten() {
+            out.push(panel.clone());
+            walk(panel.get("panels"), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(dashboard.get("panels"), &mut out);
+    out
+}
+
+/// The series selector of Grafana's `label_values(selector, label)` (its second
+/// argument is a label name, not a metric); other queries are returned as they are.
+pub fn label_values_selector(query: &str) -> Result<String> {
+    let Some(args) = query.trim().strip_prefix("label_values(") else {
+        return Ok(query.to_owned());
+    };
+    let args = args
+        .strip_suffix(')')
+        .with_context(|| format!("unbalanced {query:?}"))?;
+    // label_values(label) has no selector at all.
+    Ok(args
+        .rsplit_once(',')
+        .map_or_else(String::new, |(selector, _)| selector.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

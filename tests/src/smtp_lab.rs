@@ -596,17 +596,13 @@ impl SmtpLab {
     /// (`egress`/`inbound`), family (`ipv4`/`ipv6`) and verdict, summed over any further
     /// breakdown (such as per interface).
     pub fn verdict_packets(&self, direction: &str, family: &str, verdict: &str) -> Result<u64> {
-        let stats: Value = serde_json::from_str(&self.daemon.ctl_ok(&["stats", "--json"])?)?;
-        let rows = stats
-            .get("verdicts")
-            .and_then(Value::as_array)
-            .context("p25ctl stats --json has no verdicts")?;
-        Ok(rows
+        Ok(self
+            .daemon
+            .stats()?
+            .verdicts
             .iter()
-            .filter(|r| {
-                r["direction"] == direction && r["family"] == family && r["name"] == verdict
-            })
-            .filter_map(|r| r["packets"].as_u64())
+            .filter(|r| r.direction == direction && r.family == family && r.name == verdict)
+            .map(|r| r.packets)
             .sum())
     }
 

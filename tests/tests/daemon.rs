@@ -3,11 +3,6 @@
 //! One daemon per test, with private pins, socket and state, running in the router
 //! namespace with XDP on the subscriber side and TC on the upstream side, per its policy.
 
-#![expect(
-    clippy::indexing_slicing,
-    reason = "serde_json::Value indexing yields Null for a missing key or index; it never panics"
-)]
-
 use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
     thread,
@@ -16,6 +11,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use filter_common::abi::{ABI_VERSION, Config};
+use filter_user::control::Source;
 use p25_tests::{
     daemon::DaemonLab,
     lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
@@ -70,10 +66,8 @@ fn smtp4() -> SocketAddr {
     SocketAddr::new(SERVER4.into(), SMTP)
 }
 
-fn generation(lab: &DaemonLab) -> Result<u64> {
-    lab.status()?["generation"]
-        .as_u64()
-        .context("status without generation")
+fn generation(lab: &DaemonLab) -> Result<u32> {
+    Ok(lab.status()?.generation)
 }
 
 #[test]
@@ -101,18 +95,13 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
         "587",
     )?;
     let status = lab.status()?;
-    let attached: Vec<_> = status["interfaces"]
-        .as_array()
-        .context("interfaces")?
+    let attached: Vec<_> = status
+        .interfaces
         .iter()
-        .map(|i| (i["name"].clone(), i["hook"].clone(), i["attached"].clone()))
+        .map(|i| (i.name.as_str(), i.hook.as_str(), i.attached))
         .collect();
     ensure!(
-        attached
-            == vec![
-                ("r-sub".into(), "xdp".into(), true.into()),
-                ("r-up".into(), "tc".into(), true.into()),
-            ],
+        attached == vec![("r-sub", "xdp", true), ("r-up", "tc", true)],
         "status interfaces: {attached:?}\n{}",
         lab.log()
     );
@@ -121,12 +110,11 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     lab.ctl_ok(&["allow", &SUB4.to_string(), "--comment", "ticket 7"])?;
     expect(sub, SUB4.into(), smtp4(), true, "after p25ctl allow")?;
     let list = lab.list()?;
-    let runtime: Vec<_> = list["allow"]
-        .as_array()
-        .context("allow list")?
+    let runtime: Vec<_> = list
+        .allow
         .iter()
-        .filter(|e| e["source"] == "runtime")
-        .map(|e| e["prefix"].as_str().unwrap_or_default().to_owned())
+        .filter(|e| e.source == Source::Runtime)
+        .map(|e| e.prefix.to_string())
         .collect();
     ensure!(
         runtime == vec!["100.64.1.2/32"],
@@ -194,7 +182,7 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     let g1 = generation(&lab)?;
     lab.write_policy("version: 1\nsubscribers:\n  - prefix: 100.64.1.0/33\n")?;
     let rejected = wait_until(CONVERGE, Duration::from_millis(50), || {
-        Ok(lab.status()?["reloads_failed"].as_u64().unwrap_or(0) >= 1)
+        Ok(lab.status()?.reloads_failed >= 1)
     })?;
     ensure!(rejected, "the broken policy should be counted as rejected");
     let reload = lab.ctl(&["reload"])?;
@@ -204,10 +192,11 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     );
     let status = lab.status()?;
     ensure!(
-        status["last_error"]
-            .as_str()
+        status
+            .last_error
+            .as_deref()
             .is_some_and(|e| e.contains("policy.yaml:3:")),
-        "the rejection should name file:line: {status}"
+        "the rejection should name file:line: {status:?}"
     );
     ensure!(
         generation(&lab)? == g1,
@@ -266,14 +255,12 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     )?;
     let from_pins = lab.status()?;
     ensure!(
-        from_pins["daemon"] == false,
-        "status should come from the pins: {from_pins}"
+        !from_pins.daemon,
+        "status should come from the pins: {from_pins:?}"
     );
     ensure!(
-        from_pins["interfaces"]
-            .as_array()
-            .is_some_and(|i| i.len() == 2),
-        "both pinned links should be listed: {from_pins}"
+        from_pins.interfaces.len() == 2,
+        "both pinned links should be listed: {from_pins:?}"
     );
     ensure!(
         lab.ctl(&["allow", "100.64.1.9"])?.status.code() == Some(1),
@@ -302,10 +289,10 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     )?;
     let list = lab.list()?;
     ensure!(
-        list["allow"].as_array().is_some_and(|a| a
+        list.allow
             .iter()
-            .any(|e| e["prefix"] == "2001:db8:1::2/128" && e["source"] == "runtime")),
-        "the runtime entry survives the restart: {list}"
+            .any(|e| e.prefix.to_string() == "2001:db8:1::2/128" && e.source == Source::Runtime),
+        "the runtime entry survives the restart: {list:?}"
     );
     Ok(())
 }
@@ -352,7 +339,7 @@ fn fifty_reloads_under_a_syn_stream_lose_and_leak_nothing() -> Result<()> {
 
     let got_allowed = counters.settled(SUB4_ALLOWED)? - base_allowed;
     let got_blocked = counters.settled(SUB4)? - base_blocked;
-    let reloads = lab.status()?["reloads_ok"].as_u64().unwrap_or(0);
+    let reloads = lab.status()?.reloads_ok;
     p25_tests::summary!(
         "{RELOADS} reloads under a SYN stream: allowlisted {got_allowed}/{PER_SOURCE} received, \
          blocked {got_blocked}/{PER_SOURCE} leaked ({reloads} reloads applied)"
@@ -371,9 +358,11 @@ fn fifty_reloads_under_a_syn_stream_lose_and_leak_nothing() -> Result<()> {
 }
 
 fn interface_attached(lab: &DaemonLab, name: &str) -> Result<bool> {
-    Ok(lab.status()?["interfaces"]
-        .as_array()
-        .is_some_and(|i| i.iter().any(|i| i["name"] == name && i["attached"] == true)))
+    Ok(lab
+        .status()?
+        .interfaces
+        .iter()
+        .any(|i| i.name == name && i.attached))
 }
 
 #[test]
@@ -438,14 +427,14 @@ fn sighup_reloads_the_policy() -> Result<()> {
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.write_policy(POLICY)?;
     lab.start()?;
-    let before = lab.status()?["reloads_ok"].as_u64().unwrap_or(0);
+    let before = lab.status()?.reloads_ok;
     let pid = lab.pid().context("daemon pid")?;
     let kill = std::process::Command::new("kill")
         .args(["-HUP", &pid.to_string()])
         .status()?;
     ensure!(kill.success(), "kill -HUP failed");
     let reloaded = wait_until(CONVERGE, Duration::from_millis(50), || {
-        Ok(lab.status()?["reloads_ok"].as_u64().unwrap_or(0) > before)
+        Ok(lab.status()?.reloads_ok > before)
     })?;
     ensure!(reloaded, "SIGHUP did not reload:\n{}", lab.log());
     Ok(())

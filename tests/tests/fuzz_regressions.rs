@@ -63,3 +63,8 @@ fn policy_parser_regressions() -> Result<()> {
 fn classifier_regressions() -> Result<()> {
     replay("classifier", checks::classifier)
 }
+
+#[test]
+fn control_handler_regressions() -> Result<()> {
+    replay("control", checks::control)
+}

@@ -2,10 +2,6 @@
 //! on `/metrics` (checked by `promtool check metrics` and by a real Prometheus server),
 //! offender tracking (`p25ctl top`, `p25ctl offenders`, one alert per burst, IPv6 /64
 //! aggregation), and the rate-limited JSON event log.
-#![expect(
-    clippy::indexing_slicing,
-    reason = "serde_json's Value index returns Null for a missing key; it never panics"
-)]
 
 use std::{
     io::Write as _,
@@ -14,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail, ensure};
+use anyhow::{Context as _, Result, ensure};
+use filter_user::offenders::OffenderView;
 use p25_tests::{
     daemon::DaemonLab,
     exporter::{METRICS_ADDR, metric, scrape},
@@ -64,12 +61,8 @@ fn send_syns(sub: &Netns, src: Ipv4Addr, dst: SocketAddrV4, count: u16) -> Resul
     Ok(())
 }
 
-fn top(lab: &DaemonLab) -> Result<Vec<Value>> {
-    let out = lab.ctl_ok(&["top", "--json", "--limit", "10"])?;
-    match serde_json::from_str(&out)? {
-        Value::Array(rows) => Ok(rows),
-        other => bail!("p25ctl top --json printed {other}"),
-    }
+fn top(lab: &DaemonLab) -> Result<Vec<OffenderView>> {
+    lab.top(10)
 }
 
 fn promtool_accepts(metrics: &str) -> Result<()> {
@@ -158,13 +151,12 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
     }
 
     // p25ctl stats agrees (summed over interfaces; nothing else dropped anywhere).
-    let stats: Value = serde_json::from_str(&lab.ctl_ok(&["stats", "--json"])?)?;
-    let dropped: u64 = stats["verdicts"]
-        .as_array()
-        .context("stats verdicts")?
+    let dropped: u64 = lab
+        .stats()?
+        .verdicts
         .iter()
-        .filter(|v| v["name"] == "dropped")
-        .filter_map(|v| v["packets"].as_u64())
+        .filter(|v| v.name == "dropped")
+        .map(|v| v.packets)
         .sum();
     ensure!(
         dropped == u64::from(BLOCKED),
@@ -182,17 +174,17 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
         rows = top(&lab)?;
         Ok(rows
             .first()
-            .is_some_and(|r| r["attempts"] == u64::from(BLOCKED)))
+            .is_some_and(|r| r.attempts == u64::from(BLOCKED)))
     })?;
     ensure!(tracked, "p25ctl top: {rows:?}");
     let first = rows.first().context("no offender")?;
     ensure!(
-        first["subscriber"] == "100.64.1.2/32",
-        "top offender {first}"
+        first.subscriber.to_string() == "100.64.1.2/32",
+        "top offender {first:?}"
     );
     ensure!(
-        first["last_destination"] == format!("{SERVER4}:{SMTP}"),
-        "{first}"
+        first.last_destination.to_string() == format!("{SERVER4}:{SMTP}"),
+        "{first:?}"
     );
     ensure!(
         rows.len() == 1,
@@ -295,7 +287,10 @@ fn ipv6_rotation_inside_one_64_is_one_offender() -> Result<()> {
     let mut rows = Vec::new();
     let tracked = wait_until(SETTLE, POLL, || {
         rows = top(&lab)?;
-        Ok(rows.len() == 1 && rows.first().is_some_and(|r| r["attempts"] == sources.len()))
+        Ok(rows.len() == 1
+            && rows
+                .first()
+                .is_some_and(|r| r.attempts == sources.len() as u64))
     })?;
     ensure!(
         tracked,
@@ -303,7 +298,10 @@ fn ipv6_rotation_inside_one_64_is_one_offender() -> Result<()> {
         sources.len()
     );
     let first = rows.first().context("no offender")?;
-    ensure!(first["subscriber"] == "2001:db8:1::/64", "{first}");
+    ensure!(
+        first.subscriber.to_string() == "2001:db8:1::/64",
+        "{first:?}"
+    );
     Ok(())
 }
 

@@ -8,11 +8,6 @@
 //! - An allowlist entry deleted behind p25d's back (as with bpftool) is restored by the
 //!   resync.
 
-#![expect(
-    clippy::indexing_slicing,
-    reason = "serde_json::Value indexing yields Null for a missing key or index; it never panics"
-)]
-
 use std::{
     net::{IpAddr, SocketAddr},
     thread,
@@ -143,9 +138,10 @@ fn expired_entries_leave_the_maps_within_a_second() -> Result<()> {
         &lab,
     )?;
     ensure!(
-        lab.list()?["allow"]
-            .as_array()
-            .is_some_and(|a| a.iter().all(|e| e["source"] != "runtime")),
+        lab.list()?
+            .allow
+            .iter()
+            .all(|e| e.source != filter_user::control::Source::Runtime),
         "the expired runtime entry must leave the store too"
     );
     Ok(())
@@ -184,7 +180,7 @@ allow_files: [lists/allow.txt]
         "allowlisted in a list file",
         &lab,
     )?;
-    let reloads = lab.status()?["reloads_ok"].as_u64().unwrap_or(0);
+    let reloads = lab.status()?.reloads_ok;
 
     // Editing the allow list file alone reloads the policy.
     write("allow.txt", &format!("{SUB4}\n"))?;
@@ -197,15 +193,16 @@ allow_files: [lists/allow.txt]
         &lab,
     )?;
     ensure!(
-        lab.status()?["reloads_ok"].as_u64().unwrap_or(0) > reloads,
+        lab.status()?.reloads_ok > reloads,
         "editing a list file should count as a reload"
     );
 
     // A broken list file is rejected with file:line:col; the previous policy stays.
     write("allow.txt", &format!("{SUB4}\n100.64.1.9/24\n"))?;
     let rejected = wait_until(CONVERGE, Duration::from_millis(50), || {
-        Ok(lab.status()?["last_error"]
-            .as_str()
+        Ok(lab
+            .status()?
+            .last_error
             .is_some_and(|e| e.contains("allow.txt:2:1: 100.64.1.9/24 has host bits set")))
     })?;
     ensure!(

@@ -30,7 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     netns::Netns,
-    prometheus::{P25_METRICS, Prometheus},
+    prometheus::{P25_METRICS, Prometheus, dashboard_panels, label_values_selector},
 };
 use serde_json::Value;
 
@@ -264,14 +264,6 @@ fn datasources<'v>(value: &'v Value, out: &mut Vec<&'v Value>) {
     }
 }
 
-/// Every panel, rows' nested panels included.
-fn panels(list: &Value, out: &mut Vec<Value>) {
-    for panel in list.as_array().into_iter().flatten() {
-        out.push(panel.clone());
-        panels(&panel["panels"], out);
-    }
-}
-
 #[test]
 fn grafana_dashboard_is_valid_and_uses_only_exporter_metrics() -> Result<()> {
     let path = deploy("grafana/p25.json");
@@ -302,8 +294,7 @@ fn grafana_dashboard_is_valid_and_uses_only_exporter_metrics() -> Result<()> {
         "the dashboard needs a uid and a title"
     );
 
-    let mut all = Vec::new();
-    panels(&dashboard["panels"], &mut all);
+    let all = dashboard_panels(&dashboard);
     let mut ids = BTreeSet::new();
     let mut used = BTreeSet::new();
     let mut exprs = 0;
@@ -359,21 +350,6 @@ fn grafana_dashboard_is_valid_and_uses_only_exporter_metrics() -> Result<()> {
         used.len()
     );
     Ok(())
-}
-
-/// The series selector of Grafana's `label_values(selector, label)` (its second
-/// argument is a label name, not a metric); other queries are returned as they are.
-fn label_values_selector(query: &str) -> Result<String> {
-    let Some(args) = query.trim().strip_prefix("label_values(") else {
-        return Ok(query.to_owned());
-    };
-    let args = args
-        .strip_suffix(')')
-        .with_context(|| format!("unbalanced {query:?}"))?;
-    // label_values(label) has no selector at all.
-    Ok(args
-        .rsplit_once(',')
-        .map_or_else(String::new, |(selector, _)| selector.to_owned()))
 }
 
 /// Fails unless every metric name in `expr` is the exporter's (or `up`); returns them.

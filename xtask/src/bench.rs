@@ -22,9 +22,15 @@ pub struct Args {
     /// Runs per configuration of the throughput benchmark (at least 5 for the record).
     #[arg(long)]
     runs: Option<usize>,
-    /// Frames per throughput run.
+    /// Most frames per throughput run.
     #[arg(long)]
     frames: Option<u32>,
+    /// Aimed length of one throughput run, seconds.
+    #[arg(long)]
+    run_seconds: Option<f64>,
+    /// Distinct sources of the many-source floods (at least 65,536 for the record).
+    #[arg(long)]
+    sources: Option<usize>,
     /// Only these sections: dataplane, throughput, control (comma-separated).
     #[arg(long)]
     only: Option<String>,
@@ -58,6 +64,8 @@ pub fn run(args: &Args) -> Result<()> {
         ("--repeat", args.repeat.map(|v| v.to_string())),
         ("--runs", args.runs.map(|v| v.to_string())),
         ("--frames", args.frames.map(|v| v.to_string())),
+        ("--run-seconds", args.run_seconds.map(|v| v.to_string())),
+        ("--sources", args.sources.map(|v| v.to_string())),
         ("--only", args.only.clone()),
         ("--json", args.json.clone()),
     ];

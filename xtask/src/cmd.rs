@@ -22,6 +22,13 @@ pub fn workspace_root() -> Result<PathBuf> {
         .with_context(|| format!("xtask crate dir {} has no parent", manifest_dir.display()))
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, or `target` in the workspace root.
+pub fn target_dir() -> Result<PathBuf> {
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or(workspace_root()?.join("target"), PathBuf::from))
+}
+
 /// A `cargo` command that runs from the workspace root.
 ///
 /// Uses the very cargo binary that started us (`$CARGO`, set by `cargo run`), so the nested

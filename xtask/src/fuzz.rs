@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz`: runs the cargo-fuzz targets of `fuzz/` for a bounded time each.
 //!
 //! Targets: `policy` (the policy parser on arbitrary bytes) and `classifier` (the
-//! reference classifier on arbitrary frames under a fuzzer-chosen policy); their checks are
+//! reference classifier on arbitrary frames under a fuzzer-chosen policy) and `control`
+//! (p25d's control-socket request handler on arbitrary request lines); their checks are
 //! in `fuzz/src/lib.rs`. Each starts from the kept inputs (`fuzz/seeds/<target>/`,
 //! `fuzz/regressions/<target>/`) plus a local corpus (`fuzz/corpus/<target>/`, not
 //! committed). A crash leaves its input in `fuzz/artifacts/<target>/`: fix the code, then
@@ -10,14 +11,14 @@
 //!
 //! cargo-fuzz needs nightly (`-Z` sanitizer flags) and is installed on demand.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{fs, process::Command};
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{cmd, setup};
 
 /// The fuzz targets, in the order they run.
-pub const TARGETS: [&str; 2] = ["policy", "classifier"];
+pub const TARGETS: [&str; 3] = ["policy", "classifier", "control"];
 
 /// Pinned: 0.13.2 builds with the toolchains here (newer releases may need a newer rustc).
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
@@ -28,7 +29,7 @@ pub struct Args {
     /// Seconds of fuzzing per target (after the build).
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
-    /// Only this target (policy or classifier); all of them by default.
+    /// Only this target (policy, classifier or control); all of them by default.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
     pub target: Option<String>,
 }
@@ -40,9 +41,7 @@ pub fn run(args: &Args) -> Result<()> {
     let root = cmd::workspace_root()?;
     let fuzz_dir = root.join("fuzz");
     // Inside the workspace's (ignored) target directory, not fuzz/target.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("fuzz");
+    let target_dir = cmd::target_dir()?.join("fuzz");
     let targets: Vec<&str> = match &args.target {
         Some(one) => vec![one.as_str()],
         None => TARGETS.to_vec(),

@@ -8,6 +8,8 @@ mod chaos;
 mod cmd;
 mod demo;
 mod fuzz;
+mod manpage;
+mod package;
 mod setup;
 
 use std::process::ExitCode;
@@ -82,12 +84,20 @@ enum Task {
     /// if a blocked SYN leaked, an allowlisted or 587 SYN was lost, or an invalid policy
     /// replaced the one in force.
     Chaos(chaos::Args),
-    /// Run setup, then the cargo-fuzz targets (policy parser, reference classifier) for a
-    /// bounded time each (installs cargo-fuzz if needed; uses nightly).
+    /// Run setup, then the cargo-fuzz targets (policy parser, reference classifier, control
+    /// request handler) for a bounded time each (installs cargo-fuzz if needed; uses
+    /// nightly).
     ///
     /// A crash leaves its input in fuzz/artifacts/<target>/; once fixed, keep it in
     /// fuzz/regressions/<target>/, which `cargo test` replays without libFuzzer.
     Fuzz(fuzz::Args),
+    /// Run setup, build release binaries, then the Debian package with cargo-deb.
+    ///
+    /// p25d and p25ctl in /usr/sbin, the systemd unit (installed, not enabled), a
+    /// sysusers.d entry, a policy that filters nothing as the /etc/p25/policy.yaml
+    /// conffile, man pages, completions, Prometheus rules and the Grafana dashboard.
+    /// Prints the path of the .deb (default directory: <target>/debian).
+    Package(package::Args),
 }
 
 fn main() -> ExitCode {
@@ -121,6 +131,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::Chaos(args) => chaos::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Package(args) => package::run(&args).map(drop),
         Task::Demo { keep, down } => demo::run(match (keep, down) {
             (_, true) => demo::Mode::Down,
             (true, false) => demo::Mode::Keep,
@@ -170,7 +181,7 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
         .args(cargo_test_args);
     cmd::run(&mut cargo).context("tests failed")?;
     // Each fuzz target for a bounded time (the crashes once found are replayed by
-    // `cargo test` above): about 2 × 30 s plus the first build (~8 min on 2 cores, cached).
+    // `cargo test` above): about 3 × 30 s plus the first build (~8 min on 2 cores, cached).
     fuzz::run(&fuzz::Args {
         seconds: 30,
         target: None,

@@ -40,7 +40,21 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "openssl",
     "ethtool",
     "prometheus",
+    // systemd-analyze verify/security and systemd-sysusers check deploy/ (tests/tests/
+    // unit_file.rs); setpriv and unshare run p25d unprivileged (tests/tests/privileges.rs).
+    "systemd",
+    "util-linux",
+    // `cargo xtask package` and its test: lintian checks the .deb, dpkg-dev provides
+    // dpkg-architecture and dpkg-shlibdeps for cargo-deb's `$auto` dependencies, man-db
+    // lets lintian check the man pages.
+    "lintian",
+    "dpkg-dev",
+    "man-db",
 ];
+
+/// cargo-deb builds the Debian package; this release builds with the workspace's stable
+/// rustc (1.95; cargo-deb 3.8 needs 1.85).
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// Services that installing a package of [`DEBIAN_PACKAGES`] starts (package, service).
 /// Nothing of ours may be left running on the host: the tests start their own servers,
@@ -63,6 +77,7 @@ pub fn run() -> Result<()> {
     println!("setup: rust-src (nightly): {}", ensure_rust_src()?);
     println!("setup: bpf-linker: {}", ensure_bpf_linker()?);
     println!("setup: debian packages: {}", ensure_debian_packages()?);
+    println!("setup: cargo-deb: {}", ensure_cargo_deb()?);
     println!("setup: bpffs: {}", ensure_bpffs()?);
     Ok(())
 }
@@ -298,6 +313,30 @@ fn cargo_home() -> Result<PathBuf> {
         .filter(|v| !v.is_empty())
         .context("neither CARGO_HOME nor HOME is set; cannot tell where cargo installs tools")?;
     Ok(PathBuf::from(home).join(".cargo"))
+}
+
+/// Installs cargo-deb (for `cargo xtask package`) unless `cargo deb --version` works.
+fn ensure_cargo_deb() -> Result<String> {
+    if let Ok(version) = cmd::output(cmd::cargo()?.args(["deb", "--version"])) {
+        return Ok(format!("ok ({})", version.trim()));
+    }
+    println!("setup: cargo-deb: missing; installing {CARGO_DEB_VERSION} (takes ~3 min)");
+    let mut install = cmd::cargo()?;
+    install
+        .args([
+            "install",
+            "--locked",
+            "cargo-deb",
+            "--version",
+            CARGO_DEB_VERSION,
+        ])
+        // A tool build of its own, not part of the workspace's target directory.
+        .env_remove("CARGO_TARGET_DIR");
+    cmd::run(&mut install).context("installing cargo-deb failed")?;
+    let version = cmd::output(cmd::cargo()?.args(["deb", "--version"])).context(
+        "cargo-deb was installed but `cargo deb --version` still fails (is ~/.cargo/bin in PATH?)",
+    )?;
+    Ok(format!("installed ({})", version.trim()))
 }
 
 /// Installs the Debian packages the tests need, touching apt only when one is missing.

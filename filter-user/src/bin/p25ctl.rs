@@ -10,15 +10,16 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use filter_common::abi::Origin;
+use filter_common::abi::{MAX_SYN_PER_MINUTE, Origin};
 use filter_user::{
     KernelTables, check_prefix,
     control::{
-        self, AllowEntryView, ClientError, InterfaceView, ListView, Request, Response, Source,
-        StatsView, StatusView, SubscriberView,
+        self, AllowEntryView, AllowedView, ClientError, DeniedView, InterfaceView, ListView,
+        ReloadView, Request, Source, StatsView, StatusView, SubscriberView,
     },
     loader::{DEFAULT_PIN_ROOT, PinLayout, pinned_link_status},
     offenders::{self, OffenderView},
+    runtime::MAX_LIFETIME_SECS,
 };
 use ipnet::IpNet;
 
@@ -39,42 +40,71 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Allowlist an address or prefix at run time (survives reloads and restarts).
+    #[command(
+        after_help = "Examples:\n  p25ctl allow 198.51.100.25 --comment \"customer 4711 relay\"\n  \
+        p25ctl allow 2001:db8:40::/64 --expires 7d"
+    )]
     Allow {
         /// IPv4/IPv6 address or CIDR prefix (host bits must be clear).
         prefix: String,
         /// Why, for whom: shown by `p25ctl list`.
         #[arg(long)]
         comment: Option<String>,
-        /// Remove the entry automatically after this long (e.g. 2h, 7d).
+        /// Remove the entry automatically after this long (e.g. 2h, 7d; at most 10y).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires: Option<Duration>,
+        /// Limit each source inside to this many new port-25 connections per minute.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SYN_PER_MINUTE)))]
+        max_syn_per_minute: Option<u32>,
+        /// How many of those may come at once (default: a minute's worth).
+        #[arg(long, requires = "max_syn_per_minute", value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SYN_PER_MINUTE)))]
+        syn_burst: Option<u32>,
+        /// Accept a prefix wider than the subscriber prefix it covers, or 0.0.0.0/0 / ::/0.
+        #[arg(long)]
+        force: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a runtime allowlist entry.
+    #[command(after_help = "Example:\n  p25ctl deny 198.51.100.25")]
     Deny {
         /// The address or prefix given to `allow`.
         prefix: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the allowlist (policy and runtime entries, apart) and subscriber prefixes.
+    #[command(after_help = "Examples:\n  p25ctl list\n  p25ctl list --json | jq '.allow[]'")]
     List {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show attached interfaces, modes, policy generation and reload results.
+    #[command(after_help = "Examples:\n  p25ctl status\n  p25ctl status --json")]
     Status {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Show the verdict and parse-outcome counters.
+    #[command(after_help = "Example:\n  p25ctl stats --json")]
     Stats {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// Make the daemon re-read its policy file now.
-    Reload,
+    #[command(after_help = "Example:\n  p25d check /etc/p25/policy.yaml && p25ctl reload")]
+    Reload {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the worst offenders: subscribers with the most blocked port-25 attempts.
+    #[command(after_help = "Examples:\n  p25ctl top\n  p25ctl top --limit 50 --json")]
     Top {
         /// How many rows.
         #[arg(long, default_value_t = 10)]
@@ -84,6 +114,10 @@ enum Command {
         json: bool,
     },
     /// Export offenders for the abuse desk: the evidence to hand to the customer.
+    #[command(
+        after_help = "Examples:\n  p25ctl offenders --since 1h > offenders.csv\n  \
+        p25ctl offenders --since 24h --format json"
+    )]
     Offenders {
         /// Only subscribers whose latest attempt is at most this old (e.g. 1h, 30m).
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -91,6 +125,9 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = ExportFormat::Csv)]
         format: ExportFormat,
+        /// Machine-readable output: the same as `--format json`.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
     },
 }
 
@@ -106,6 +143,11 @@ enum ExportFormat {
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    // `__generate-docs DIR` (for packaging) is not a clap subcommand, so that it shows up
+    // in neither --help nor the completions it writes.
+    if let Some(code) = filter_user::cli_docs::generate_if_asked::<Cli>() {
+        return code;
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -131,6 +173,25 @@ fn parse_prefix(text: &str) -> Result<IpNet> {
     Ok(check_prefix(net)?)
 }
 
+/// Prints `view` as pretty JSON.
+fn print_json(view: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(view)?);
+    Ok(())
+}
+
+/// `--expires` as seconds for the daemon: at least 1, at most ten years.
+fn expires_secs(expires: Duration) -> Result<u64> {
+    let secs = expires.as_secs().max(1);
+    if secs > MAX_LIFETIME_SECS {
+        bail!(
+            "--expires {} is more than 10 years; use at most 10y, or leave --expires out for \
+             an entry that stays until `p25ctl deny`",
+            humantime::format_duration(expires)
+        );
+    }
+    Ok(secs)
+}
+
 fn run(cli: &Cli) -> Result<()> {
     let layout = PinLayout::new(&cli.pin_root);
     match &cli.command {
@@ -138,89 +199,111 @@ fn run(cli: &Cli) -> Result<()> {
             prefix,
             comment,
             expires,
+            max_syn_per_minute,
+            syn_burst,
+            force,
+            json,
         } => {
             let prefix = parse_prefix(prefix)?;
-            let data = mutate(
-                &cli.socket,
-                &Request::Allow {
-                    prefix,
-                    comment: comment.clone(),
-                    expires_in_secs: expires.map(|d| d.as_secs().max(1)),
-                },
-            )?;
-            match data.get("expires").and_then(|e| e.as_str()) {
-                Some(expires) => println!("allowed {prefix} until {expires}"),
-                None => println!("allowed {prefix}"),
+            let request = Request::Allow {
+                prefix,
+                comment: comment.clone(),
+                expires_in_secs: expires.map(expires_secs).transpose()?,
+                max_syn_per_minute: *max_syn_per_minute,
+                syn_burst: *syn_burst,
+                force: *force,
+            };
+            let view: AllowedView = mutate(&cli.socket, &request)?;
+            if *json {
+                return print_json(&view);
+            }
+            let limit = match (view.max_syn_per_minute, view.syn_burst) {
+                (Some(rate), Some(burst)) => format!(", at most {rate} SYN/min (burst {burst})"),
+                (Some(rate), None) => format!(", at most {rate} SYN/min"),
+                _ => String::new(),
+            };
+            match &view.expires {
+                Some(expires) => println!("allowed {}{limit} until {expires}", view.prefix),
+                None => println!("allowed {}{limit}", view.prefix),
             }
         }
-        Command::Deny { prefix } => {
+        Command::Deny { prefix, json } => {
             let prefix = parse_prefix(prefix)?;
-            mutate(&cli.socket, &Request::Deny { prefix })?;
-            println!("removed {prefix} from the runtime allowlist");
+            let view: DeniedView = mutate(&cli.socket, &Request::Deny { prefix })?;
+            if *json {
+                return print_json(&view);
+            }
+            println!("removed {} from the runtime allowlist", view.prefix);
         }
-        Command::Reload => {
-            let data = mutate(&cli.socket, &Request::Reload)?;
-            let generation = data.get("generation").and_then(serde_json::Value::as_u64);
-            println!("reloaded: generation {}", generation.unwrap_or_default());
+        Command::Reload { json } => {
+            let view: ReloadView = mutate(&cli.socket, &Request::Reload)?;
+            if *json {
+                return print_json(&view);
+            }
+            println!("reloaded: generation {}", view.generation);
         }
         Command::List { json } => {
-            let view: ListView = match query(&cli.socket, &Request::List)? {
-                Some(data) => serde_json::from_value(data)?,
+            let mut view = match fallback(control::list(&cli.socket, TIMEOUT))? {
+                Some(view) => view,
                 None => list_from_pins(&layout)?,
             };
+            // The daemon streams policy entries first, then runtime ones; show them sorted.
+            view.allow.sort_by_key(|e| e.prefix);
             if *json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                print_list(&view);
+                return print_json(&view);
             }
+            print_list(&view);
         }
         Command::Status { json } => {
-            let view: StatusView = match query(&cli.socket, &Request::Status)? {
-                Some(data) => serde_json::from_value(data)?,
-                None => status_from_pins(&layout)?,
-            };
+            let view: StatusView =
+                match fallback(control::request(&cli.socket, &Request::Status, TIMEOUT))? {
+                    Some(view) => view,
+                    None => status_from_pins(&layout)?,
+                };
             if *json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                print_status(&view);
+                return print_json(&view);
             }
+            print_status(&view);
         }
         Command::Top { limit, json } => {
             let views = offenders(&cli.socket, &layout, None, Some(*limit))?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&views)?);
-            } else {
-                print_top(&views);
+                return print_json(&views);
             }
+            print_top(&views);
         }
-        Command::Offenders { since, format } => {
+        Command::Offenders {
+            since,
+            format,
+            json,
+        } => {
             let since_secs = since.map(|d| d.as_secs());
             let views = offenders(&cli.socket, &layout, since_secs, None)?;
-            match format {
-                ExportFormat::Json => println!("{}", serde_json::to_string_pretty(&views)?),
-                ExportFormat::Csv => print!("{}", offenders_csv(&views)),
+            if *json || *format == ExportFormat::Json {
+                return print_json(&views);
             }
+            print!("{}", offenders_csv(&views));
         }
         Command::Stats { json } => {
-            let view: StatsView = match query(&cli.socket, &Request::Stats)? {
-                Some(data) => serde_json::from_value(data)?,
-                None => StatsView::from(&open_pins(&layout)?.counters()?),
-            };
+            let view: StatsView =
+                match fallback(control::request(&cli.socket, &Request::Stats, TIMEOUT))? {
+                    Some(view) => view,
+                    None => StatsView::from(&open_pins(&layout)?.counters()?),
+                };
             if *json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                print_stats(&view);
+                return print_json(&view);
             }
+            print_stats(&view);
         }
     }
     Ok(())
 }
 
 /// A change request: only the daemon may write the maps, so no daemon means an error.
-fn mutate(socket: &Path, request: &Request) -> Result<serde_json::Value> {
+fn mutate<T: serde::de::DeserializeOwned>(socket: &Path, request: &Request) -> Result<T> {
     match control::request(socket, request, TIMEOUT) {
-        Ok(Response::Ok { data }) => Ok(data),
-        Ok(Response::Error { message }) => Err(anyhow!(message)),
+        Ok(data) => Ok(data),
+        Err(ClientError::Refused(message)) => Err(anyhow!(message)),
         Err(e @ ClientError::NotRunning { .. }) => Err(anyhow!(e)).context(
             "changes go through p25d, the single writer of the maps; start it (systemctl start p25d)",
         ),
@@ -228,11 +311,12 @@ fn mutate(socket: &Path, request: &Request) -> Result<serde_json::Value> {
     }
 }
 
-/// A read request: `Ok(None)` when the daemon is down, so the caller reads the pins.
-fn query(socket: &Path, request: &Request) -> Result<Option<serde_json::Value>> {
-    match control::request(socket, request, TIMEOUT) {
-        Ok(Response::Ok { data }) => Ok(Some(data)),
-        Ok(Response::Error { message }) => Err(anyhow!(message)),
+/// The answer of a read request, or `Ok(None)` when the daemon is down, so the caller
+/// reads the pins.
+fn fallback<T>(answer: Result<T, ClientError>) -> Result<Option<T>> {
+    match answer {
+        Ok(data) => Ok(Some(data)),
+        Err(ClientError::Refused(message)) => Err(anyhow!(message)),
         Err(ClientError::NotRunning { .. }) => {
             eprintln!("p25ctl: p25d is not running; reading the pinned maps directly");
             Ok(None)
@@ -248,9 +332,8 @@ fn offenders(
     since_secs: Option<u64>,
     limit: Option<usize>,
 ) -> Result<Vec<OffenderView>> {
-    let request = Request::Offenders { since_secs, limit };
-    match query(socket, &request)? {
-        Some(data) => Ok(serde_json::from_value(data)?),
+    match fallback(control::offenders(socket, since_secs, limit, TIMEOUT))? {
+        Some(views) => Ok(views),
         None => {
             let entries = open_pins(layout)?.offenders()?;
             let views = offenders::views(&entries, &offenders::Clock::now());

@@ -1006,15 +1006,18 @@ impl<'t> Checker<'t> {
                  subscriber space would block port 25 for every host, including your own mail \
                  servers"
             ),
-            Ok(net) if crate::check_prefix(net).is_err() => {
-                format!("{net} has host bits set; did you mean {}?", net.trunc())
-            }
-            Ok(net) => {
-                // Duplicates and the per-family limit are found once the whole list is
-                // known, by `repeats_and_overflow`.
-                list.seen.push((Packed::of(net), loc));
-                return Some(net);
-            }
+            Ok(net) => match crate::check_prefix(net) {
+                Err(crate::Error::HostBits { net }) => {
+                    format!("{net} has host bits set; did you mean {}?", net.trunc())
+                }
+                Err(e) => e.to_string(),
+                Ok(net) => {
+                    // Duplicates and the per-family limit are found once the whole list is
+                    // known, by `repeats_and_overflow`.
+                    list.seen.push((Packed::of(net), loc));
+                    return Some(net);
+                }
+            },
         };
         self.report(list, loc, text, problem, true);
         None

@@ -13,24 +13,23 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
-use filter_common::abi::{AllowValue, BlockAction, Mode, Origin, iface_slot};
+use filter_common::abi::iface_slot;
 use filter_user::{
-    Dataplane, KernelTables, check_prefix,
+    Dataplane, KernelTables,
     control::{
-        AllowEntryView, InterfaceView, ListView, Request, Response, Source, StatsView, StatusView,
-        SubscriberView,
+        InterfaceView, ReloadView, StatsView, StatusView, error_answer,
+        handler::{self, Host, Parts, Peer},
     },
     desired::{self, Counts, Desired},
     loader::{
         Hook, PinLayout, ensure_bpffs, ifindex, links_in, pinned_link_ifindex, pinned_link_status,
     },
     metrics,
-    offenders::{self, AlertTracker, monotonic_ns},
+    offenders::{self, AlertTracker, OffenderView, monotonic_ns},
     policy::{self, Attach, Policy, Role},
-    runtime::{RuntimeEntry, RuntimeStore, rfc3339, unix},
+    runtime::{RuntimeStore, unix},
     sync::{self, SyncReport},
 };
-use ipnet::IpNet;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -61,6 +60,10 @@ pub struct Options {
     pub events: EventSink,
     pub events_rate: u32,
     pub events_burst: u32,
+    /// Group whose members may change the filter (besides root).
+    pub admin_group: String,
+    /// Most runtime allowlist entries.
+    pub max_runtime_entries: usize,
 }
 
 /// Identifies a version of the policy file cheaply, to notice edits.
@@ -71,15 +74,6 @@ struct FileStamp {
     inode: u64,
 }
 
-fn stamp(path: &Path) -> Option<FileStamp> {
-    let meta = fs::metadata(path).ok()?;
-    Some(FileStamp {
-        modified: meta.modified().ok(),
-        len: meta.len(),
-        inode: meta.ino(),
-    })
-}
-
 /// Stamps of the policy file and of every list file it names, in that order: a change to
 /// any of them is a change of the policy.
 fn stamps(policy_file: &Path, policy: &Policy) -> Vec<Option<FileStamp>> {
@@ -87,6 +81,15 @@ fn stamps(policy_file: &Path, policy: &Policy) -> Vec<Option<FileStamp>> {
         .chain(policy.list_files())
         .map(stamp)
         .collect()
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let meta = fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
 }
 
 /// What the daemon knows about one policy interface.
@@ -99,7 +102,8 @@ struct IfaceState {
     note: String,
 }
 
-type Job = (Request, oneshot::Sender<Response>);
+/// One control request: its line, who sent it, and where the answer goes.
+type Job = (Vec<u8>, Peer, oneshot::Sender<Vec<u8>>);
 
 struct Daemon {
     opts: Options,
@@ -128,6 +132,7 @@ struct Daemon {
     policy_expiries: Vec<SystemTime>,
     /// Whether the last expiry update failed: the timer then waits before retrying.
     expiry_failed: bool,
+
     interfaces: BTreeMap<String, IfaceState>,
     /// Unix time of the last successful reconcile (for the staleness alert).
     last_sync_unix: f64,
@@ -140,10 +145,10 @@ struct Daemon {
 }
 
 pub async fn run(opts: Options) -> Result<()> {
-    tune_allocator();
     if ensure_bpffs().context("mounting bpffs")? {
         info!("mounted bpffs at /sys/fs/bpf");
     }
+    tune_allocator();
     let checked = policy::load(&opts.policy)
         .with_context(|| format!("the policy {} is not usable", opts.policy.display()))?;
     for warning in &checked.warnings {
@@ -151,8 +156,11 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     let seen = stamps(&opts.policy, &checked.policy);
     let runtime = RuntimeStore::open(&opts.state).context("opening the runtime state")?;
-    let _lock = lock(&opts.socket)?;
+    // The event log first: an unusable --events path must stop p25d before it creates or
+    // touches anything under the pin root.
     let event_output = observe::open_sink(&opts.events)?;
+    let _pin_lock = lock_pin_root(opts.layout.root(), LockFor::Run)?;
+    let _socket_lock = lock_socket(&opts.socket, opts.socket_group.as_deref())?;
 
     let adopting = opts.layout.dir().exists();
     let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
@@ -198,7 +206,11 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let listener = bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    tokio::spawn(accept_loop(listener, jobs_tx));
+    let admin_gid = group_id(&daemon.opts.admin_group);
+    if admin_gid.is_none() {
+        warn!(group = %daemon.opts.admin_group, "the admin group does not exist: only root may change the filter (allow, deny, reload)");
+    }
+    tokio::spawn(accept_loop(listener, jobs_tx, admin_gid));
     let (metrics_tx, mut metrics_jobs) = mpsc::channel::<MetricsJob>(16);
     if let Some(addr) = daemon.opts.metrics_listen {
         observe::serve_metrics(addr, metrics_tx).await?;
@@ -229,6 +241,14 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     };
 
+    // The policy is in force and the socket listens: tell systemd (Type=notify).
+    if let Err(e) = crate::notify::ready(&format!(
+        "filtering; policy generation {}; socket {}",
+        daemon.generation,
+        daemon.opts.socket.display()
+    )) {
+        warn!(error = %e, "telling the service manager p25d is ready failed");
+    }
     info!(socket = %daemon.opts.socket.display(), "ready");
     loop {
         // Expiry acts on time: sleep until the next entry expires (at most an hour at a
@@ -236,11 +256,11 @@ pub async fn run(opts: Options) -> Result<()> {
         let expiry = daemon.next_expiry_in();
         tokio::select! {
             () = tokio::time::sleep(expiry) => { daemon.expire_due(); }
-            Some((request, reply)) = jobs.recv() => {
-                let response = daemon.handle(request);
-                let _ = reply.send(response);
+            Some((line, peer, reply)) = jobs.recv() => {
+                let answer = handler::handle(&mut daemon, &peer, &line);
+                let _ = reply.send(answer);
             }
-            _ = hup.recv() => { daemon.reload("SIGHUP"); }
+            _ = hup.recv() => { let _ = daemon.reload("SIGHUP"); }
             () = async {
                 match &links {
                     Some(watch) => watch.changed().await,
@@ -251,7 +271,7 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = poll.tick() => {
                 if stamps(&daemon.opts.policy, &daemon.policy) != daemon.seen {
-                    daemon.reload("policy file changed");
+                    let _ = daemon.reload("policy file changed");
                 }
                 daemon.check_interfaces();
             }
@@ -294,11 +314,12 @@ fn migrate_other_versions(dataplane: &mut Dataplane, layout: &PinLayout) {
     }
 }
 
-/// Takes an exclusive lock next to the socket so two daemons never write the same maps.
-fn lock(socket: &Path) -> Result<fs::File> {
+/// Takes an exclusive lock next to the socket so two daemons never serve (and remove) the
+/// same socket file. The maps are guarded by [`lock_pin_root`].
+fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
     let path = socket.with_extension("lock");
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        create_runtime_dir(dir, socket_gid(group)?)?;
     }
     let file = fs::OpenOptions::new()
         .create(true)
@@ -306,21 +327,161 @@ fn lock(socket: &Path) -> Result<fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a valid fd we own.
-    let ret = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if ret != 0 {
+    if !try_flock(&file) {
         bail!(
-            "another p25d holds {} (only one daemon may write the maps)",
-            path.display()
+            "another p25d holds {} and serves the socket {}: give this one another --socket",
+            path.display(),
+            socket.display()
         );
     }
     Ok(file)
 }
 
+/// An exclusive, non-blocking flock; false if someone else holds it.
+fn try_flock(file: &fs::File) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a valid fd we own.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// What holds a pin root's lock when it is taken, for the error message.
+#[derive(Clone, Copy, Debug)]
+pub enum LockFor {
+    /// `p25d run`.
+    Run,
+    /// `p25d detach`.
+    Detach,
+}
+
+/// How long `p25d detach` waits for the pin root's lock: 30 × 100 ms.
+const DETACH_LOCK_TRIES: u32 = 30;
+const DETACH_LOCK_PAUSE: Duration = Duration::from_millis(100);
+
+/// Takes the writer lock of a pin root: one writer (a running p25d, or `p25d detach`) per
+/// pin root, whatever socket each uses.
+///
+/// The lock is an flock on the pin root directory itself, on bpffs (flock works on any
+/// inode there; bpffs cannot hold regular lock files). Unlike a lock file under /run
+/// derived from the root's name, it needs no writable directory elsewhere, cannot be
+/// dodged by spelling the same root differently (a symlink, `//`, a relative path), and
+/// every mount namespace that sees the pins sees the lock (PrivateTmp, containers).
+///
+/// `p25d run` creates the root (mode 0700) if needed and fails at once if the lock is held;
+/// `p25d detach` only locks an existing root (`None` when there is nothing to detach) and
+/// waits up to 3 s for it. Detach removes the directory it locked, so
+/// after taking the lock the path is checked to still name the locked directory; if not,
+/// the lock is taken again on the new one.
+pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> {
+    for _ in 0..8 {
+        match purpose {
+            LockFor::Run => {
+                use std::os::unix::fs::DirBuilderExt as _;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(root)
+                    .with_context(|| format!("creating the pin root {}", root.display()))?;
+            }
+            LockFor::Detach if !root.exists() => return Ok(None),
+            LockFor::Detach => {}
+        }
+        let dir = match fs::File::open(root) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+                    ": it must belong to the user p25d runs as, pins included (the systemd \
+                     unit's ExecStartPre runs `chown -R p25:p25` on it)"
+                } else {
+                    ""
+                };
+                return Err(e).with_context(|| {
+                    format!("opening the pin root {} to lock it{hint}", root.display())
+                });
+            }
+        };
+        // Detach gives a daemon that was just killed a moment to exit (its lock goes with
+        // its last fd); a running daemon still refuses it after that.
+        let tries = match purpose {
+            LockFor::Run => 1,
+            LockFor::Detach => DETACH_LOCK_TRIES,
+        };
+        let mut locked = false;
+        for attempt in 0..tries {
+            if attempt > 0 {
+                std::thread::sleep(DETACH_LOCK_PAUSE);
+            }
+            if try_flock(&dir) {
+                locked = true;
+                break;
+            }
+        }
+        if !locked {
+            match purpose {
+                LockFor::Run => bail!(
+                    "another p25d is running on the pin root {} (it holds the pin root's \
+                     lock): only one daemon may write these maps. Stop it first (`systemctl \
+                     stop p25d`), or give this one another --pin-root",
+                    root.display()
+                ),
+                LockFor::Detach => bail!(
+                    "a p25d is running on the pin root {} (it holds the pin root's lock): \
+                     stop it first (`systemctl stop p25d`), then detach; detaching under it \
+                     would leave it writing to maps no program reads",
+                    root.display()
+                ),
+            }
+        }
+        let held = dir
+            .metadata()
+            .with_context(|| format!("stat {}", root.display()))?;
+        match fs::metadata(root) {
+            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                return Ok(Some(dir));
+            }
+            // Removed (by the detach that held the lock) or replaced meanwhile: retry.
+            _ => continue,
+        }
+    }
+    bail!(
+        "the pin root {} keeps being removed and recreated while p25d tries to lock it",
+        root.display()
+    )
+}
+
+/// Creates a runtime directory (socket, lock) that does not exist yet: mode 0750, in the
+/// socket group if one is given, so the group can reach the socket inside (the umask is
+/// 077). An existing directory is left as it is: systemd's RuntimeDirectory= sets its own.
+fn create_runtime_dir(dir: &Path, group: Option<u32>) -> Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    set_mode_and_group(dir, 0o750, group)
+}
+
+/// chmod, then chgrp if a group is given.
+fn set_mode_and_group(path: &Path, mode: u32, group: Option<u32>) -> Result<()> {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:04o} {}", path.display()))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("chgrp {gid} {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The gid of `--socket-group`, if given.
+fn socket_gid(group: Option<&str>) -> Result<Option<u32>> {
+    group
+        .map(|group| group_id(group).with_context(|| format!("unknown group {group:?}")))
+        .transpose()
+}
+
 fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
+    let gid = socket_gid(group)?;
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        create_runtime_dir(dir, gid)?;
     }
     // A socket file left by a killed daemon: we hold the lock, so nobody else uses it.
     match fs::remove_file(path) {
@@ -330,13 +491,7 @@ fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
-        .with_context(|| format!("chmod 0660 {}", path.display()))?;
-    if let Some(group) = group {
-        let gid = group_id(group).with_context(|| format!("unknown group {group:?}"))?;
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("chgrp {group} {}", path.display()))?;
-    }
+    set_mode_and_group(path, 0o660, gid)?;
     Ok(listener)
 }
 
@@ -349,66 +504,191 @@ fn group_id(name: &str) -> Option<u32> {
     (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
-async fn accept_loop(listener: UnixListener, jobs: mpsc::Sender<Job>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve(stream, jobs.clone()));
-            }
-            Err(e) => {
-                warn!(error = %e, "accepting a control connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+/// Control connections served at once from users other than root. Root is never turned
+/// away: an operator must be able to allow, deny and reload during a flood of idle
+/// connections.
+const MAX_CONNECTIONS: usize = 128;
+/// Control connections served at once per non-root user, so that one local user cannot
+/// take every slot.
+const MAX_CONNECTIONS_PER_UID: usize = 8;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one chunk of an answer may wait for the client to read: a client that stops
+/// reading a long `list` is dropped after this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Answers are written in chunks of this size, each under [`WRITE_TIMEOUT`].
+const WRITE_CHUNK: usize = 64 * 1024;
+
+/// Counts the open control connections of each non-root user.
+#[derive(Debug, Default)]
+struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// A slot taken from [`PerUid`], given back when the connection ends.
+struct UidSlot {
+    counts: Arc<PerUid>,
+    uid: u32,
+}
+
+impl PerUid {
+    fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
+        let mut counts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = counts.entry(uid).or_default();
+        if *count >= MAX_CONNECTIONS_PER_UID {
+            return None;
+        }
+        *count += 1;
+        Some(UidSlot {
+            counts: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.uid) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.uid);
             }
         }
     }
 }
 
-/// One request, one response. Malformed input gets an error response, never a crash.
-async fn serve(stream: UnixStream, jobs: mpsc::Sender<Job>) {
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read).take(64 * 1024);
-    let mut line = String::new();
-    let response =
-        match tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await {
-            Ok(Ok(_)) => match serde_json::from_str::<Request>(&line) {
-                Ok(request) => {
-                    let (tx, rx) = oneshot::channel();
-                    if jobs.send((request, tx)).await.is_err() {
-                        Response::Error {
-                            message: "the daemon is shutting down".into(),
-                        }
-                    } else {
-                        rx.await.unwrap_or(Response::Error {
-                            message: "the daemon dropped the request".into(),
-                        })
-                    }
-                }
-                Err(e) => Response::Error {
-                    message: format!("malformed request: {e}"),
-                },
-            },
-            Ok(Err(e)) => Response::Error {
-                message: format!("reading the request: {e}"),
-            },
-            Err(_) => Response::Error {
-                message: "timed out waiting for the request".into(),
-            },
+/// The supplementary groups of the peer as the kernel recorded them at connect time
+/// (SO_PEERGROUPS); empty if the kernel cannot tell.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
+        .unwrap_or(libc::socklen_t::MAX);
+    // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many,
+    // and updates `len` to the bytes written; the fd is the stream's, open while borrowed.
+    let ret = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Vec::new();
+    }
+    let count = usize::try_from(len).unwrap_or(0) / size_of::<libc::gid_t>();
+    groups.truncate(count);
+    groups
+}
+
+/// Who is on the other end: SO_PEERCRED for uid, gid and pid, SO_PEERGROUPS for the
+/// supplementary groups. An administrator is root or a member of `admin_gid`.
+fn peer(stream: &UnixStream, admin_gid: Option<u32>) -> std::io::Result<Peer> {
+    let cred = stream.peer_cred()?;
+    let uid = cred.uid();
+    let admin = uid == 0
+        || admin_gid.is_some_and(|gid| cred.gid() == gid || peer_groups(stream).contains(&gid));
+    Ok(Peer {
+        uid,
+        pid: cred.pid(),
+        admin,
+    })
+}
+
+async fn accept_loop(listener: UnixListener, jobs: mpsc::Sender<Job>, admin_gid: Option<u32>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_uid = Arc::new(PerUid::default());
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                warn!(error = %e, "accepting a control connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-    let mut bytes = serde_json::to_vec(&response).unwrap_or_default();
-    bytes.push(b'\n');
-    let _ = write.write_all(&bytes).await;
+        let peer = match peer(&stream, admin_gid) {
+            Ok(peer) => peer,
+            Err(e) => {
+                warn!(error = %e, "control connection without peer credentials; closed");
+                continue;
+            }
+        };
+        // Root is served whatever the load; everyone else within the caps.
+        let permits = if peer.uid == 0 {
+            None
+        } else {
+            let Some(uid_slot) = per_uid.take(peer.uid) else {
+                refuse(&stream, peer, "too many connections from your user");
+                continue;
+            };
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                refuse(&stream, peer, "too many control connections");
+                continue;
+            };
+            Some((uid_slot, permit))
+        };
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            serve(stream, peer, jobs).await;
+            drop(permits);
+        });
+    }
+}
+
+/// Turns a connection away with a one-line error, written only if the socket takes it at
+/// once (a fresh socket's buffer always does).
+fn refuse(stream: &UnixStream, peer: Peer, why: &str) {
+    warn!(uid = peer.uid, pid = ?peer.pid, reason = why, "control connection refused");
+    let message = format!(
+        "{why} (at most {MAX_CONNECTIONS_PER_UID} per user, {MAX_CONNECTIONS} in all); try again"
+    );
+    let _ = stream.try_write(&error_answer(message));
+}
+
+/// One request, one answer. Malformed input gets an error answer, never a crash; a client
+/// that sends nothing, or stops reading, is dropped after a timeout.
+async fn serve(stream: UnixStream, peer: Peer, jobs: mpsc::Sender<Job>) {
+    let (read, mut write) = stream.into_split();
+    // One byte more than the cap, so that the handler sees (and refuses) a longer line.
+    let cap = u64::try_from(filter_user::control::MAX_REQUEST + 1).unwrap_or(u64::MAX);
+    let mut reader = BufReader::new(read).take(cap);
+    let mut line = Vec::new();
+    let answer =
+        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
+            Ok(Ok(_)) => {
+                let (tx, rx) = oneshot::channel();
+                if jobs.send((line, peer, tx)).await.is_err() {
+                    error_answer("the daemon is shutting down".into())
+                } else {
+                    rx.await
+                        .unwrap_or_else(|_| error_answer("the daemon dropped the request".into()))
+                }
+            }
+            Ok(Err(e)) => error_answer(format!("reading the request: {e}")),
+            Err(_) => error_answer("timed out waiting for the request".into()),
+        };
+    for chunk in answer.chunks(WRITE_CHUNK) {
+        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(chunk)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                warn!(uid = peer.uid, pid = ?peer.pid, "control client stopped reading; dropped");
+                return;
+            }
+        }
+    }
 }
 
 use tokio::io::AsyncReadExt as _;
-
-fn ok(data: impl serde::Serialize) -> Response {
-    match serde_json::to_value(data) {
-        Ok(data) => Response::Ok { data },
-        Err(e) => Response::Error {
-            message: e.to_string(),
-        },
-    }
-}
 
 impl Daemon {
     /// The daemon's own settings that go into CONFIG.
@@ -562,7 +842,7 @@ impl Daemon {
     }
 
     /// Re-reads the policy file. A bad file is rejected and counted; the old policy stays.
-    fn reload(&mut self, reason: &str) -> Response {
+    fn reload(&mut self, reason: &str) -> Result<ReloadView, String> {
         // Stamped before reading, so that an edit during the read is seen next time. A
         // rejected file keeps the list files of the policy in force watched.
         self.seen = stamps(&self.opts.policy, &self.policy);
@@ -573,7 +853,7 @@ impl Daemon {
                 let message = e.to_string();
                 error!(reason, error = %message, generation = self.generation, "policy rejected; the previous policy stays in force");
                 self.last_error = Some(message.clone());
-                return Response::Error { message };
+                return Err(message);
             }
         };
         for warning in &checked.warnings {
@@ -593,14 +873,16 @@ impl Daemon {
         match self.apply(checked.policy, reason) {
             Ok(()) => {
                 self.reloads_ok += 1;
-                ok(serde_json::json!({ "generation": self.generation }))
+                Ok(ReloadView {
+                    generation: self.generation,
+                })
             }
             Err(e) => {
                 self.reloads_failed += 1;
                 let message = format!("{e:#}");
                 error!(reason, error = %message, "applying the policy failed");
                 self.last_error = Some(message.clone());
-                Response::Error { message }
+                Err(message)
             }
         }
     }
@@ -662,19 +944,17 @@ impl Daemon {
     }
 
     /// The offender table as views, filtered as asked.
-    fn offender_views(&self, since_secs: Option<u64>, limit: Option<usize>) -> Response {
-        match self.tables.offenders() {
-            Ok(entries) => {
-                let views = offenders::views(&entries, &offenders::Clock::now());
-                let now = unix(SystemTime::now());
-                ok(filter_user::control::filter_offenders(
-                    views, since_secs, limit, now,
-                ))
-            }
-            Err(e) => Response::Error {
-                message: e.to_string(),
-            },
-        }
+    fn offender_views(
+        &self,
+        since_secs: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<OffenderView>, String> {
+        let entries = self.tables.offenders().map_err(|e| e.to_string())?;
+        let views = offenders::views(&entries, &offenders::Clock::now());
+        let now = unix(SystemTime::now());
+        Ok(filter_user::control::filter_offenders(
+            views, since_secs, limit, now,
+        ))
     }
 
     /// One `/metrics` page. Empty on failure (the HTTP side answers 503), with the reason
@@ -883,179 +1163,6 @@ impl Daemon {
         }
     }
 
-    fn handle(&mut self, request: Request) -> Response {
-        match request {
-            Request::Allow {
-                prefix,
-                comment,
-                expires_in_secs,
-            } => self.allow(prefix, comment, expires_in_secs),
-            Request::Deny { prefix } => self.deny(prefix),
-            Request::List => ok(self.list()),
-            Request::Status => match self.status() {
-                Ok(s) => ok(s),
-                Err(e) => Response::Error {
-                    message: format!("{e:#}"),
-                },
-            },
-            Request::Stats => match self.tables.counters() {
-                Ok(c) => ok(StatsView::from(&c)),
-                Err(e) => Response::Error {
-                    message: e.to_string(),
-                },
-            },
-            Request::Reload => self.reload("p25ctl reload"),
-            Request::Offenders { since_secs, limit } => self.offender_views(since_secs, limit),
-        }
-    }
-
-    fn allow(
-        &mut self,
-        prefix: IpNet,
-        comment: Option<String>,
-        expires_in: Option<u64>,
-    ) -> Response {
-        if let Err(e) = check_prefix(prefix) {
-            return Response::Error {
-                message: e.to_string(),
-            };
-        }
-        let now = unix(SystemTime::now());
-        let entry = RuntimeEntry {
-            prefix,
-            comment,
-            added_unix: now,
-            expires_unix: expires_in.map(|s| now.saturating_add(s)),
-        };
-        if let Err(e) = self.runtime.add(entry.clone()) {
-            return Response::Error {
-                message: e.to_string(),
-            };
-        }
-        // Write just this entry instead of a full reconcile, which reads every map entry
-        // back (seconds at a million entries). A policy entry keeps its origin, as in
-        // `desired`; only a prefix the maps already cover can be one, so the scan of the
-        // policy is skipped in the common case. The periodic resync still repairs drift.
-        let now = SystemTime::now();
-        let in_policy = self.tables.allow_covers(prefix).unwrap_or(true)
-            && self
-                .policy
-                .allow_entry(prefix)
-                .is_some_and(|a| !a.is_expired(now));
-        let written = if in_policy {
-            Ok(())
-        } else {
-            self.tables
-                .insert_allow(prefix, AllowValue::new(Origin::RUNTIME))
-        };
-        if let Err(e) = written {
-            return Response::Error {
-                message: format!(
-                    "saved, but updating the maps failed (the next resync retries): {e}"
-                ),
-            };
-        }
-        info!(%prefix, expires = ?entry.expires_unix.map(rfc3339), "runtime allow added");
-        ok(serde_json::json!({ "prefix": prefix, "expires": entry.expires_unix.map(rfc3339) }))
-    }
-
-    fn deny(&mut self, prefix: IpNet) -> Response {
-        if let Err(e) = check_prefix(prefix) {
-            return Response::Error {
-                message: e.to_string(),
-            };
-        }
-        match self.runtime.remove(prefix) {
-            Ok(Some(_)) => {}
-            Ok(None) => {
-                let in_policy = self.policy.allow_entry(prefix).is_some();
-                let message = if in_policy {
-                    format!(
-                        "{prefix} comes from the policy file {}; remove it there",
-                        self.opts.policy.display()
-                    )
-                } else {
-                    format!("{prefix} is not in the runtime allowlist (see `p25ctl list`)")
-                };
-                return Response::Error { message };
-            }
-            Err(e) => {
-                return Response::Error {
-                    message: e.to_string(),
-                };
-            }
-        }
-        // Remove just this entry (see `allow`), unless the policy allows the same prefix.
-        let now = SystemTime::now();
-        let in_policy = self
-            .policy
-            .allow_entry(prefix)
-            .is_some_and(|a| !a.is_expired(now));
-        let removed = if in_policy {
-            Ok(false)
-        } else {
-            self.tables.remove_allow(prefix)
-        };
-        if let Err(e) = removed {
-            return Response::Error {
-                message: format!(
-                    "removed from the state, but updating the maps failed (the next resync retries): {e}"
-                ),
-            };
-        }
-        info!(%prefix, "runtime allow removed");
-        ok(serde_json::json!({ "prefix": prefix }))
-    }
-
-    fn list(&self) -> ListView {
-        let mut allow: BTreeMap<IpNet, AllowEntryView> = BTreeMap::new();
-        for a in self.policy.allow_entries() {
-            allow.insert(
-                a.prefix,
-                AllowEntryView {
-                    prefix: a.prefix,
-                    source: Source::Policy,
-                    comment: a.comment.as_deref().map(str::to_owned),
-                    owner: a.owner.as_deref().map(str::to_owned),
-                    expires: a.expires.map(|e| rfc3339(unix(e))),
-                    max_syn_per_minute: a.syn_limit.map(|l| l.per_minute),
-                    syn_burst: a.syn_limit.map(|l| l.burst),
-                },
-            );
-        }
-        for r in self.runtime.entries().values() {
-            allow
-                .entry(r.prefix)
-                .and_modify(|v| v.source = Source::PolicyAndRuntime)
-                .or_insert(AllowEntryView {
-                    prefix: r.prefix,
-                    source: Source::Runtime,
-                    comment: r.comment.clone(),
-                    owner: None,
-                    expires: r.expires_unix.map(rfc3339),
-                    max_syn_per_minute: None,
-                    syn_burst: None,
-                });
-        }
-        ListView {
-            allow: allow.into_values().collect(),
-            subscribers: self
-                .policy
-                .subscribers
-                .iter()
-                .map(|s| SubscriberView {
-                    prefix: s.prefix,
-                    mode: s.mode.map_or(Mode::DEFAULT, Mode::from).name().into(),
-                    action: s
-                        .action
-                        .map_or(BlockAction::DEFAULT, BlockAction::from)
-                        .name()
-                        .into(),
-                })
-                .collect(),
-        }
-    }
-
     fn interface_views(&self) -> Vec<InterfaceView> {
         let links = pinned_link_status(&self.opts.layout);
         self.interfaces
@@ -1099,6 +1206,45 @@ impl Daemon {
             runtime_allow: self.runtime.entries().len(),
             pins: self.opts.layout.dir().display().to_string(),
         })
+    }
+}
+
+/// The control handler's view of the daemon (see `filter_user::control::handler`).
+impl Host for Daemon {
+    type Tables = KernelTables;
+
+    fn parts(&mut self) -> Parts<'_, KernelTables> {
+        Parts {
+            tables: &mut self.tables,
+            runtime: &mut self.runtime,
+            policy: &self.policy,
+            policy_path: &self.opts.policy,
+            admin_group: &self.opts.admin_group,
+            max_runtime_entries: self.opts.max_runtime_entries,
+        }
+    }
+
+    fn status(&self) -> Result<StatusView, String> {
+        Daemon::status(self).map_err(|e| format!("{e:#}"))
+    }
+
+    fn stats(&self) -> Result<StatsView, String> {
+        self.tables
+            .counters()
+            .map(|c| StatsView::from(&c))
+            .map_err(|e| e.to_string())
+    }
+
+    fn reload(&mut self, reason: &str) -> Result<ReloadView, String> {
+        Daemon::reload(self, reason)
+    }
+
+    fn offenders(
+        &self,
+        since_secs: Option<u64>,
+        limit: Option<usize>,
+    ) -> Result<Vec<OffenderView>, String> {
+        self.offender_views(since_secs, limit)
     }
 }
 

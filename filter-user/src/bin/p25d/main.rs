@@ -6,6 +6,7 @@
 
 mod daemon;
 mod linkwatch;
+mod notify;
 mod observe;
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
@@ -29,13 +30,22 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load, pin and attach the dataplane, then keep it in sync with the policy.
+    #[command(
+        after_help = "Examples:\n  p25d run    # /etc/p25/policy.yaml, socket /run/p25/p25.sock\n  \
+        p25d run --policy lab.yaml --socket-group p25 --log-format json"
+    )]
     Run(Box<RunArgs>),
     /// Validate a policy file without touching the kernel; exit 1 on any error.
+    #[command(after_help = "Example:\n  p25d check /etc/p25/policy.yaml && systemctl reload p25d")]
     Check {
         /// The policy file.
         policy: PathBuf,
     },
     /// Detach and unpin everything p25 left in the kernel (programs, links, maps).
+    #[command(
+        after_help = "Examples:\n  systemctl stop p25d && p25d detach    # filtering stops here\n  \
+        p25d detach --all-versions           # also state of older p25 releases"
+    )]
     Detach {
         /// Root of the pinned state.
         #[arg(long, default_value = DEFAULT_PIN_ROOT)]
@@ -66,17 +76,26 @@ struct RunArgs {
     /// The control socket p25ctl talks to.
     #[arg(long, default_value = DEFAULT_SOCKET)]
     socket: PathBuf,
-    /// Group allowed to use the control socket (besides root); the socket is mode 0660.
+    /// Group allowed to use the control socket (besides root); the socket is mode 0660,
+    /// and its directory, if p25d creates it, 0750 in this group.
     #[arg(long)]
     socket_group: Option<String>,
+    /// Group whose members may change the filter through the socket (allow, deny,
+    /// reload), besides root. Read-only commands need only --socket-group.
+    #[arg(long, default_value = "p25-admin")]
+    admin_group: String,
+    /// Most runtime allowlist entries (p25ctl allow); more belong in the policy file.
+    #[arg(long, default_value_t = filter_user::runtime::DEFAULT_MAX_RUNTIME_ENTRIES,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_runtime_entries: u64,
     /// Root of the pinned state on bpffs.
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
     /// Re-sync the maps with the desired state this often, repairing any drift.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = nonzero_duration)]
     resync: Duration,
     /// How often to check the policy file and the interfaces for changes.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = nonzero_duration)]
     poll: Duration,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -97,10 +116,10 @@ struct RunArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     alert_threshold: u64,
     /// The offender alert window.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = nonzero_duration)]
     alert_window: Duration,
     /// How often to scan the offender table for alerts.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = nonzero_duration)]
     offender_scan: Duration,
     /// Where to write sampled drop events as JSON lines: a file (appended), `-` for stdout,
     /// or `off`.
@@ -114,7 +133,25 @@ struct RunArgs {
     events_burst: u32,
 }
 
+/// Parses a duration such as `1s` or `5m` that must not be zero: these flags are timer
+/// periods (a zero period would spin, and tokio refuses it with a panic) or the alert
+/// window (a zero window never sees two attempts).
+fn nonzero_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if duration.is_zero() {
+        return Err(format!(
+            "{text:?} is zero; give a positive duration such as 100ms, 1s or 5m"
+        ));
+    }
+    Ok(duration)
+}
+
 fn main() -> ExitCode {
+    // `__generate-docs DIR` (for packaging) is not a clap subcommand, so that it shows up
+    // in neither --help nor the completions it writes.
+    if let Some(code) = filter_user::cli_docs::generate_if_asked::<Cli>() {
+        return code;
+    }
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Run(args) => args.log_format,
@@ -155,6 +192,8 @@ fn run(command: Command) -> Result<ExitCode> {
             pin_root,
             all_versions,
         } => {
+            // Refused while a p25d runs on this root; held until the pins are gone.
+            let _lock = daemon::lock_pin_root(&pin_root, daemon::LockFor::Detach)?;
             let layout = PinLayout::new(&pin_root);
             let mut removed = remove_all_pins(&layout)
                 .with_context(|| format!("removing pinned state under {}", pin_root.display()))?;
@@ -178,6 +217,11 @@ fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
+            // Everything p25d creates (pins, state file, event log, directories) is private
+            // unless it says otherwise: the socket gets an explicit 0660 and the runtime
+            // directory 0750 in the socket group.
+            // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+            unsafe { libc::umask(0o077) };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -208,6 +252,9 @@ fn run(command: Command) -> Result<ExitCode> {
                 },
                 events_rate: args.events_rate,
                 events_burst: args.events_burst,
+                admin_group: args.admin_group,
+                max_runtime_entries: usize::try_from(args.max_runtime_entries)
+                    .unwrap_or(usize::MAX),
             }))?;
             Ok(ExitCode::SUCCESS)
         }
