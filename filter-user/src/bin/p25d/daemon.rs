@@ -992,20 +992,7 @@ impl Daemon {
             let total = packets.entry((interface, key)).or_default();
             *total = filter_common::abi::Counter::plus(*total, counter);
         }
-        // Counted when the state was put in force; runtime entries change in between
-        // (`p25ctl allow`/`deny`), and are few, so they are counted here.
-        let now = SystemTime::now();
-        let policy_has = |prefix| {
-            self.policy
-                .allow_entry(prefix)
-                .is_some_and(|a| !a.is_expired(now))
-        };
-        let allow_runtime = self
-            .runtime
-            .entries()
-            .values()
-            .filter(|r| !r.expired(now) && !policy_has(r.prefix))
-            .count();
+        let allow_runtime = self.allow_runtime_count();
         let top_offenders = if self.opts.metrics_top_offenders == 0 {
             Vec::new()
         } else {
@@ -1188,6 +1175,24 @@ impl Daemon {
             .collect()
     }
 
+    /// Runtime allowlist entries in force that the policy does not also list. The policy's
+    /// counts are taken when a state is put in force; runtime entries change in between
+    /// (`p25ctl allow`/`deny`) and are few (capped by --max-runtime-entries), so they are
+    /// counted when asked.
+    fn allow_runtime_count(&self) -> usize {
+        let now = SystemTime::now();
+        let policy_has = |prefix| {
+            self.policy
+                .allow_entry(prefix)
+                .is_some_and(|a| !a.is_expired(now))
+        };
+        self.runtime
+            .entries()
+            .values()
+            .filter(|r| !r.expired(now) && !policy_has(r.prefix))
+            .count()
+    }
+
     fn status(&self) -> Result<StatusView> {
         let config = self.tables.config()?;
         let interfaces = self.interface_views();
@@ -1201,8 +1206,11 @@ impl Daemon {
             reloads_failed: self.reloads_failed,
             last_error: self.last_error.clone(),
             interfaces,
-            subscribers: self.tables.subscribers()?.len(),
-            allow: self.tables.allowlist()?.len(),
+            // From the counts of the state in force, not by walking a million map entries
+            // per call; drift behind p25d's back is repaired by the resync.
+            subscribers: self.counts.subscribers,
+            allow: (self.counts.allow_policy + self.allow_runtime_count())
+                .saturating_sub(self.allow_not_inserted),
             runtime_allow: self.runtime.entries().len(),
             pins: self.opts.layout.dir().display().to_string(),
         })
