@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Version of the map layouts below. Recorded next to the pinned maps so that a newer
 /// daemon never misreads maps pinned by an older one.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps, shared so that userspace cannot drift from the object file.
 pub mod map_names {
@@ -78,6 +78,10 @@ pub mod program_names {
     pub const XDP: &str = "p25_xdp";
     /// The TC (clsact/tcx) entry point.
     pub const TC: &str = "p25_tc";
+    /// The XDP entry point for an `upstream` attachment: the inbound rule only.
+    pub const XDP_UPSTREAM: &str = "p25_xdp_upstream";
+    /// The TC entry point for an `upstream` attachment: the inbound rule only.
+    pub const TC_UPSTREAM: &str = "p25_tc_upstream";
 }
 
 /// Default capacity of the subscriber tries (per family). LPM tries are not preallocated,
@@ -198,6 +202,30 @@ impl FragmentPolicy {
     /// Fail closed: treat it as a port-25 match of both rules (drop, or would-drop in
     /// monitor mode), unless the subscriber address is allowlisted.
     pub const DROP: Self = Self(1);
+}
+
+/// What to do with TCP from a subscriber source whose ports cannot be read because of its
+/// headers: an IPv6 extension header chain longer than
+/// [`crate::classify::MAX_IPV6_EXT_HEADERS`], or a first fragment whose header chain runs
+/// past its end (RFC 7112 requires the whole chain in the first fragment).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnreadableTcp(pub u8);
+
+impl UnreadableTcp {
+    /// Label for tools: `port25` (fail closed) or `pass`.
+    pub const fn name(self) -> &'static str {
+        if self.0 == Self::PASS.0 {
+            "pass"
+        } else {
+            "port25"
+        }
+    }
+    /// Fail closed (the default, and what a zeroed CONFIG means): treat it as TCP to port
+    /// 25 under the egress rule, so a non-allowlisted subscriber source is dropped.
+    pub const PORT25: Self = Self(0);
+    /// Fail open: pass it (counted as a parse outcome only).
+    pub const PASS: Self = Self(1);
 }
 
 /// Where an allowlist entry came from, so that tools reading the pinned maps directly can
@@ -327,8 +355,8 @@ impl AllowValue {
 }
 
 /// The single entry of the CONFIG array. All zeroes (the state of a freshly created map)
-/// means: enforce, fragments fail open, generation 0, offenders keyed by IPv6 /64, no drop
-/// events, blocks drop (no RSTs). Nothing is dropped until subscriber prefixes are loaded,
+/// means: enforce, fragments fail open, unreadable TCP from subscribers treated as port 25,
+/// generation 0, offenders keyed by IPv6 /64, no drop events, blocks drop (no RSTs). Nothing is dropped until subscriber prefixes are loaded,
 /// so the zero state is safe.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -356,8 +384,11 @@ pub struct Config {
     pub rst_rate: u32,
     /// Burst size of each CPU's RST bucket (at least 1 when RSTs are on).
     pub rst_burst: u32,
+    /// TCP from a subscriber whose ports cannot be read: port 25 (0) or pass.
+    pub unreadable_tcp: UnreadableTcp,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<Config>() == 24);
+const _: () = assert!(size_of::<Config>() == 28);
 
 /// Offender key length for IPv6 when [`Config::offender_v6_prefix`] is 0.
 pub const DEFAULT_OFFENDER_V6_PREFIX: u8 = 64;

@@ -1,7 +1,9 @@
 //! The p25 dataplane: an XDP program and a TC classifier around the one shared classifier
 //! in `filter_common::classify` and the shared post-verdict code in `filter_common::track`.
 //! The hooks differ in the mapping of an [`Action`] to a return code, and in that only XDP
-//! can answer a rejected SYN with an RST (XDP_TX).
+//! can answer a rejected SYN with an RST (XDP_TX). Each hook has an entry point per
+//! attachment [`Role`]: `p25_xdp` / `p25_tc` for subscriber-facing interfaces, and
+//! `p25_xdp_upstream` / `p25_tc_upstream`, which apply the inbound rule only.
 #![no_std]
 #![no_main]
 // For `atomic_xadd`: the BPF target's `core` has no 64-bit atomic read-modify-write types.
@@ -22,7 +24,7 @@ use filter_common::{
         OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
         SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, Verdict, counter_index,
     },
-    classify::{Action, Outcome, SynLimit, Tables, classify},
+    classify::{Action, Outcome, Role, SynLimit, Tables, classify},
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
@@ -255,8 +257,8 @@ fn bump_fallback(reason: RejectFallback) {
 /// (XDP only) the event is filled but not yet recorded: the caller writes the RST, fixes
 /// the verdict if that failed, and then calls [`finish`].
 #[inline(always)]
-fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Outcome {
-    let classified = classify(packet, &Maps);
+fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role: Role) -> Outcome {
+    let classified = classify(packet, &Maps, role);
     bump(&PARSE_COUNTERS, classified.parse.index(), bytes);
     if classified.counter.is_none() {
         return classified;
@@ -428,10 +430,20 @@ fn track_offender(key: &OffenderKey, event: &Event) {
 
 #[xdp]
 pub fn p25_xdp(ctx: XdpContext) -> u32 {
+    xdp_hook(&ctx, Role::Subscriber)
+}
+
+#[xdp]
+pub fn p25_xdp_upstream(ctx: XdpContext) -> u32 {
+    xdp_hook(&ctx, Role::Upstream)
+}
+
+#[inline(always)]
+fn xdp_hook(ctx: &XdpContext, role: Role) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    match run(&XdpPacket(&ctx), bytes, ifindex, HookKind::XDP) {
-        o if o.action == Action::Reject => answer_reject(&ctx, o, bytes, ifindex),
+    match run(&XdpPacket(ctx), bytes, ifindex, HookKind::XDP, role) {
+        o if o.action == Action::Reject => answer_reject(ctx, o, bytes, ifindex),
         o if o.action == Action::Drop => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
@@ -458,13 +470,23 @@ fn answer_reject(ctx: &XdpContext, mut outcome: Outcome, bytes: u64, ifindex: u3
 
 #[classifier]
 pub fn p25_tc(ctx: TcContext) -> i32 {
+    tc_hook(&ctx, Role::Subscriber)
+}
+
+#[classifier]
+pub fn p25_tc_upstream(ctx: TcContext) -> i32 {
+    tc_hook(&ctx, Role::Upstream)
+}
+
+#[inline(always)]
+fn tc_hook(ctx: &TcContext, role: Role) -> i32 {
     let bytes = u64::from(ctx.len());
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // TC_ACT_PIPE: no opinion, continue with the next program (TCX_NEXT under tcx).
     // `resolve` never leaves a Reject standing on TC; were it to, dropping is the safe
     // reading.
-    match run(&TcPacket(&ctx), bytes, ifindex, HookKind::TC).action {
+    match run(&TcPacket(ctx), bytes, ifindex, HookKind::TC, role).action {
         Action::Pass => TC_ACT_PIPE,
         Action::Drop | Action::Reject => TC_ACT_SHOT,
     }

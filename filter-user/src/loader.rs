@@ -33,10 +33,13 @@ use aya::{
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use filter_common::abi::{
-    ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS,
-    Config, Counter, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
-    SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names, program_names,
+use filter_common::{
+    abi::{
+        ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS,
+        Config, Counter, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
+        SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names, program_names,
+    },
+    classify::Role,
 };
 
 use crate::{EBPF_OBJECT, Error, KernelTables};
@@ -309,14 +312,16 @@ impl Dataplane {
     fn finish(loader: &mut EbpfLoader<'_>) -> Result<Self, Error> {
         let ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
         let mut dataplane = Self { ebpf };
-        dataplane
-            .xdp()?
-            .load()
-            .map_err(|source| program_error(program_names::XDP, source))?;
-        dataplane
-            .tc()?
-            .load()
-            .map_err(|source| program_error(program_names::TC, source))?;
+        for role in [Role::Subscriber, Role::Upstream] {
+            dataplane
+                .xdp_for(role)?
+                .load()
+                .map_err(|source| program_error(xdp_name(role), source))?;
+            dataplane
+                .tc_for(role)?
+                .load()
+                .map_err(|source| program_error(tc_name(role), source))?;
+        }
         Ok(dataplane)
     }
 
@@ -342,19 +347,19 @@ impl Dataplane {
         }
     }
 
-    /// The XDP program.
+    /// The XDP program of a subscriber-facing attachment.
     pub fn xdp(&mut self) -> Result<&mut Xdp, Error> {
-        let name = program_names::XDP;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| program_error(name, source))
+        self.xdp_for(Role::Subscriber)
     }
 
-    /// The TC program.
+    /// The TC program of a subscriber-facing attachment.
     pub fn tc(&mut self) -> Result<&mut SchedClassifier, Error> {
-        let name = program_names::TC;
+        self.tc_for(Role::Subscriber)
+    }
+
+    /// The XDP program of an attachment of `role`.
+    pub fn xdp_for(&mut self, role: Role) -> Result<&mut Xdp, Error> {
+        let name = xdp_name(role);
         self.ebpf
             .program_mut(name)
             .ok_or(Error::MissingProgram(name))?
@@ -362,37 +367,71 @@ impl Dataplane {
             .map_err(|source| program_error(name, source))
     }
 
-    /// Attaches the XDP program to `interface`. The link lives as long as `self`.
-    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId, Error> {
-        self.xdp()?
-            .attach(interface, mode)
-            .map_err(|source| program_error(program_names::XDP, source))
+    /// The TC program of an attachment of `role`.
+    pub fn tc_for(&mut self, role: Role) -> Result<&mut SchedClassifier, Error> {
+        let name = tc_name(role);
+        self.ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| program_error(name, source))
     }
 
-    /// Attaches the TC program to `interface` (tcx on kernels that have it). The link lives
-    /// as long as `self`.
+    /// Attaches the subscriber-facing XDP program to `interface`. The link lives as long
+    /// as `self`.
+    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId, Error> {
+        self.attach_xdp_as(interface, Role::Subscriber, mode)
+    }
+
+    /// Attaches the XDP program of `role` to `interface`. The link lives as long as `self`.
+    pub fn attach_xdp_as(
+        &mut self,
+        interface: &str,
+        role: Role,
+        mode: XdpMode,
+    ) -> Result<XdpLinkId, Error> {
+        self.xdp_for(role)?
+            .attach(interface, mode)
+            .map_err(|source| program_error(xdp_name(role), source))
+    }
+
+    /// Attaches the subscriber-facing TC program to `interface` (tcx on kernels that have
+    /// it). The link lives as long as `self`.
     pub fn attach_tc(
         &mut self,
         interface: &str,
         attach_type: TcAttachType,
     ) -> Result<SchedClassifierLinkId, Error> {
-        self.tc()?
-            .attach(interface, attach_type)
-            .map_err(|source| program_error(program_names::TC, source))
+        self.attach_tc_as(interface, Role::Subscriber, attach_type)
     }
 
-    /// Makes sure `hook` runs this object's program on `interface` through a pinned link
+    /// Attaches the TC program of `role` to `interface`. The link lives as long as `self`.
+    pub fn attach_tc_as(
+        &mut self,
+        interface: &str,
+        role: Role,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, Error> {
+        self.tc_for(role)?
+            .attach(interface, attach_type)
+            .map_err(|source| program_error(tc_name(role), source))
+    }
+
+    /// Makes sure `hook` runs this object's program for `role` on `interface` through a
+    /// pinned link
     /// at `layout.link(interface, hook)`, which keeps it attached after this process exits.
     ///
     /// An existing pinned link is upgraded in place (`bpf_link_update`, via aya's
     /// `attach_to_link`): the program is swapped atomically, with no instant unfiltered.
     /// A pinned link whose interface has gone away (or was recreated) cannot be updated;
-    /// it is unpinned and a new link is created.
+    /// it is unpinned and a new link is created. A role change is an upgrade too: the
+    /// role's program replaces the other in place.
     pub fn attach_pinned(
         &mut self,
         layout: &PinLayout,
         interface: &str,
         hook: Hook,
+        role: Role,
         xdp_mode: XdpMode,
     ) -> Result<Attached, Error> {
         let path = layout.link(interface, hook);
@@ -401,7 +440,7 @@ impl Dataplane {
             let linked_ifindex = pinned_link_ifindex(&path);
             let link = FdLink::from(pinned);
             if linked_ifindex == Some(ifindex) {
-                match self.upgrade(hook, link) {
+                match self.upgrade(hook, role, link) {
                     Ok(_) => {
                         return Ok(Attached {
                             ifindex,
@@ -419,22 +458,22 @@ impl Dataplane {
         }
         let fd_link = match hook {
             Hook::Xdp => {
-                let id = self.attach_xdp(interface, xdp_mode)?;
+                let id = self.attach_xdp_as(interface, role, xdp_mode)?;
                 let link = self
-                    .xdp()?
+                    .xdp_for(role)?
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::XDP, source))?;
+                    .map_err(|source| program_error(xdp_name(role), source))?;
                 FdLink::try_from(link).map_err(|source| Error::Link {
                     what: "an XDP link without bpf_link support cannot be pinned",
                     source,
                 })?
             }
             Hook::Tc => {
-                let id = self.attach_tc(interface, TcAttachType::Ingress)?;
+                let id = self.attach_tc_as(interface, role, TcAttachType::Ingress)?;
                 let link = self
-                    .tc()?
+                    .tc_for(role)?
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::TC, source))?;
+                    .map_err(|source| program_error(tc_name(role), source))?;
                 FdLink::try_from(link).map_err(|source| Error::Link {
                     what: "a netlink TC attachment cannot be pinned (kernel without tcx?)",
                     source,
@@ -465,13 +504,14 @@ impl Dataplane {
         layout: &PinLayout,
         interface: &str,
         hook: Hook,
+        role: Role,
         old: &Path,
     ) -> Result<(), Error> {
         let pinned = PinnedLink::from_pin(old).map_err(|source| Error::Link {
             what: "opening a pinned link of another ABI version",
             source,
         })?;
-        let link = self.upgrade(hook, FdLink::from(pinned))?;
+        let link = self.upgrade(hook, role, FdLink::from(pinned))?;
         let links_dir = layout.links_dir();
         fs::create_dir_all(&links_dir).map_err(|source| Error::Io {
             what: "creating the link pin directory",
@@ -488,7 +528,7 @@ impl Dataplane {
     }
 
     /// Swaps this object's program into an existing link and hands the link back.
-    fn upgrade(&mut self, hook: Hook, link: FdLink) -> Result<FdLink, Error> {
+    fn upgrade(&mut self, hook: Hook, role: Role, link: FdLink) -> Result<FdLink, Error> {
         let taken = |source| Error::Link {
             what: "taking the updated link back from aya",
             source,
@@ -499,15 +539,15 @@ impl Dataplane {
                     what: "the pinned link is not an XDP link",
                     source,
                 })?;
-                let prog = self.xdp()?;
+                let prog = self.xdp_for(role)?;
                 let id = prog
                     .attach_to_link(link)
-                    .map_err(|source| program_error(program_names::XDP, source))?;
+                    .map_err(|source| program_error(xdp_name(role), source))?;
                 // Take it out of the program's link set: the pin owns the attachment, and
                 // dropping this object must not touch it.
                 let link = prog
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::XDP, source))?;
+                    .map_err(|source| program_error(xdp_name(role), source))?;
                 FdLink::try_from(link).map_err(taken)?
             }
             Hook::Tc => {
@@ -515,13 +555,13 @@ impl Dataplane {
                     what: "the pinned link is not a tcx link",
                     source,
                 })?;
-                let prog = self.tc()?;
+                let prog = self.tc_for(role)?;
                 let id = prog
                     .attach_to_link(link)
-                    .map_err(|source| program_error(program_names::TC, source))?;
+                    .map_err(|source| program_error(tc_name(role), source))?;
                 let link = prog
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::TC, source))?;
+                    .map_err(|source| program_error(tc_name(role), source))?;
                 FdLink::try_from(link).map_err(taken)?
             }
         })
@@ -715,6 +755,22 @@ fn set_capacity(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
     if let Some(n) = capacity.allow {
         loader.map_max_entries(map_names::ALLOW_V4, n);
         loader.map_max_entries(map_names::ALLOW_V6, n);
+    }
+}
+
+/// The XDP entry point of `role`.
+pub const fn xdp_name(role: Role) -> &'static str {
+    match role {
+        Role::Subscriber => program_names::XDP,
+        Role::Upstream => program_names::XDP_UPSTREAM,
+    }
+}
+
+/// The TC entry point of `role`.
+pub const fn tc_name(role: Role) -> &'static str {
+    match role {
+        Role::Subscriber => program_names::TC,
+        Role::Upstream => program_names::TC_UPSTREAM,
     }
 }
 

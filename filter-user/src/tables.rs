@@ -308,6 +308,45 @@ impl KernelTables {
         Ok(keys.len())
     }
 
+    /// Copies the per-source SYN buckets of an older ABI version's pinned maps (in
+    /// `maps_dir`) into this table, so that a migration does not hand every rate-limited
+    /// source a fresh burst. The bucket layout has not changed since ABI v3; a pin of
+    /// another layout is refused. Returns how many buckets were copied.
+    pub fn import_syn_buckets(&mut self, maps_dir: &std::path::Path) -> Result<usize, Error> {
+        let name = map_names::SYN_BUCKETS;
+        let path = maps_dir.join(name);
+        let data = MapData::from_pin(&path).map_err(map_err(name))?;
+        let info = data.info().map_err(map_err(name))?;
+        if info.key_size() as usize != size_of::<OffenderKey>()
+            || info.value_size() as usize != size_of::<Bucket>()
+        {
+            return Err(Error::IncompatiblePin {
+                path,
+                found: format!(
+                    "key {} bytes, value {} bytes",
+                    info.key_size(),
+                    info.value_size()
+                ),
+                expected: format!(
+                    "key {} bytes, value {} bytes",
+                    size_of::<OffenderKey>(),
+                    size_of::<Bucket>()
+                ),
+            });
+        }
+        let old: HashMap<MapData, OffenderKey, Bucket> =
+            HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+        let mut copied = 0;
+        // Entries evicted while being read are skipped: they would have started full anyway.
+        for (key, bucket) in old.iter().filter_map(Result::ok) {
+            self.syn_buckets
+                .insert(key, bucket, 0)
+                .map_err(map_err(name))?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
     /// Every subscriber in the offender table. Entries that vanish while being read (the
     /// LRU evicts them under load) are skipped, not errors.
     pub fn offenders(&self) -> Result<Vec<(OffenderKey, OffenderValue)>, Error> {

@@ -17,7 +17,7 @@
 use std::borrow::Cow;
 
 use super::{
-    Attach, Fragments, PolicyAction, PolicyMode, Role,
+    Attach, Fragments, PolicyAction, PolicyMode, Role, UnreadableTcpPolicy,
     raw::{RawDefaults, RawInterface, RawPolicy, RawSubscriber},
 };
 
@@ -279,6 +279,13 @@ fn defaults(lines: &mut Lines<'_>) -> Option<RawDefaults> {
                 defaults.fragments = match scalar_block(rest)?.word()? {
                     "pass" => Fragments::Pass,
                     "drop" => Fragments::Drop,
+                    _ => return None,
+                }
+            }
+            "unreadable_tcp" => {
+                defaults.unreadable_tcp = match scalar_block(rest)?.word()? {
+                    "port25" => UnreadableTcpPolicy::Port25,
+                    "pass" => UnreadableTcpPolicy::Pass,
                     _ => return None,
                 }
             }
