@@ -28,7 +28,7 @@ use aya::{
     maps::{Array, MapData, MapType},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, LinkInfo, PinnedLink},
+        links::{FdLink, LinkInfo, LinkType, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -36,8 +36,10 @@ use aya::{
 use filter_common::{
     abi::{
         ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS,
-        Config, Counter, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
-        SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names, program_names,
+        COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, EventStat, Ipv4Key, Ipv6Key,
+        OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
+        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, map_names,
+        program_names,
     },
     classify::Role,
 };
@@ -163,7 +165,18 @@ struct MapSpec {
     map_type: MapType,
     key_size: usize,
     value_size: usize,
+    /// The least capacity this build needs: a smaller map would silently refuse entries
+    /// (policy maps) or miss indices (counter arrays). The policy tries' capacity is the
+    /// loader's default; a daemon never sizes them differently.
+    max_entries: u32,
+    /// Creation flags, exactly: `BPF_F_NO_PREALLOC` for the LPM tries, none elsewhere.
+    /// Flags change what a map is (preallocation, LRU sharing between CPUs, read-only
+    /// program access), so a pin with others is another map.
+    flags: u32,
 }
+
+/// `BPF_F_NO_PREALLOC`, which the kernel requires of LPM tries.
+const NO_PREALLOC: u32 = 1;
 
 const LPM_PREFIX_LEN: usize = size_of::<u32>();
 
@@ -173,90 +186,120 @@ const MAP_SPECS: [MapSpec; 15] = [
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
         value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::SUBSCRIBERS_V6,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
         value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::ALLOW_V4,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
         value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::ALLOW_V6,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
         value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::CONFIG,
         map_type: MapType::Array,
         key_size: size_of::<u32>(),
         value_size: size_of::<Config>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::COUNTERS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Counter>(),
+        max_entries: COUNTERS_ENTRIES,
+        flags: 0,
     },
     MapSpec {
         name: map_names::PARSE_COUNTERS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Counter>(),
+        max_entries: ParseOutcome::COUNT as u32,
+        flags: 0,
     },
     MapSpec {
         name: map_names::ABI,
         map_type: MapType::Array,
         key_size: size_of::<u32>(),
         value_size: size_of::<AbiRecord>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::OFFENDERS,
         map_type: MapType::LruHash,
         key_size: size_of::<OffenderKey>(),
         value_size: size_of::<OffenderValue>(),
+        max_entries: OFFENDERS_MAX_ENTRIES,
+        flags: 0,
     },
     MapSpec {
         name: map_names::EVENTS,
         map_type: MapType::RingBuf,
         key_size: 0,
         value_size: 0,
+        max_entries: EVENTS_RING_BYTES,
+        flags: 0,
     },
     MapSpec {
         name: map_names::EVENT_STATS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<u64>(),
+        max_entries: EventStat::COUNT as u32,
+        flags: 0,
     },
     MapSpec {
         name: map_names::EVENT_BUCKET,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Bucket>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::RST_BUCKET,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Bucket>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::REJECT_FALLBACKS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<u64>(),
+        max_entries: RejectFallback::COUNT as u32,
+        flags: 0,
     },
     MapSpec {
         name: map_names::SYN_BUCKETS,
         map_type: MapType::LruHash,
         key_size: size_of::<OffenderKey>(),
         value_size: size_of::<Bucket>(),
+        max_entries: SYN_BUCKETS_MAX_ENTRIES,
+        flags: 0,
     },
 ];
 
@@ -439,7 +482,9 @@ impl Dataplane {
         if let Ok(pinned) = PinnedLink::from_pin(&path) {
             let linked_ifindex = pinned_link_ifindex(&path);
             let link = FdLink::from(pinned);
-            if linked_ifindex == Some(ifindex) {
+            if let Err(err) = check_link_type(&link, hook, &path) {
+                tracing::warn!(%interface, ?hook, error = %err, "pinned link is not ours; replacing it");
+            } else if linked_ifindex == Some(ifindex) {
                 match self.upgrade(hook, role, link) {
                     Ok(_) => {
                         return Ok(Attached {
@@ -511,7 +556,9 @@ impl Dataplane {
             what: "opening a pinned link of another ABI version",
             source,
         })?;
-        let link = self.upgrade(hook, role, FdLink::from(pinned))?;
+        let link = FdLink::from(pinned);
+        check_link_type(&link, hook, old)?;
+        let link = self.upgrade(hook, role, link)?;
         let links_dir = layout.links_dir();
         fs::create_dir_all(&links_dir).map_err(|source| Error::Io {
             what: "creating the link pin directory",
@@ -579,6 +626,25 @@ impl Dataplane {
         let name = map_names::EVENTS;
         let map = self.ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
         aya::maps::RingBuf::try_from(map).map_err(|source| Error::Map { name, source })
+    }
+}
+
+/// Checks that the link pinned at `path` is of the kind `hook` makes (an XDP link, a tcx
+/// link) before anything reuses it: a pin of another kind is not ours to update.
+fn check_link_type(link: &FdLink, hook: Hook, path: &Path) -> Result<(), Error> {
+    let expected = match hook {
+        Hook::Xdp => LinkType::Xdp,
+        Hook::Tc => LinkType::Tcx,
+    };
+    let found = link.info().ok().and_then(|info| info.link_type().ok());
+    if found == Some(expected) {
+        Ok(())
+    } else {
+        Err(Error::IncompatiblePin {
+            path: path.to_owned(),
+            found: format!("link type {found:?}"),
+            expected: format!("link type {expected:?}"),
+        })
     }
 }
 
@@ -702,20 +768,24 @@ pub(crate) fn check_pinned_maps(layout: &PinLayout) -> Result<(), Error> {
         })?;
         let map_type = info.map_type().ok();
         let found = format!(
-            "type {map_type:?}, key {} bytes, value {} bytes",
+            "type {map_type:?}, key {} bytes, value {} bytes, {} entries, flags {:#x}",
             info.key_size(),
-            info.value_size()
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags()
         );
         if map_type != Some(spec.map_type)
             || info.key_size() as usize != spec.key_size
             || info.value_size() as usize != spec.value_size
+            || info.max_entries() < spec.max_entries
+            || info.map_flags() != spec.flags
         {
             return Err(Error::IncompatiblePin {
                 path,
                 found,
                 expected: format!(
-                    "type {:?}, key {} bytes, value {} bytes",
-                    spec.map_type, spec.key_size, spec.value_size
+                    "type {:?}, key {} bytes, value {} bytes, at least {} entries, flags {:#x}",
+                    spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
                 ),
             });
         }
