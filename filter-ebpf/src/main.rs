@@ -6,15 +6,12 @@
 //! `p25_xdp_upstream` / `p25_tc_upstream`, which apply the inbound rule only.
 #![no_std]
 #![no_main]
-// For `atomic_xadd`: the BPF target's `core` has no 64-bit atomic read-modify-write types.
-#![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core_intrinsics for the BPF atomic add")]
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{TcContext, XdpContext},
 };
 use filter_common::{
@@ -60,11 +57,14 @@ static PARSE_COUNTERS: PerCpuArray<Counter> =
 #[map]
 static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EventStat::COUNT as u32, 0);
 
-// Offender evidence: shared by all CPUs (one entry per subscriber), LRU so that a flood of
-// distinct sources evicts the stalest instead of failing inserts.
+// Offender evidence: one entry per subscriber with a value per CPU, so that a flood from one
+// source spread over CPUs never bounces a cache line or takes a bucket lock on the hot path
+// (the entry is looked up and changed in place; only a miss inserts). The control plane
+// sums the CPUs. LRU so that a flood of distinct sources evicts the stalest instead of
+// failing inserts.
 #[map]
-static OFFENDERS: LruHashMap<OffenderKey, OffenderValue> =
-    LruHashMap::with_max_entries(OFFENDERS_MAX_ENTRIES, 0);
+static OFFENDERS: LruPerCpuHashMap<OffenderKey, OffenderValue> =
+    LruPerCpuHashMap::with_max_entries(OFFENDERS_MAX_ENTRIES, 0);
 
 // Sampled drop events for the daemon, and the per-CPU token bucket that keeps a flood from
 // overwhelming it.
@@ -121,14 +121,31 @@ impl Tables for Maps {
     }
 }
 
-/// The stateful budgets of [`resolve`], in maps.
-struct MapBudget<'a>(&'a Config);
+/// The stateful budgets of [`resolve`], in maps, and the packet's one clock read.
+struct MapBudget<'a> {
+    config: &'a Config,
+    /// `CLOCK_MONOTONIC` ns, read at most once per packet, and only by a packet that needs
+    /// it (a SYN limit, an RST, an event); 0 until then.
+    now: u64,
+}
+
+impl MapBudget<'_> {
+    /// The packet's timestamp. Nanoseconds (not the coarse clock): offender evidence is
+    /// kept per CPU, and the control plane orders the CPUs' "latest attempt" by it.
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.now == 0 {
+            // SAFETY: a helper without arguments or side effects.
+            self.now = unsafe { bpf_ktime_get_ns() };
+        }
+        self.now
+    }
+}
 
 impl Budget for MapBudget<'_> {
     #[inline(always)]
     fn syn_token(&mut self, source: &OffenderKey, limit: &SynLimit) -> bool {
-        // SAFETY: a helper without arguments or side effects.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = self.now();
         if let Some(bucket) = SYN_BUCKETS.get_ptr_mut(source) {
             // SAFETY: a live map value. CPUs racing on one source's bucket can each take
             // the same token (plain loads and stores): a source spread over several CPUs
@@ -148,10 +165,9 @@ impl Budget for MapBudget<'_> {
         let Some(bucket) = RST_BUCKET.get_ptr_mut(0) else {
             return false;
         };
-        // SAFETY: a helper without arguments or side effects.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = self.now();
         // SAFETY: per-CPU slot, only this CPU touches it.
-        take_rst_token(unsafe { &mut *bucket }, self.0, now)
+        take_rst_token(unsafe { &mut *bucket }, self.config, now)
     }
 }
 
@@ -280,12 +296,16 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role:
     outcome.l3 &= OFFSET_MASK as u16;
     outcome.l4 &= OFFSET_MASK as u16;
     let config = Maps.config();
+    let mut budget = MapBudget {
+        config: &config,
+        now: 0,
+    };
     if let Some(reason) = resolve(
         packet,
         &mut outcome,
         &config,
         hook == HookKind::XDP,
-        &mut MapBudget(&config),
+        &mut budget,
     ) {
         bump_fallback(reason);
     }
@@ -299,6 +319,8 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role:
         if fill_event(packet, &outcome, event) {
             event.ifindex = ifindex;
             event.hook = hook;
+            // The one clock read (or the one the budgets already made).
+            event.ts_ns = budget.now();
         } else {
             event.ifindex = u32::MAX;
         }
@@ -353,9 +375,7 @@ fn transmit_rst(ctx: &XdpContext, l3: u16, l4: u16) -> bool {
 #[inline(never)]
 fn record(event: &mut Event) {
     let config = Maps.config();
-    // SAFETY: a helper without arguments or side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
-    event.ts_ns = now;
+    let now = event.ts_ns;
     if let Some(key) = offender_key(event, &config) {
         track_offender(&key, event);
     }
@@ -376,35 +396,14 @@ fn record(event: &mut Event) {
     }
 }
 
-/// `*counter += 1` as one BPF atomic add. `AtomicU64::fetch_add` does not exist for the BPF
-/// target in `core`, but the intrinsic lowers to an atomic add, which every BPF CPU version
-/// has (the result is unused, so no BPF_FETCH is needed).
-///
-/// # Safety
-/// `counter` must point to a live map value.
-#[inline(always)]
-unsafe fn atomic_add(counter: *mut u64) {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            counter, 1,
-        );
-    }
-}
-
+/// Adds the attempt in `event` to this CPU's share of the subscriber's evidence: looked up
+/// and changed in place, inserted only on a miss. A CPU's share may be zero when another
+/// CPU created the entry (the kernel zeroes the other CPUs' values of a new entry).
 #[inline(always)]
 fn track_offender(key: &OffenderKey, event: &Event) {
     if let Some(value) = OFFENDERS.get_ptr_mut(key) {
-        // SAFETY: the pointer is to a live map value. Several CPUs may update it at once:
-        // the count is an atomic add so no attempt is lost; the "last" fields are plain
-        // stores, and a race only means one CPU's equally recent values win.
-        unsafe {
-            atomic_add(&raw mut (*value).attempts);
-            (*value).last_seen_ns = event.ts_ns;
-            (*value).last_dst = event.dst;
-            (*value).last_dport = event.dport;
-            (*value).last_verdict = event.verdict;
-        }
+        // SAFETY: this CPU's value of a live entry; no other CPU touches it.
+        add_attempt(unsafe { &mut *value }, event);
         return;
     }
     let value = OffenderValue {
@@ -416,16 +415,28 @@ fn track_offender(key: &OffenderKey, event: &Event) {
         last_verdict: event.verdict,
         _pad: [0; 5],
     };
-    // NOEXIST: if another CPU created the entry in the meantime, add to it instead of
-    // overwriting its count.
+    // NOEXIST: if another CPU created the entry in the meantime, add to this CPU's share
+    // instead of resetting the others'.
     if OFFENDERS
         .insert(key, value, u64::from(BPF_NOEXIST))
         .is_err()
         && let Some(existing) = OFFENDERS.get_ptr_mut(key)
     {
         // SAFETY: as above.
-        unsafe { atomic_add(&raw mut (*existing).attempts) };
+        add_attempt(unsafe { &mut *existing }, event);
     }
+}
+
+#[inline(always)]
+fn add_attempt(value: &mut OffenderValue, event: &Event) {
+    value.attempts = value.attempts.wrapping_add(1);
+    if value.first_seen_ns == 0 {
+        value.first_seen_ns = event.ts_ns;
+    }
+    value.last_seen_ns = event.ts_ns;
+    value.last_dst = event.dst;
+    value.last_dport = event.dport;
+    value.last_verdict = event.verdict;
 }
 
 #[xdp]

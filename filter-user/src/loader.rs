@@ -247,7 +247,7 @@ const MAP_SPECS: [MapSpec; 15] = [
     },
     MapSpec {
         name: map_names::OFFENDERS,
-        map_type: MapType::LruHash,
+        map_type: MapType::LruPerCpuHash,
         key_size: size_of::<OffenderKey>(),
         value_size: size_of::<OffenderValue>(),
         max_entries: OFFENDERS_MAX_ENTRIES,

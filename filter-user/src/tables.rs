@@ -5,7 +5,9 @@ use std::{collections::BTreeMap, io};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
 };
 use filter_common::{
     abi::{
@@ -33,7 +35,7 @@ pub struct KernelTables {
     counters: PerCpuArray<MapData, Counter>,
     parse_counters: PerCpuArray<MapData, Counter>,
     event_stats: PerCpuArray<MapData, u64>,
-    offenders: HashMap<MapData, OffenderKey, OffenderValue>,
+    offenders: PerCpuHashMap<MapData, OffenderKey, OffenderValue>,
     reject_fallbacks: PerCpuArray<MapData, u64>,
     syn_buckets: HashMap<MapData, OffenderKey, Bucket>,
 }
@@ -139,7 +141,7 @@ impl KernelTables {
             counters: open(layout, map_names::COUNTERS, Map::PerCpuArray)?,
             parse_counters: open(layout, map_names::PARSE_COUNTERS, Map::PerCpuArray)?,
             event_stats: open(layout, map_names::EVENT_STATS, Map::PerCpuArray)?,
-            offenders: open(layout, map_names::OFFENDERS, Map::LruHashMap)?,
+            offenders: open(layout, map_names::OFFENDERS, Map::PerCpuLruHashMap)?,
             reject_fallbacks: open(layout, map_names::REJECT_FALLBACKS, Map::PerCpuArray)?,
             syn_buckets: open(layout, map_names::SYN_BUCKETS, Map::LruHashMap)?,
         })
@@ -347,13 +349,19 @@ impl KernelTables {
         Ok(copied)
     }
 
-    /// Every subscriber in the offender table. Entries that vanish while being read (the
-    /// LRU evicts them under load) are skipped, not errors.
+    /// Every subscriber in the offender table, its CPUs' shares summed (see
+    /// [`merge_offender`]). Entries that vanish while being read (the LRU evicts them under
+    /// load) are skipped, not errors.
     pub fn offenders(&self) -> Result<Vec<(OffenderKey, OffenderValue)>, Error> {
         let mut out = Vec::new();
         for item in self.offenders.iter() {
             match item {
-                Ok(entry) => out.push(entry),
+                Ok((key, shares)) => {
+                    let merged = merge_offender(shares.iter());
+                    if merged.attempts != 0 {
+                        out.push((key, merged));
+                    }
+                }
                 Err(MapError::KeyNotFound) => {}
                 Err(source) => {
                     return Err(Error::Map {
@@ -402,6 +410,26 @@ impl KernelTables {
         }
         Ok(snapshot)
     }
+}
+
+/// One subscriber's evidence from its per-CPU shares: attempts summed, the first attempt
+/// the earliest of any CPU, the latest attempt (time, destination, verdict) that of the CPU
+/// that saw the most recent one. A CPU that never saw the subscriber has a zero share.
+pub fn merge_offender<'a>(shares: impl IntoIterator<Item = &'a OffenderValue>) -> OffenderValue {
+    let mut merged = OffenderValue::default();
+    for share in shares.into_iter().filter(|s| s.attempts != 0) {
+        merged.attempts = merged.attempts.wrapping_add(share.attempts);
+        if merged.first_seen_ns == 0 || share.first_seen_ns < merged.first_seen_ns {
+            merged.first_seen_ns = share.first_seen_ns;
+        }
+        if share.last_seen_ns >= merged.last_seen_ns {
+            merged.last_seen_ns = share.last_seen_ns;
+            merged.last_dst = share.last_dst;
+            merged.last_dport = share.last_dport;
+            merged.last_verdict = share.last_verdict;
+        }
+    }
+    merged
 }
 
 fn sum(
@@ -470,5 +498,36 @@ impl CounterSnapshot {
             verdicts: diff(&self.verdicts, &earlier.verdicts),
             parse: diff(&self.parse, &earlier.parse),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(attempts: u64, first: u64, last: u64, dport: u16) -> OffenderValue {
+        OffenderValue {
+            attempts,
+            first_seen_ns: first,
+            last_seen_ns: last,
+            last_dport: dport,
+            ..OffenderValue::default()
+        }
+    }
+
+    #[test]
+    fn per_cpu_offender_shares_merge_into_one_record() {
+        let shares = [
+            share(0, 0, 0, 0),
+            share(3, 200, 900, 25),
+            share(5, 100, 700, 26),
+            share(0, 0, 0, 0),
+        ];
+        let merged = merge_offender(shares.iter());
+        assert_eq!(merged.attempts, 8);
+        assert_eq!(merged.first_seen_ns, 100);
+        assert_eq!(merged.last_seen_ns, 900);
+        assert_eq!(merged.last_dport, 25);
+        assert_eq!(merge_offender([].iter()).attempts, 0);
     }
 }
