@@ -25,6 +25,11 @@ pub mod map_names {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     /// LPM trie of allowlisted IPv6 prefixes → [`super::AllowValue`].
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// Hash of allowlisted IPv4 host entries (/32), in front of [`ALLOW_V4`]: LPM key
+    /// (prefix length 32) → [`super::AllowValue`].
+    pub const ALLOW_HOST_V4: &str = "ALLOW_HOST_V4";
+    /// Hash of allowlisted IPv6 host entries (/128), in front of [`ALLOW_V6`].
+    pub const ALLOW_HOST_V6: &str = "ALLOW_HOST_V6";
     /// Single-entry array holding the global [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
     /// Per-CPU array of verdict counters, indexed by [`super::counter_index`] (interface
@@ -53,11 +58,13 @@ pub mod map_names {
     pub const SYN_BUCKETS: &str = "SYN_BUCKETS";
 
     /// Every map, in creation order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         SUBSCRIBERS_V4,
         SUBSCRIBERS_V6,
         ALLOW_V4,
         ALLOW_V6,
+        ALLOW_HOST_V4,
+        ALLOW_HOST_V6,
         CONFIG,
         COUNTERS,
         PARSE_COUNTERS,
@@ -89,6 +96,9 @@ pub mod program_names {
 pub const SUBSCRIBERS_MAX_ENTRIES: u32 = 1 << 18;
 /// Default capacity of the allowlist tries (per family); sized for 1M entries with room.
 pub const ALLOW_MAX_ENTRIES: u32 = 1 << 21;
+/// Default capacity of the allowlist host hashes (per family): host entries are nearly all
+/// of a big allowlist. Not preallocated either.
+pub const ALLOW_HOST_MAX_ENTRIES: u32 = 1 << 21;
 
 /// Default capacity of the offender LRU: how many subscribers (IPv4 /32, IPv6 /64 by
 /// default) with blocked port-25 attempts are remembered before the least recently seen

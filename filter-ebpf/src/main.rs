@@ -8,17 +8,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
     programs::{TcContext, XdpContext},
 };
 use filter_common::{
     abi::{
-        ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTERS_ENTRIES, Config,
-        Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key, Ipv6Key,
-        OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
+        ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX,
+        COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key,
+        Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
         SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, Verdict, counter_index,
     },
     classify::{Action, Outcome, Role, SynLimit, Tables, classify},
@@ -41,6 +43,14 @@ static SUBSCRIBERS_V6: LpmTrie<Ipv6Key, SubscriberValue> =
 static ALLOW_V4: LpmTrie<Ipv4Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 #[map]
 static ALLOW_V6: LpmTrie<Ipv6Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
+// Host entries (/32, /128) of the allowlist, nearly all of a big one: one hash lookup
+// instead of a walk down a deep trie. The tries above keep only the wider prefixes.
+#[map]
+static ALLOW_HOST_V4: HashMap<Key<Ipv4Key>, AllowValue> =
+    HashMap::with_max_entries(ALLOW_HOST_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static ALLOW_HOST_V6: HashMap<Key<Ipv6Key>, AllowValue> =
+    HashMap::with_max_entries(ALLOW_HOST_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
@@ -111,13 +121,26 @@ impl Tables for Maps {
     fn subscriber_v6(&self, addr: Ipv6Key) -> Option<SubscriberValue> {
         SUBSCRIBERS_V6.get(Key::new(128, addr)).copied()
     }
+    // A host entry is the most specific match there is, so a hit in the hash is the
+    // longest-prefix answer; only a miss asks the trie of wider prefixes.
     #[inline(always)]
     fn allow_v4(&self, addr: Ipv4Key) -> Option<AllowValue> {
-        ALLOW_V4.get(Key::new(32, addr)).copied()
+        let key = Key::new(32, addr);
+        // SAFETY: the value is copied out at once; the control plane replaces values with
+        // whole-element updates.
+        if let Some(value) = unsafe { ALLOW_HOST_V4.get(&key) } {
+            return Some(*value);
+        }
+        ALLOW_V4.get(key).copied()
     }
     #[inline(always)]
     fn allow_v6(&self, addr: Ipv6Key) -> Option<AllowValue> {
-        ALLOW_V6.get(Key::new(128, addr)).copied()
+        let key = Key::new(128, addr);
+        // SAFETY: as above.
+        if let Some(value) = unsafe { ALLOW_HOST_V6.get(&key) } {
+            return Some(*value);
+        }
+        ALLOW_V6.get(key).copied()
     }
 }
 

@@ -35,11 +35,11 @@ use aya::{
 };
 use filter_common::{
     abi::{
-        ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS,
-        COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, EventStat, Ipv4Key, Ipv6Key,
-        OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
-        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, map_names,
-        program_names,
+        ABI_VERSION, ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket,
+        CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES,
+        EventStat, Ipv4Key, Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue,
+        ParseOutcome, RejectFallback, SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES,
+        SubscriberValue, map_names, program_names,
     },
     classify::Role,
 };
@@ -55,7 +55,8 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/p25";
 pub struct Capacity {
     /// Per-family capacity of the subscriber tries, if not the object's default.
     pub subscribers: Option<u32>,
-    /// Per-family capacity of the allowlist tries, if not the object's default.
+    /// Per-family capacity of the allowlist tries and host hashes, if not the object's
+    /// default.
     pub allow: Option<u32>,
 }
 
@@ -180,7 +181,7 @@ const NO_PREALLOC: u32 = 1;
 
 const LPM_PREFIX_LEN: usize = size_of::<u32>();
 
-const MAP_SPECS: [MapSpec; 15] = [
+const MAP_SPECS: [MapSpec; 17] = [
     MapSpec {
         name: map_names::SUBSCRIBERS_V4,
         map_type: MapType::LpmTrie,
@@ -211,6 +212,22 @@ const MAP_SPECS: [MapSpec; 15] = [
         key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
         value_size: size_of::<AllowValue>(),
         max_entries: ALLOW_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::ALLOW_HOST_V4,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
+        value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_HOST_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::ALLOW_HOST_V6,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
+        value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_HOST_MAX_ENTRIES,
         flags: NO_PREALLOC,
     },
     MapSpec {
@@ -825,6 +842,8 @@ fn set_capacity(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
     if let Some(n) = capacity.allow {
         loader.map_max_entries(map_names::ALLOW_V4, n);
         loader.map_max_entries(map_names::ALLOW_V6, n);
+        loader.map_max_entries(map_names::ALLOW_HOST_V4, n);
+        loader.map_max_entries(map_names::ALLOW_HOST_V6, n);
     }
 }
 

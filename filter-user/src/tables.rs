@@ -31,6 +31,8 @@ pub struct KernelTables {
     subscribers_v6: LpmTrie<MapData, Ipv6Key, SubscriberValue>,
     allow_v4: LpmTrie<MapData, Ipv4Key, AllowValue>,
     allow_v6: LpmTrie<MapData, Ipv6Key, AllowValue>,
+    allow_host_v4: HashMap<MapData, Key<Ipv4Key>, AllowValue>,
+    allow_host_v6: HashMap<MapData, Key<Ipv6Key>, AllowValue>,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counter>,
     parse_counters: PerCpuArray<MapData, Counter>,
@@ -107,6 +109,8 @@ impl KernelTables {
             subscribers_v6: take(ebpf, map_names::SUBSCRIBERS_V6)?,
             allow_v4: take(ebpf, map_names::ALLOW_V4)?,
             allow_v6: take(ebpf, map_names::ALLOW_V6)?,
+            allow_host_v4: take(ebpf, map_names::ALLOW_HOST_V4)?,
+            allow_host_v6: take(ebpf, map_names::ALLOW_HOST_V6)?,
             config: take(ebpf, map_names::CONFIG)?,
             counters: take(ebpf, map_names::COUNTERS)?,
             parse_counters: take(ebpf, map_names::PARSE_COUNTERS)?,
@@ -137,6 +141,8 @@ impl KernelTables {
             subscribers_v6: open(layout, map_names::SUBSCRIBERS_V6, Map::LpmTrie)?,
             allow_v4: open(layout, map_names::ALLOW_V4, Map::LpmTrie)?,
             allow_v6: open(layout, map_names::ALLOW_V6, Map::LpmTrie)?,
+            allow_host_v4: open(layout, map_names::ALLOW_HOST_V4, Map::HashMap)?,
+            allow_host_v6: open(layout, map_names::ALLOW_HOST_V6, Map::HashMap)?,
             config: open(layout, map_names::CONFIG, Map::Array)?,
             counters: open(layout, map_names::COUNTERS, Map::PerCpuArray)?,
             parse_counters: open(layout, map_names::PARSE_COUNTERS, Map::PerCpuArray)?,
@@ -175,9 +181,18 @@ impl KernelTables {
         }
     }
 
-    /// Adds or replaces an allowlist prefix. Rejects host bits.
+    /// Adds or replaces an allowlist prefix. Rejects host bits. Host entries (/32, /128)
+    /// go to the exact-match hashes, wider prefixes to the tries.
     pub fn insert_allow(&mut self, net: IpNet, value: AllowValue) -> Result<(), Error> {
         match check_prefix(net)? {
+            IpNet::V4(net) if net.prefix_len() == 32 => self
+                .allow_host_v4
+                .insert(v4_key(net), value, 0)
+                .map_err(map_err(map_names::ALLOW_HOST_V4)),
+            IpNet::V6(net) if net.prefix_len() == 128 => self
+                .allow_host_v6
+                .insert(v6_key(net), value, 0)
+                .map_err(map_err(map_names::ALLOW_HOST_V6)),
             IpNet::V4(net) => self
                 .allow_v4
                 .insert(&v4_key(net), value, 0)
@@ -192,6 +207,14 @@ impl KernelTables {
     /// Removes an allowlist prefix; `Ok(false)` if it was not there.
     pub fn remove_allow(&mut self, net: IpNet) -> Result<bool, Error> {
         match check_prefix(net)? {
+            IpNet::V4(net) if net.prefix_len() == 32 => removed(
+                map_names::ALLOW_HOST_V4,
+                self.allow_host_v4.remove(&v4_key(net)),
+            ),
+            IpNet::V6(net) if net.prefix_len() == 128 => removed(
+                map_names::ALLOW_HOST_V6,
+                self.allow_host_v6.remove(&v6_key(net)),
+            ),
             IpNet::V4(net) => removed(map_names::ALLOW_V4, self.allow_v4.remove(&v4_key(net))),
             IpNet::V6(net) => removed(map_names::ALLOW_V6, self.allow_v6.remove(&v6_key(net))),
         }
@@ -210,15 +233,9 @@ impl KernelTables {
         Ok(out)
     }
 
-    /// All allowlist prefixes, IPv4 then IPv6.
+    /// All allowlist prefixes, IPv4 then IPv6 (host entries after the wider ones).
     pub fn allowlist(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
-        let mut out = entries(map_names::ALLOW_V4, &self.allow_v4, |len, k| {
-            Ipv4Net::new(k.into(), len).ok().map(IpNet::V4)
-        })?;
-        out.extend(entries(map_names::ALLOW_V6, &self.allow_v6, |len, k| {
-            Ipv6Net::new(k.into(), len).ok().map(IpNet::V6)
-        })?);
-        Ok(out)
+        self.allowlist_batched()
     }
 
     /// Removes every subscriber and allowlist entry (tests use it between rounds).
