@@ -751,7 +751,8 @@ const _: () = assert!(size_of::<OffenderKey>() == 20);
 pub struct OffenderValue {
     /// Blocked TCP/25 connection attempts (SYNs dropped, or would-dropped in monitor mode).
     pub attempts: u64,
-    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) of the first and the latest attempt.
+    /// `CLOCK_MONOTONIC_COARSE` (bpf_ktime_get_coarse_ns, one tick of resolution) of the
+    /// first and the latest attempt, on the CPU of this share.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// Destination of the latest attempt (network order; IPv4 in the first 4 bytes).
@@ -788,7 +789,7 @@ impl HookKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Event {
-    /// `CLOCK_MONOTONIC` nanoseconds (bpf_ktime_get_ns).
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds (bpf_ktime_get_coarse_ns).
     pub ts_ns: u64,
     /// Interface the packet was seen on.
     pub ifindex: u32,

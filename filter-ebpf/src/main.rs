@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
     maps::{
         Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
@@ -147,19 +147,21 @@ impl Tables for Maps {
 /// The stateful budgets of [`resolve`], in maps, and the packet's one clock read.
 struct MapBudget<'a> {
     config: &'a Config,
-    /// `CLOCK_MONOTONIC` ns, read at most once per packet, and only by a packet that needs
+    /// `CLOCK_MONOTONIC_COARSE` ns, read at most once per packet, and only by a packet that needs
     /// it (a SYN limit, an RST, an event); 0 until then.
     now: u64,
 }
 
 impl MapBudget<'_> {
-    /// The packet's timestamp. Nanoseconds (not the coarse clock): offender evidence is
-    /// kept per CPU, and the control plane orders the CPUs' "latest attempt" by it.
+    /// The packet's timestamp, from the coarse clock (`CLOCK_MONOTONIC_COARSE`, one tick
+    /// of resolution): the token buckets only need elapsed time at that grain, and the
+    /// offender record's "first/last seen" are shown in seconds. Reading the fine clock
+    /// costs more in a VM (a pvclock read per call).
     #[inline(always)]
     fn now(&mut self) -> u64 {
         if self.now == 0 {
             // SAFETY: a helper without arguments or side effects.
-            self.now = unsafe { bpf_ktime_get_ns() };
+            self.now = unsafe { bpf_ktime_get_coarse_ns() };
         }
         self.now
     }

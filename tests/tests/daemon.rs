@@ -639,6 +639,14 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
         "links should be migrated:\n{}",
         lab.log()
     );
+    // The new maps are filled before any link moves onto them.
+    let log = lab.log();
+    ensure!(
+        log.find("filled the new maps before migrating")
+            .zip(log.find("migrated link from ABI v0"))
+            .is_some_and(|(filled, moved)| filled < moved),
+        "the maps must be filled before the links move:\n{log}"
+    );
     for name in ["r-sub", "r-up"] {
         ensure!(
             interface_attached(&lab, name)?,
