@@ -25,6 +25,14 @@ pub mod map_names {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     /// LPM trie of allowlisted IPv6 prefixes → [`super::AllowValue`].
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// Hash of the IPv4 subscriber prefixes, keyed by LPM key (prefix length and masked
+    /// address), probed once per length in use ([`SUB_LENGTHS`]).
+    pub const SUBSCRIBERS_HASH_V4: &str = "SUBSCRIBERS_HASH_V4";
+    /// Hash of the IPv6 subscriber prefixes, as [`SUBSCRIBERS_HASH_V4`].
+    pub const SUBSCRIBERS_HASH_V6: &str = "SUBSCRIBERS_HASH_V6";
+    /// Single-entry array: the subscriber prefix lengths in use
+    /// ([`super::SubscriberLengths`]).
+    pub const SUB_LENGTHS: &str = "SUB_LENGTHS";
     /// Hash of allowlisted IPv4 host entries (/32), in front of [`ALLOW_V4`]: LPM key
     /// (prefix length 32) → [`super::AllowValue`].
     pub const ALLOW_HOST_V4: &str = "ALLOW_HOST_V4";
@@ -58,9 +66,12 @@ pub mod map_names {
     pub const SYN_BUCKETS: &str = "SYN_BUCKETS";
 
     /// Every map, in creation order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 20] = [
         SUBSCRIBERS_V4,
         SUBSCRIBERS_V6,
+        SUBSCRIBERS_HASH_V4,
+        SUBSCRIBERS_HASH_V6,
+        SUB_LENGTHS,
         ALLOW_V4,
         ALLOW_V6,
         ALLOW_HOST_V4,
@@ -320,6 +331,30 @@ impl SubscriberValue {
         Self { action, ..self }
     }
 }
+
+/// Most prefix lengths per family the dataplane probes in the subscriber hashes; with more
+/// lengths in use the family's lookups walk the trie instead.
+pub const MAX_SUBSCRIBER_LENGTHS: usize = 8;
+
+/// The single entry of SUB_LENGTHS, written by the control plane whenever the set of
+/// subscriber prefix lengths in use changes: per family, whether the hash is in use and
+/// its lengths, longest first. All zeroes (a fresh map) means: walk the tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SubscriberLengths {
+    /// IPv4 lengths in use, longest first; the first `v4_count` are meaningful.
+    pub v4: [u8; MAX_SUBSCRIBER_LENGTHS],
+    /// IPv6 lengths in use, longest first; the first `v6_count` are meaningful.
+    pub v6: [u8; MAX_SUBSCRIBER_LENGTHS],
+    pub v4_count: u8,
+    pub v6_count: u8,
+    /// 1: IPv4 lookups probe SUBSCRIBERS_HASH_V4; anything else: the trie.
+    pub v4_hash: u8,
+    /// 1: IPv6 lookups probe SUBSCRIBERS_HASH_V6; anything else: the trie.
+    pub v6_hash: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<SubscriberLengths>() == 24);
 
 /// Value of the ALLOW tries.
 #[repr(C)]

@@ -21,7 +21,8 @@ use filter_common::{
         ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX,
         COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key,
         Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
-        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, Verdict, counter_index,
+        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberLengths, SubscriberValue,
+        Verdict, counter_index,
     },
     classify::{Action, Outcome, Role, SynLimit, Tables, classify},
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
@@ -39,6 +40,18 @@ static SUBSCRIBERS_V4: LpmTrie<Ipv4Key, SubscriberValue> =
 #[map]
 static SUBSCRIBERS_V6: LpmTrie<Ipv6Key, SubscriberValue> =
     LpmTrie::with_max_entries(SUBSCRIBERS_MAX_ENTRIES, 0);
+// The subscriber prefixes again, in hashes keyed by LPM key: with few prefix lengths in
+// use (SUB_LENGTHS), a lookup is one hash probe per length, longest first, instead of a walk
+// down a trie of 100k entries. The tries stay complete and answer when too many lengths are
+// in use.
+#[map]
+static SUBSCRIBERS_HASH_V4: HashMap<Key<Ipv4Key>, SubscriberValue> =
+    HashMap::with_max_entries(SUBSCRIBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static SUBSCRIBERS_HASH_V6: HashMap<Key<Ipv6Key>, SubscriberValue> =
+    HashMap::with_max_entries(SUBSCRIBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static SUB_LENGTHS: Array<SubscriberLengths> = Array::with_max_entries(1, 0);
 #[map]
 static ALLOW_V4: LpmTrie<Ipv4Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 #[map]
@@ -115,7 +128,24 @@ impl Tables for Maps {
     }
     #[inline(always)]
     fn subscriber_v4(&self, addr: Ipv4Key) -> Option<SubscriberValue> {
-        SUBSCRIBERS_V4.get(Key::new(32, addr)).copied()
+        let lengths = SUB_LENGTHS.get(0)?;
+        if lengths.v4_hash != 1 {
+            return SUBSCRIBERS_V4.get(Key::new(32, addr)).copied();
+        }
+        let bits = u32::from_be_bytes(addr.0);
+        for len in lengths.v4.iter().take(usize::from(lengths.v4_count)) {
+            let mask = match *len {
+                0 => 0,
+                n if n >= 32 => u32::MAX,
+                n => u32::MAX << (32 - n),
+            };
+            let key = Key::new(u32::from(*len), Ipv4Key((bits & mask).to_be_bytes()));
+            // SAFETY: copied out at once; the control plane writes whole elements.
+            if let Some(value) = unsafe { SUBSCRIBERS_HASH_V4.get(&key) } {
+                return Some(*value);
+            }
+        }
+        None
     }
     #[inline(always)]
     fn subscriber_v6(&self, addr: Ipv6Key) -> Option<SubscriberValue> {

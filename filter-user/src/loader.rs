@@ -39,7 +39,7 @@ use filter_common::{
         CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES,
         EventStat, Ipv4Key, Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue,
         ParseOutcome, RejectFallback, SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES,
-        SubscriberValue, map_names, program_names,
+        SubscriberLengths, SubscriberValue, map_names, program_names,
     },
     classify::Role,
 };
@@ -181,7 +181,31 @@ const NO_PREALLOC: u32 = 1;
 
 const LPM_PREFIX_LEN: usize = size_of::<u32>();
 
-const MAP_SPECS: [MapSpec; 17] = [
+const MAP_SPECS: [MapSpec; 20] = [
+    MapSpec {
+        name: map_names::SUBSCRIBERS_HASH_V4,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
+        value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::SUBSCRIBERS_HASH_V6,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
+        value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::SUB_LENGTHS,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<SubscriberLengths>(),
+        max_entries: 1,
+        flags: 0,
+    },
     MapSpec {
         name: map_names::SUBSCRIBERS_V4,
         map_type: MapType::LpmTrie,
@@ -838,6 +862,8 @@ fn set_capacity(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
     if let Some(n) = capacity.subscribers {
         loader.map_max_entries(map_names::SUBSCRIBERS_V4, n);
         loader.map_max_entries(map_names::SUBSCRIBERS_V6, n);
+        loader.map_max_entries(map_names::SUBSCRIBERS_HASH_V4, n);
+        loader.map_max_entries(map_names::SUBSCRIBERS_HASH_V6, n);
     }
     if let Some(n) = capacity.allow {
         loader.map_max_entries(map_names::ALLOW_V4, n);

@@ -472,6 +472,26 @@ impl KernelTables {
             k4.len().min(k6.len()),
             || upsert_into(map_names::SUBSCRIBERS_V4, sub_v4, &k4, &v4),
             || upsert_into(map_names::SUBSCRIBERS_V6, sub_v6, &k6, &v6),
+        )?;
+        self.insert_subscriber_hashes(entries)?;
+        for (net, _) in entries {
+            self.note_subscriber_added(*net);
+        }
+        // Only now may the dataplane probe a new length: its prefixes are all in the hash.
+        self.publish_lengths()
+    }
+
+    /// Upserts subscriber prefixes into the hashes only (the tries have them already).
+    pub(super) fn insert_subscriber_hashes(
+        &mut self,
+        entries: &[(IpNet, SubscriberValue)],
+    ) -> Result<(), Error> {
+        let ByFamily { k4, v4, k6, v6 } = split(entries)?;
+        let (hash_v4, hash_v6) = (&mut self.subscribers_hash_v4, &mut self.subscribers_hash_v6);
+        both(
+            k4.len().min(k6.len()),
+            || upsert_into(map_names::SUBSCRIBERS_HASH_V4, hash_v4, &k4, &v4),
+            || upsert_into(map_names::SUBSCRIBERS_HASH_V6, hash_v6, &k6, &v6),
         )
         .map(|((), ())| ())
     }
@@ -498,13 +518,24 @@ impl KernelTables {
     /// Removes many subscriber prefixes with batched deletes; returns how many were there.
     pub fn remove_subscribers_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
         let ByFamily { k4, k6, .. } = split_keys(nets)?;
-        let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
+        let (hash_v4, hash_v6) = (&mut self.subscribers_hash_v4, &mut self.subscribers_hash_v6);
         both(
+            k4.len().min(k6.len()),
+            || delete_from(map_names::SUBSCRIBERS_HASH_V4, hash_v4, &k4),
+            || delete_from(map_names::SUBSCRIBERS_HASH_V6, hash_v6, &k6),
+        )?;
+        let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
+        let removed = both(
             k4.len().min(k6.len()),
             || delete_from(map_names::SUBSCRIBERS_V4, sub_v4, &k4),
             || delete_from(map_names::SUBSCRIBERS_V6, sub_v6, &k6),
         )
-        .map(|(n4, n6)| n4 + n6)
+        .map(|(n4, n6)| n4 + n6)?;
+        for net in nets {
+            self.note_subscriber_removed(*net);
+        }
+        self.publish_lengths()?;
+        Ok(removed)
     }
 
     /// All allowlist prefixes, IPv4 then IPv6, read with batched lookups.
