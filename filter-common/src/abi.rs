@@ -13,7 +13,7 @@ use core::mem::size_of;
 
 /// Version of the map layouts below. Recorded next to the pinned maps so that a newer
 /// daemon never misreads maps pinned by an older one.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of the maps, shared so that userspace cannot drift from the object file.
 pub mod map_names {
@@ -25,6 +25,19 @@ pub mod map_names {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     /// LPM trie of allowlisted IPv6 prefixes → [`super::AllowValue`].
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// Hash of the IPv4 subscriber prefixes, keyed by LPM key (prefix length and masked
+    /// address), probed once per length in use ([`SUB_LENGTHS`]).
+    pub const SUBSCRIBERS_HASH_V4: &str = "SUBSCRIBERS_HASH_V4";
+    /// Hash of the IPv6 subscriber prefixes, as [`SUBSCRIBERS_HASH_V4`].
+    pub const SUBSCRIBERS_HASH_V6: &str = "SUBSCRIBERS_HASH_V6";
+    /// Single-entry array: the subscriber prefix lengths in use
+    /// ([`super::SubscriberLengths`]).
+    pub const SUB_LENGTHS: &str = "SUB_LENGTHS";
+    /// Hash of allowlisted IPv4 host entries (/32), in front of [`ALLOW_V4`]: LPM key
+    /// (prefix length 32) → [`super::AllowValue`].
+    pub const ALLOW_HOST_V4: &str = "ALLOW_HOST_V4";
+    /// Hash of allowlisted IPv6 host entries (/128), in front of [`ALLOW_V6`].
+    pub const ALLOW_HOST_V6: &str = "ALLOW_HOST_V6";
     /// Single-entry array holding the global [`super::Config`].
     pub const CONFIG: &str = "CONFIG";
     /// Per-CPU array of verdict counters, indexed by [`super::counter_index`] (interface
@@ -53,11 +66,16 @@ pub mod map_names {
     pub const SYN_BUCKETS: &str = "SYN_BUCKETS";
 
     /// Every map, in creation order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 20] = [
         SUBSCRIBERS_V4,
         SUBSCRIBERS_V6,
+        SUBSCRIBERS_HASH_V4,
+        SUBSCRIBERS_HASH_V6,
+        SUB_LENGTHS,
         ALLOW_V4,
         ALLOW_V6,
+        ALLOW_HOST_V4,
+        ALLOW_HOST_V6,
         CONFIG,
         COUNTERS,
         PARSE_COUNTERS,
@@ -78,6 +96,10 @@ pub mod program_names {
     pub const XDP: &str = "p25_xdp";
     /// The TC (clsact/tcx) entry point.
     pub const TC: &str = "p25_tc";
+    /// The XDP entry point for an `upstream` attachment: the inbound rule only.
+    pub const XDP_UPSTREAM: &str = "p25_xdp_upstream";
+    /// The TC entry point for an `upstream` attachment: the inbound rule only.
+    pub const TC_UPSTREAM: &str = "p25_tc_upstream";
 }
 
 /// Default capacity of the subscriber tries (per family). LPM tries are not preallocated,
@@ -85,6 +107,9 @@ pub mod program_names {
 pub const SUBSCRIBERS_MAX_ENTRIES: u32 = 1 << 18;
 /// Default capacity of the allowlist tries (per family); sized for 1M entries with room.
 pub const ALLOW_MAX_ENTRIES: u32 = 1 << 21;
+/// Default capacity of the allowlist host hashes (per family): host entries are nearly all
+/// of a big allowlist. Not preallocated either.
+pub const ALLOW_HOST_MAX_ENTRIES: u32 = 1 << 21;
 
 /// Default capacity of the offender LRU: how many subscribers (IPv4 /32, IPv6 /64 by
 /// default) with blocked port-25 attempts are remembered before the least recently seen
@@ -200,6 +225,30 @@ impl FragmentPolicy {
     pub const DROP: Self = Self(1);
 }
 
+/// What to do with TCP from a subscriber source whose ports cannot be read because of its
+/// headers: an IPv6 extension header chain longer than
+/// [`crate::classify::MAX_IPV6_EXT_HEADERS`], or a first fragment whose header chain runs
+/// past its end (RFC 7112 requires the whole chain in the first fragment).
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UnreadableTcp(pub u8);
+
+impl UnreadableTcp {
+    /// Label for tools: `port25` (fail closed) or `pass`.
+    pub const fn name(self) -> &'static str {
+        if self.0 == Self::PASS.0 {
+            "pass"
+        } else {
+            "port25"
+        }
+    }
+    /// Fail closed (the default, and what a zeroed CONFIG means): treat it as TCP to port
+    /// 25 under the egress rule, so a non-allowlisted subscriber source is dropped.
+    pub const PORT25: Self = Self(0);
+    /// Fail open: pass it (counted as a parse outcome only).
+    pub const PASS: Self = Self(1);
+}
+
 /// Where an allowlist entry came from, so that tools reading the pinned maps directly can
 /// tell policy entries from runtime (`p25ctl allow`) entries.
 #[repr(transparent)]
@@ -283,6 +332,30 @@ impl SubscriberValue {
     }
 }
 
+/// Most prefix lengths per family the dataplane probes in the subscriber hashes; with more
+/// lengths in use the family's lookups walk the trie instead.
+pub const MAX_SUBSCRIBER_LENGTHS: usize = 8;
+
+/// The single entry of SUB_LENGTHS, written by the control plane whenever the set of
+/// subscriber prefix lengths in use changes: per family, whether the hash is in use and
+/// its lengths, longest first. All zeroes (a fresh map) means: walk the tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SubscriberLengths {
+    /// IPv4 lengths in use, longest first; the first `v4_count` are meaningful.
+    pub v4: [u8; MAX_SUBSCRIBER_LENGTHS],
+    /// IPv6 lengths in use, longest first; the first `v6_count` are meaningful.
+    pub v6: [u8; MAX_SUBSCRIBER_LENGTHS],
+    pub v4_count: u8,
+    pub v6_count: u8,
+    /// 1: IPv4 lookups probe SUBSCRIBERS_HASH_V4; anything else: the trie.
+    pub v4_hash: u8,
+    /// 1: IPv6 lookups probe SUBSCRIBERS_HASH_V6; anything else: the trie.
+    pub v6_hash: u8,
+    pub _pad: [u8; 4],
+}
+const _: () = assert!(size_of::<SubscriberLengths>() == 24);
+
 /// Value of the ALLOW tries.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -327,8 +400,8 @@ impl AllowValue {
 }
 
 /// The single entry of the CONFIG array. All zeroes (the state of a freshly created map)
-/// means: enforce, fragments fail open, generation 0, offenders keyed by IPv6 /64, no drop
-/// events, blocks drop (no RSTs). Nothing is dropped until subscriber prefixes are loaded,
+/// means: enforce, fragments fail open, unreadable TCP from subscribers treated as port 25,
+/// generation 0, offenders keyed by IPv6 /64, no drop events, blocks drop (no RSTs). Nothing is dropped until subscriber prefixes are loaded,
 /// so the zero state is safe.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -356,8 +429,11 @@ pub struct Config {
     pub rst_rate: u32,
     /// Burst size of each CPU's RST bucket (at least 1 when RSTs are on).
     pub rst_burst: u32,
+    /// TCP from a subscriber whose ports cannot be read: port 25 (0) or pass.
+    pub unreadable_tcp: UnreadableTcp,
+    pub _pad: [u8; 3],
 }
-const _: () = assert!(size_of::<Config>() == 24);
+const _: () = assert!(size_of::<Config>() == 28);
 
 /// Offender key length for IPv6 when [`Config::offender_v6_prefix`] is 0.
 pub const DEFAULT_OFFENDER_V6_PREFIX: u8 = 64;
@@ -710,7 +786,8 @@ const _: () = assert!(size_of::<OffenderKey>() == 20);
 pub struct OffenderValue {
     /// Blocked TCP/25 connection attempts (SYNs dropped, or would-dropped in monitor mode).
     pub attempts: u64,
-    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) of the first and the latest attempt.
+    /// `CLOCK_MONOTONIC_COARSE` (bpf_ktime_get_coarse_ns, one tick of resolution) of the
+    /// first and the latest attempt, on the CPU of this share.
     pub first_seen_ns: u64,
     pub last_seen_ns: u64,
     /// Destination of the latest attempt (network order; IPv4 in the first 4 bytes).
@@ -747,7 +824,7 @@ impl HookKind {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Event {
-    /// `CLOCK_MONOTONIC` nanoseconds (bpf_ktime_get_ns).
+    /// `CLOCK_MONOTONIC_COARSE` nanoseconds (bpf_ktime_get_coarse_ns).
     pub ts_ns: u64,
     /// Interface the packet was seen on.
     pub ifindex: u32,

@@ -10,8 +10,16 @@
 //! - inbound (MAAWG practice 6): TCP source port 25, destination in SUBSCRIBERS,
 //!   destination not in ALLOW → drop.
 //!
-//! The rules are defined by addresses and ports only, so the same program is correct on
-//! any interface and hook; the attachment decides which traffic it sees.
+//! The egress rule is about a subscriber's own traffic, so it applies only where the
+//! attachment's [`Role`] is `subscriber`: on an `upstream` attachment a packet with a
+//! (spoofed) subscriber source is internet traffic, and only the inbound rule applies.
+//! The role is a compile-time choice of entry point (`p25_xdp` / `p25_xdp_upstream`, ...),
+//! so it costs the dataplane nothing per packet.
+//!
+//! TCP whose ports cannot be read because of its headers (an IPv6 extension header chain
+//! longer than [`MAX_IPV6_EXT_HEADERS`], a first fragment whose header chain runs past its
+//! end) is, by default, treated as TCP to port 25 under the egress rule
+//! ([`UnreadableTcp::PORT25`]): a subscriber cannot hide port 25 behind headers.
 //!
 //! Verifier notes: every helper is `#[inline(always)]` (BPF calls take at most five
 //! arguments, and inlining lets the verifier see constant offsets); loops have constant
@@ -20,7 +28,7 @@
 use crate::{
     abi::{
         AllowValue, BlockAction, Config, CounterKey, Direction, Family, FragmentPolicy, Ipv4Key,
-        Ipv6Key, Mode, ParseOutcome, SMTP_PORT, SubscriberValue, Verdict,
+        Ipv6Key, Mode, ParseOutcome, SMTP_PORT, SubscriberValue, UnreadableTcp, Verdict,
     },
     packet::{MAX_OFFSET, PacketBuf, load_be16},
 };
@@ -40,6 +48,9 @@ const ETH_P_QINQ_LEGACY: u16 = 0x9100;
 const ETH_P_PPPOE_SESSION: u16 = 0x8864;
 const VLAN_HLEN: usize = 4;
 const PPPOE_HLEN: usize = 8;
+/// A PPPoE session header whose PPP protocol field is compressed to one byte (RFC 1661
+/// 6.5, protocol-field compression): version/type, code, session id, length, protocol.
+const PPPOE_PFC_HLEN: usize = 7;
 /// RFC 2516: version 1, type 1.
 const PPPOE_VER_TYPE: u8 = 0x11;
 const PPP_IPV4: u16 = 0x0021;
@@ -57,6 +68,17 @@ const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 const IPV6_FRAG_OFFSET_MASK: u16 = 0xFFF8;
 const IPV6_FRAG_MF: u16 = 0x0001;
+
+/// Which side of the router the attachment faces; chosen per entry point.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Towards subscribers: both rules, SYN limits, offender evidence and reject mode.
+    #[default]
+    Subscriber,
+    /// Towards the internet: the inbound rule only. A packet arriving here with a
+    /// subscriber source address is spoofed (or misrouted), never a subscriber's egress.
+    Upstream,
+}
 
 /// Policy lookups the classifier needs. Keys are network-order address bytes.
 pub trait Tables {
@@ -164,15 +186,22 @@ impl Address for Ipv6Key {
     }
 }
 
-/// Classifies one Ethernet frame.
+/// Classifies one Ethernet frame seen on an attachment of `role`.
 #[inline(always)]
-pub fn classify<P: PacketBuf, T: Tables>(pkt: &P, tables: &T) -> Outcome {
+pub fn classify<P: PacketBuf, T: Tables>(pkt: &P, tables: &T, role: Role) -> Outcome {
+    let ctx = Ctx { tables, role };
     match parse_l2(pkt) {
-        Ok((ETH_P_IPV4, offset)) => classify_ipv4(pkt, offset, tables),
-        Ok((ETH_P_IPV6, offset)) => classify_ipv6(pkt, offset, tables),
+        Ok((ETH_P_IPV4, offset)) => classify_ipv4(pkt, offset, &ctx),
+        Ok((ETH_P_IPV6, offset)) => classify_ipv6(pkt, offset, &ctx),
         Ok(_) => Outcome::pass(ParseOutcome::NOT_IP),
         Err(outcome) => Outcome::pass(outcome),
     }
+}
+
+/// The tables and the attachment's role, passed down together.
+struct Ctx<'a, T> {
+    tables: &'a T,
+    role: Role,
 }
 
 #[inline(always)]
@@ -215,8 +244,17 @@ fn parse_l2<P: PacketBuf>(pkt: &P) -> Result<(u16, usize), ParseOutcome> {
         if ver_type != PPPOE_VER_TYPE || code != 0 {
             return Err(ParseOutcome::PPPOE_NOT_IP);
         }
-        offset += PPPOE_HLEN;
-        ethertype = match u16::from_be_bytes([proto_hi, proto_lo]) {
+        // A PPP protocol's first byte is even and its last byte odd (RFC 1661 2): an odd
+        // first byte is a protocol compressed to that one byte (protocol-field
+        // compression), and what we loaded as its second byte is already the IP header.
+        let protocol = if proto_hi & 1 == 1 {
+            offset += PPPOE_PFC_HLEN;
+            u16::from(proto_hi)
+        } else {
+            offset += PPPOE_HLEN;
+            u16::from_be_bytes([proto_hi, proto_lo])
+        };
+        ethertype = match protocol {
             PPP_IPV4 => ETH_P_IPV4,
             PPP_IPV6 => ETH_P_IPV6,
             _ => return Err(ParseOutcome::PPPOE_NOT_IP),
@@ -226,7 +264,7 @@ fn parse_l2<P: PacketBuf>(pkt: &P) -> Result<(u16, usize), ParseOutcome> {
 }
 
 #[inline(always)]
-fn classify_ipv4<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) -> Outcome {
+fn classify_ipv4<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, ctx: &Ctx<'_, T>) -> Outcome {
     let Some(header) = pkt.load::<[u8; IPV4_MIN_HLEN]>(offset) else {
         return Outcome::pass(ParseOutcome::TRUNCATED);
     };
@@ -263,11 +301,11 @@ fn classify_ipv4<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
     let dst = Ipv4Key([d0, d1, d2, d3]);
     let frag = u16::from_be_bytes([frag_hi, frag_lo]);
     if frag & IPV4_OFFSET_MASK != 0 {
-        return fragment(ParseOutcome::NON_FIRST_FRAGMENT, offset, src, dst, tables);
+        return fragment(ParseOutcome::NON_FIRST_FRAGMENT, offset, src, dst, ctx);
     }
     // IHL counts 32-bit words and is at most 15, so options never push this past 60.
     let l4 = offset + ihl * 4;
-    classify_tcp(pkt, offset, l4, frag & IPV4_MF != 0, src, dst, tables)
+    classify_tcp(pkt, offset, l4, frag & IPV4_MF != 0, src, dst, ctx)
 }
 
 #[inline(always)]
@@ -279,7 +317,7 @@ const fn is_ipv6_ext(next: u8) -> bool {
 }
 
 #[inline(always)]
-fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) -> Outcome {
+fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, ctx: &Ctx<'_, T>) -> Outcome {
     let (Some(fixed), Some(src), Some(dst)) = (
         pkt.load::<[u8; 8]>(offset),
         pkt.load::<[u8; 16]>(offset + 8),
@@ -307,12 +345,12 @@ fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
     let mut non_first_fragment = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         if l4 > MAX_OFFSET {
-            return Outcome::pass(ParseOutcome::TRUNCATED);
+            return cut_short(more_fragments, offset, src, dst, ctx);
         }
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let Some([next_header, len]) = pkt.load::<[u8; 2]>(l4) else {
-                    return Outcome::pass(ParseOutcome::TRUNCATED);
+                    return cut_short(more_fragments, offset, src, dst, ctx);
                 };
                 next = next_header;
                 // RFC 8200: length in 8-octet units, not counting the first 8.
@@ -320,7 +358,7 @@ fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
             }
             IPPROTO_AH => {
                 let Some([next_header, len]) = pkt.load::<[u8; 2]>(l4) else {
-                    return Outcome::pass(ParseOutcome::TRUNCATED);
+                    return cut_short(more_fragments, offset, src, dst, ctx);
                 };
                 next = next_header;
                 // RFC 4302: length in 4-octet units, minus 2.
@@ -328,7 +366,7 @@ fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
             }
             IPPROTO_FRAGMENT => {
                 let Some([next_header, _reserved, off_hi, off_lo]) = pkt.load::<[u8; 4]>(l4) else {
-                    return Outcome::pass(ParseOutcome::TRUNCATED);
+                    return cut_short(more_fragments, offset, src, dst, ctx);
                 };
                 next = next_header;
                 l4 += 8;
@@ -347,15 +385,16 @@ fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, tables: &T) ->
         // The fragment header names the first header of the fragmentable part: TCP, or an
         // extension header that may precede it. Either way the ports are out of sight.
         return if next == IPPROTO_TCP || is_ipv6_ext(next) {
-            fragment(ParseOutcome::NON_FIRST_FRAGMENT, offset, src, dst, tables)
+            fragment(ParseOutcome::NON_FIRST_FRAGMENT, offset, src, dst, ctx)
         } else {
             Outcome::pass(ParseOutcome::NOT_TCP)
         };
     }
     if next == IPPROTO_TCP {
-        classify_tcp(pkt, offset, l4, more_fragments, src, dst, tables)
+        classify_tcp(pkt, offset, l4, more_fragments, src, dst, ctx)
     } else if is_ipv6_ext(next) {
-        Outcome::pass(ParseOutcome::EXT_CHAIN_TOO_LONG)
+        // Whatever lies behind the chain may be TCP to port 25.
+        unreadable(ParseOutcome::EXT_CHAIN_TOO_LONG, offset, src, dst, ctx)
     } else {
         Outcome::pass(ParseOutcome::NOT_TCP)
     }
@@ -370,7 +409,7 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
     more_fragments: bool,
     src: A,
     dst: A,
-    tables: &T,
+    ctx: &Ctx<'_, T>,
 ) -> Outcome {
     let ports = if l4 > MAX_OFFSET {
         None
@@ -382,7 +421,7 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
             let sport = u16::from_be_bytes([sport_hi, sport_lo]);
             let dport = u16::from_be_bytes([dport_hi, dport_lo]);
             let (action, counter, limit) =
-                decide(tables, src, dst, dport == SMTP_PORT, sport == SMTP_PORT);
+                decide(ctx, src, dst, dport == SMTP_PORT, sport == SMTP_PORT);
             Outcome {
                 action,
                 parse: ParseOutcome::TCP,
@@ -393,28 +432,81 @@ fn classify_tcp<P: PacketBuf, T: Tables, A: Address>(
                 limit,
             }
         }
-        // A first fragment cut before the ports is as blind as a non-first one.
-        None if more_fragments => {
-            fragment(ParseOutcome::SHORT_FIRST_FRAGMENT, l3, src, dst, tables)
-        }
-        None => Outcome::pass(ParseOutcome::TRUNCATED),
+        None => cut_short(more_fragments, l3, src, dst, ctx),
     }
 }
 
-/// A TCP fragment without visible ports: fail open, or (fail closed) treat it as a match
-/// of both rules so that only allowlisted or non-subscriber traffic gets through.
+/// The frame ends before the ports. A first fragment must hold the whole header chain
+/// (RFC 7112), so one cut short is a sender hiding its ports: a fragment, and unreadable
+/// TCP. Anything else is a truncated packet, which no receiver accepts: it passes.
+#[inline(always)]
+fn cut_short<T: Tables, A: Address>(
+    more_fragments: bool,
+    l3: usize,
+    src: A,
+    dst: A,
+    ctx: &Ctx<'_, T>,
+) -> Outcome {
+    if more_fragments {
+        fragment(ParseOutcome::SHORT_FIRST_FRAGMENT, l3, src, dst, ctx)
+    } else {
+        Outcome::pass(ParseOutcome::TRUNCATED)
+    }
+}
+
+/// A TCP fragment without visible ports: under `fragments: drop` (fail closed) a match of
+/// both rules, so that only allowlisted or non-subscriber traffic gets through. Otherwise a
+/// non-first fragment passes, and a first fragment cut short is unreadable TCP.
 #[inline(always)]
 fn fragment<T: Tables, A: Address>(
     parse: ParseOutcome,
     l3: usize,
     src: A,
     dst: A,
-    tables: &T,
+    ctx: &Ctx<'_, T>,
 ) -> Outcome {
-    if tables.config().fragments != FragmentPolicy::DROP {
+    if ctx.tables.config().fragments != FragmentPolicy::DROP {
+        return if parse == ParseOutcome::SHORT_FIRST_FRAGMENT {
+            unreadable(parse, l3, src, dst, ctx)
+        } else {
+            Outcome::pass(parse)
+        };
+    }
+    matched(parse, l3, src, dst, ctx, true)
+}
+
+/// TCP (or possibly TCP) whose ports cannot be read: under
+/// [`UnreadableTcp::PORT25`] the egress rule applies as for TCP to port 25 (its parse
+/// outcome says why); under [`UnreadableTcp::PASS`] it passes.
+#[inline(always)]
+fn unreadable<T: Tables, A: Address>(
+    parse: ParseOutcome,
+    l3: usize,
+    src: A,
+    dst: A,
+    ctx: &Ctx<'_, T>,
+) -> Outcome {
+    if ctx.tables.config().unreadable_tcp == UnreadableTcp::PASS {
         return Outcome::pass(parse);
     }
-    let (action, counter, limit) = decide(tables, src, dst, true, true);
+    matched(parse, l3, src, dst, ctx, false)
+}
+
+/// Ports out of sight, treated as destination port 25 (and as source port 25 too when
+/// `inbound`).
+#[inline(always)]
+fn matched<T: Tables, A: Address>(
+    parse: ParseOutcome,
+    l3: usize,
+    src: A,
+    dst: A,
+    ctx: &Ctx<'_, T>,
+    inbound: bool,
+) -> Outcome {
+    let (action, counter, limit) = decide(ctx, src, dst, true, inbound);
+    if counter.is_none() {
+        return Outcome::pass(parse);
+    }
     Outcome {
         action,
         parse,
@@ -425,21 +517,22 @@ fn fragment<T: Tables, A: Address>(
     }
 }
 
-/// Applies the egress rule (if `egress`) and the inbound rule (if `inbound`). One verdict
-/// is counted: the first rule that matched, else the first rule evaluated. Only the egress
-/// rule rejects and carries a SYN limit: both are about a subscriber's own connection
-/// attempts.
+/// Applies the egress rule (if `egress` and the attachment faces subscribers) and the
+/// inbound rule (if `inbound`). One verdict is counted: the first rule that matched, else
+/// the first rule evaluated. Only the egress rule rejects and carries a SYN limit: both
+/// are about a subscriber's own connection attempts.
 #[inline(always)]
 fn decide<T: Tables, A: Address>(
-    tables: &T,
+    ctx: &Ctx<'_, T>,
     src: A,
     dst: A,
     egress: bool,
     inbound: bool,
 ) -> (Action, Option<CounterKey>, SynLimit) {
+    let tables = ctx.tables;
     let mut first = None;
     let mut limit = SynLimit::default();
-    if egress {
+    if egress && ctx.role == Role::Subscriber {
         let (verdict, block, egress_limit) = rule(tables, src);
         let key = CounterKey::new(Direction::EGRESS, A::FAMILY, verdict);
         if verdict.is_match() {
@@ -499,16 +592,33 @@ fn action_of(verdict: Verdict, block: BlockAction) -> Action {
     }
 }
 
-/// The offset of the PPPoE session header's length field when the IP header at `l3` is
-/// carried in PPPoE, which the two bytes before it tell unambiguously: a PPP protocol
-/// (0x0021, 0x0057) rather than an ethertype (0x0800, 0x86DD).
+/// When the IP header at `l3` is carried in PPPoE: the offset of the session header's
+/// length field and the size of the PPP protocol field (2, or 1 under protocol-field
+/// compression), which the length counts.
+///
+/// Walks the layer-2 headers again from the front rather than reading backwards from
+/// `l3`: offsets that only grow from constants keep the verifier's packet ranges simple
+/// (a read at `l3 - n` is one LLVM may turn into a negative packet offset, which the
+/// verifier refuses).
 #[inline(always)]
-pub fn pppoe_length_offset<P: PacketBuf>(pkt: &P, l3: usize) -> Option<usize> {
-    if l3 < ETH_HLEN + PPPOE_HLEN {
-        return None;
+pub fn pppoe_length_offset<P: PacketBuf>(pkt: &P, l3: usize) -> Option<(usize, usize)> {
+    let mut at = ETH_HLEN - 2;
+    for _ in 0..=MAX_VLAN_TAGS {
+        let ethertype = load_be16(pkt, at)?;
+        if ethertype == ETH_P_PPPOE_SESSION {
+            let session = at + 2;
+            let [_, _, _, _, _, _, proto_hi, _] = pkt.load::<[u8; PPPOE_HLEN]>(session)?;
+            let (hlen, protocol_len) = if proto_hi & 1 == 1 {
+                (PPPOE_PFC_HLEN, 1)
+            } else {
+                (PPPOE_HLEN, 2)
+            };
+            return (session + hlen == l3).then_some((session + 4, protocol_len));
+        }
+        if !is_vlan(ethertype) {
+            return None;
+        }
+        at += VLAN_HLEN;
     }
-    match load_be16(pkt, l3 - 2)? {
-        PPP_IPV4 | PPP_IPV6 => Some(l3 - 4),
-        _ => None,
-    }
+    None
 }

@@ -21,7 +21,7 @@ pub mod track;
 mod pod {
     use crate::abi::{
         AbiRecord, AllowValue, Bucket, Config, Counter, CounterKey, Event, Ipv4Key, Ipv6Key,
-        OffenderKey, OffenderValue, SubscriberValue,
+        OffenderKey, OffenderValue, SubscriberLengths, SubscriberValue,
     };
 
     // SAFETY: all of these are #[repr(C)] or #[repr(transparent)] over integers and byte
@@ -50,4 +50,6 @@ mod pod {
     unsafe impl aya::Pod for Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Bucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SubscriberLengths {}
 }

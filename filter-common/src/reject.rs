@@ -194,8 +194,8 @@ pub fn write_rst<P: PacketBufMut>(pkt: &mut P, l3: usize, l4: usize) -> bool {
         IPV6_HLEN + TCP_HLEN
     };
     // PPPoE: the session header's length is the PPP payload, protocol field included.
-    if let Some(offset) = pppoe_length_offset(pkt, l3)
-        && !pkt.store(offset, ((ip_total + 2) as u16).to_be_bytes())
+    if let Some((offset, protocol_len)) = pppoe_length_offset(pkt, l3)
+        && !pkt.store(offset, ((ip_total + protocol_len) as u16).to_be_bytes())
     {
         return false;
     }

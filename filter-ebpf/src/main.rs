@@ -1,28 +1,30 @@
 //! The p25 dataplane: an XDP program and a TC classifier around the one shared classifier
 //! in `filter_common::classify` and the shared post-verdict code in `filter_common::track`.
 //! The hooks differ in the mapping of an [`Action`] to a return code, and in that only XDP
-//! can answer a rejected SYN with an RST (XDP_TX).
+//! can answer a rejected SYN with an RST (XDP_TX). Each hook has an entry point per
+//! attachment [`Role`]: `p25_xdp` / `p25_tc` for subscriber-facing interfaces, and
+//! `p25_xdp_upstream` / `p25_tc_upstream`, which apply the inbound rule only.
 #![no_std]
 #![no_main]
-// For `atomic_xadd`: the BPF target's `core` has no 64-bit atomic read-modify-write types.
-#![feature(core_intrinsics)]
-#![expect(internal_features, reason = "core_intrinsics for the BPF atomic add")]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
-    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
-    maps::{Array, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf, lpm_trie::Key,
+    },
     programs::{TcContext, XdpContext},
 };
 use filter_common::{
     abi::{
-        ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTERS_ENTRIES, Config,
-        Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key, Ipv6Key,
-        OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
-        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberValue, Verdict, counter_index,
+        ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX,
+        COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key,
+        Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
+        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberLengths, SubscriberValue,
+        Verdict, counter_index,
     },
-    classify::{Action, Outcome, SynLimit, Tables, classify},
+    classify::{Action, Outcome, Role, SynLimit, Tables, classify},
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
@@ -38,10 +40,30 @@ static SUBSCRIBERS_V4: LpmTrie<Ipv4Key, SubscriberValue> =
 #[map]
 static SUBSCRIBERS_V6: LpmTrie<Ipv6Key, SubscriberValue> =
     LpmTrie::with_max_entries(SUBSCRIBERS_MAX_ENTRIES, 0);
+// The subscriber prefixes again, in hashes keyed by LPM key: with few prefix lengths in
+// use (SUB_LENGTHS), a lookup is one hash probe per length, longest first, instead of a walk
+// down a trie of 100k entries. The tries stay complete and answer when too many lengths are
+// in use.
+#[map]
+static SUBSCRIBERS_HASH_V4: HashMap<Key<Ipv4Key>, SubscriberValue> =
+    HashMap::with_max_entries(SUBSCRIBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static SUBSCRIBERS_HASH_V6: HashMap<Key<Ipv6Key>, SubscriberValue> =
+    HashMap::with_max_entries(SUBSCRIBERS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static SUB_LENGTHS: Array<SubscriberLengths> = Array::with_max_entries(1, 0);
 #[map]
 static ALLOW_V4: LpmTrie<Ipv4Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
 #[map]
 static ALLOW_V6: LpmTrie<Ipv6Key, AllowValue> = LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, 0);
+// Host entries (/32, /128) of the allowlist, nearly all of a big one: one hash lookup
+// instead of a walk down a deep trie. The tries above keep only the wider prefixes.
+#[map]
+static ALLOW_HOST_V4: HashMap<Key<Ipv4Key>, AllowValue> =
+    HashMap::with_max_entries(ALLOW_HOST_MAX_ENTRIES, BPF_F_NO_PREALLOC);
+#[map]
+static ALLOW_HOST_V6: HashMap<Key<Ipv6Key>, AllowValue> =
+    HashMap::with_max_entries(ALLOW_HOST_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
@@ -58,11 +80,14 @@ static PARSE_COUNTERS: PerCpuArray<Counter> =
 #[map]
 static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EventStat::COUNT as u32, 0);
 
-// Offender evidence: shared by all CPUs (one entry per subscriber), LRU so that a flood of
-// distinct sources evicts the stalest instead of failing inserts.
+// Offender evidence: one entry per subscriber with a value per CPU, so that a flood from one
+// source spread over CPUs never bounces a cache line or takes a bucket lock on the hot path
+// (the entry is looked up and changed in place; only a miss inserts). The control plane
+// sums the CPUs. LRU so that a flood of distinct sources evicts the stalest instead of
+// failing inserts.
 #[map]
-static OFFENDERS: LruHashMap<OffenderKey, OffenderValue> =
-    LruHashMap::with_max_entries(OFFENDERS_MAX_ENTRIES, 0);
+static OFFENDERS: LruPerCpuHashMap<OffenderKey, OffenderValue> =
+    LruPerCpuHashMap::with_max_entries(OFFENDERS_MAX_ENTRIES, 0);
 
 // Sampled drop events for the daemon, and the per-CPU token bucket that keeps a flood from
 // overwhelming it.
@@ -103,30 +128,79 @@ impl Tables for Maps {
     }
     #[inline(always)]
     fn subscriber_v4(&self, addr: Ipv4Key) -> Option<SubscriberValue> {
-        SUBSCRIBERS_V4.get(Key::new(32, addr)).copied()
+        let lengths = SUB_LENGTHS.get(0)?;
+        if lengths.v4_hash != 1 {
+            return SUBSCRIBERS_V4.get(Key::new(32, addr)).copied();
+        }
+        let bits = u32::from_be_bytes(addr.0);
+        for len in lengths.v4.iter().take(usize::from(lengths.v4_count)) {
+            let mask = match *len {
+                0 => 0,
+                n if n >= 32 => u32::MAX,
+                n => u32::MAX << (32 - n),
+            };
+            let key = Key::new(u32::from(*len), Ipv4Key((bits & mask).to_be_bytes()));
+            // SAFETY: copied out at once; the control plane writes whole elements.
+            if let Some(value) = unsafe { SUBSCRIBERS_HASH_V4.get(&key) } {
+                return Some(*value);
+            }
+        }
+        None
     }
     #[inline(always)]
     fn subscriber_v6(&self, addr: Ipv6Key) -> Option<SubscriberValue> {
         SUBSCRIBERS_V6.get(Key::new(128, addr)).copied()
     }
+    // A host entry is the most specific match there is, so a hit in the hash is the
+    // longest-prefix answer; only a miss asks the trie of wider prefixes.
     #[inline(always)]
     fn allow_v4(&self, addr: Ipv4Key) -> Option<AllowValue> {
-        ALLOW_V4.get(Key::new(32, addr)).copied()
+        let key = Key::new(32, addr);
+        // SAFETY: the value is copied out at once; the control plane replaces values with
+        // whole-element updates.
+        if let Some(value) = unsafe { ALLOW_HOST_V4.get(&key) } {
+            return Some(*value);
+        }
+        ALLOW_V4.get(key).copied()
     }
     #[inline(always)]
     fn allow_v6(&self, addr: Ipv6Key) -> Option<AllowValue> {
-        ALLOW_V6.get(Key::new(128, addr)).copied()
+        let key = Key::new(128, addr);
+        // SAFETY: as above.
+        if let Some(value) = unsafe { ALLOW_HOST_V6.get(&key) } {
+            return Some(*value);
+        }
+        ALLOW_V6.get(key).copied()
     }
 }
 
-/// The stateful budgets of [`resolve`], in maps.
-struct MapBudget<'a>(&'a Config);
+/// The stateful budgets of [`resolve`], in maps, and the packet's one clock read.
+struct MapBudget<'a> {
+    config: &'a Config,
+    /// `CLOCK_MONOTONIC_COARSE` ns, read at most once per packet, and only by a packet that needs
+    /// it (a SYN limit, an RST, an event); 0 until then.
+    now: u64,
+}
+
+impl MapBudget<'_> {
+    /// The packet's timestamp, from the coarse clock (`CLOCK_MONOTONIC_COARSE`, one tick
+    /// of resolution): the token buckets only need elapsed time at that grain, and the
+    /// offender record's "first/last seen" are shown in seconds. Reading the fine clock
+    /// costs more in a VM (a pvclock read per call).
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.now == 0 {
+            // SAFETY: a helper without arguments or side effects.
+            self.now = unsafe { bpf_ktime_get_coarse_ns() };
+        }
+        self.now
+    }
+}
 
 impl Budget for MapBudget<'_> {
     #[inline(always)]
     fn syn_token(&mut self, source: &OffenderKey, limit: &SynLimit) -> bool {
-        // SAFETY: a helper without arguments or side effects.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = self.now();
         if let Some(bucket) = SYN_BUCKETS.get_ptr_mut(source) {
             // SAFETY: a live map value. CPUs racing on one source's bucket can each take
             // the same token (plain loads and stores): a source spread over several CPUs
@@ -146,10 +220,9 @@ impl Budget for MapBudget<'_> {
         let Some(bucket) = RST_BUCKET.get_ptr_mut(0) else {
             return false;
         };
-        // SAFETY: a helper without arguments or side effects.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = self.now();
         // SAFETY: per-CPU slot, only this CPU touches it.
-        take_rst_token(unsafe { &mut *bucket }, self.0, now)
+        take_rst_token(unsafe { &mut *bucket }, self.config, now)
     }
 }
 
@@ -255,8 +328,8 @@ fn bump_fallback(reason: RejectFallback) {
 /// (XDP only) the event is filled but not yet recorded: the caller writes the RST, fixes
 /// the verdict if that failed, and then calls [`finish`].
 #[inline(always)]
-fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Outcome {
-    let classified = classify(packet, &Maps);
+fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role: Role) -> Outcome {
+    let classified = classify(packet, &Maps, role);
     bump(&PARSE_COUNTERS, classified.parse.index(), bytes);
     if classified.counter.is_none() {
         return classified;
@@ -278,12 +351,16 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Ou
     outcome.l3 &= OFFSET_MASK as u16;
     outcome.l4 &= OFFSET_MASK as u16;
     let config = Maps.config();
+    let mut budget = MapBudget {
+        config: &config,
+        now: 0,
+    };
     if let Some(reason) = resolve(
         packet,
         &mut outcome,
         &config,
         hook == HookKind::XDP,
-        &mut MapBudget(&config),
+        &mut budget,
     ) {
         bump_fallback(reason);
     }
@@ -297,6 +374,8 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind) -> Ou
         if fill_event(packet, &outcome, event) {
             event.ifindex = ifindex;
             event.hook = hook;
+            // The one clock read (or the one the budgets already made).
+            event.ts_ns = budget.now();
         } else {
             event.ifindex = u32::MAX;
         }
@@ -351,9 +430,7 @@ fn transmit_rst(ctx: &XdpContext, l3: u16, l4: u16) -> bool {
 #[inline(never)]
 fn record(event: &mut Event) {
     let config = Maps.config();
-    // SAFETY: a helper without arguments or side effects.
-    let now = unsafe { bpf_ktime_get_ns() };
-    event.ts_ns = now;
+    let now = event.ts_ns;
     if let Some(key) = offender_key(event, &config) {
         track_offender(&key, event);
     }
@@ -374,35 +451,14 @@ fn record(event: &mut Event) {
     }
 }
 
-/// `*counter += 1` as one BPF atomic add. `AtomicU64::fetch_add` does not exist for the BPF
-/// target in `core`, but the intrinsic lowers to an atomic add, which every BPF CPU version
-/// has (the result is unused, so no BPF_FETCH is needed).
-///
-/// # Safety
-/// `counter` must point to a live map value.
-#[inline(always)]
-unsafe fn atomic_add(counter: *mut u64) {
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
-            counter, 1,
-        );
-    }
-}
-
+/// Adds the attempt in `event` to this CPU's share of the subscriber's evidence: looked up
+/// and changed in place, inserted only on a miss. A CPU's share may be zero when another
+/// CPU created the entry (the kernel zeroes the other CPUs' values of a new entry).
 #[inline(always)]
 fn track_offender(key: &OffenderKey, event: &Event) {
     if let Some(value) = OFFENDERS.get_ptr_mut(key) {
-        // SAFETY: the pointer is to a live map value. Several CPUs may update it at once:
-        // the count is an atomic add so no attempt is lost; the "last" fields are plain
-        // stores, and a race only means one CPU's equally recent values win.
-        unsafe {
-            atomic_add(&raw mut (*value).attempts);
-            (*value).last_seen_ns = event.ts_ns;
-            (*value).last_dst = event.dst;
-            (*value).last_dport = event.dport;
-            (*value).last_verdict = event.verdict;
-        }
+        // SAFETY: this CPU's value of a live entry; no other CPU touches it.
+        add_attempt(unsafe { &mut *value }, event);
         return;
     }
     let value = OffenderValue {
@@ -414,24 +470,46 @@ fn track_offender(key: &OffenderKey, event: &Event) {
         last_verdict: event.verdict,
         _pad: [0; 5],
     };
-    // NOEXIST: if another CPU created the entry in the meantime, add to it instead of
-    // overwriting its count.
+    // NOEXIST: if another CPU created the entry in the meantime, add to this CPU's share
+    // instead of resetting the others'.
     if OFFENDERS
         .insert(key, value, u64::from(BPF_NOEXIST))
         .is_err()
         && let Some(existing) = OFFENDERS.get_ptr_mut(key)
     {
         // SAFETY: as above.
-        unsafe { atomic_add(&raw mut (*existing).attempts) };
+        add_attempt(unsafe { &mut *existing }, event);
     }
+}
+
+#[inline(always)]
+fn add_attempt(value: &mut OffenderValue, event: &Event) {
+    value.attempts = value.attempts.wrapping_add(1);
+    if value.first_seen_ns == 0 {
+        value.first_seen_ns = event.ts_ns;
+    }
+    value.last_seen_ns = event.ts_ns;
+    value.last_dst = event.dst;
+    value.last_dport = event.dport;
+    value.last_verdict = event.verdict;
 }
 
 #[xdp]
 pub fn p25_xdp(ctx: XdpContext) -> u32 {
+    xdp_hook(&ctx, Role::Subscriber)
+}
+
+#[xdp]
+pub fn p25_xdp_upstream(ctx: XdpContext) -> u32 {
+    xdp_hook(&ctx, Role::Upstream)
+}
+
+#[inline(always)]
+fn xdp_hook(ctx: &XdpContext, role: Role) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    match run(&XdpPacket(&ctx), bytes, ifindex, HookKind::XDP) {
-        o if o.action == Action::Reject => answer_reject(&ctx, o, bytes, ifindex),
+    match run(&XdpPacket(ctx), bytes, ifindex, HookKind::XDP, role) {
+        o if o.action == Action::Reject => answer_reject(ctx, o, bytes, ifindex),
         o if o.action == Action::Drop => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
@@ -458,13 +536,23 @@ fn answer_reject(ctx: &XdpContext, mut outcome: Outcome, bytes: u64, ifindex: u3
 
 #[classifier]
 pub fn p25_tc(ctx: TcContext) -> i32 {
+    tc_hook(&ctx, Role::Subscriber)
+}
+
+#[classifier]
+pub fn p25_tc_upstream(ctx: TcContext) -> i32 {
+    tc_hook(&ctx, Role::Upstream)
+}
+
+#[inline(always)]
+fn tc_hook(ctx: &TcContext, role: Role) -> i32 {
     let bytes = u64::from(ctx.len());
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // TC_ACT_PIPE: no opinion, continue with the next program (TCX_NEXT under tcx).
     // `resolve` never leaves a Reject standing on TC; were it to, dropping is the safe
     // reading.
-    match run(&TcPacket(&ctx), bytes, ifindex, HookKind::TC).action {
+    match run(&TcPacket(ctx), bytes, ifindex, HookKind::TC, role).action {
         Action::Pass => TC_ACT_PIPE,
         Action::Drop | Action::Reject => TC_ACT_SHOT,
     }

@@ -49,6 +49,8 @@ pub fn config(policy: &Policy, settings: &Settings, generation: u32) -> Config {
     Config {
         mode: policy.defaults.mode.into(),
         fragments: FragmentPolicy::from(policy.defaults.fragments),
+        unreadable_tcp: policy.defaults.unreadable_tcp.into(),
+        _pad: [0; 3],
         offender_v6_prefix: settings.offender_v6_prefix,
         action: policy.defaults.action.into(),
         generation,

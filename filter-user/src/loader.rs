@@ -28,15 +28,20 @@ use aya::{
     maps::{Array, MapData, MapType},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, LinkInfo, PinnedLink},
+        links::{FdLink, LinkInfo, LinkType, PinnedLink},
         tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::{XdpLink, XdpLinkId},
     },
 };
-use filter_common::abi::{
-    ABI_VERSION, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS,
-    Config, Counter, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
-    SUBSCRIBERS_MAX_ENTRIES, SubscriberValue, map_names, program_names,
+use filter_common::{
+    abi::{
+        ABI_VERSION, ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket,
+        CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES,
+        EventStat, Ipv4Key, Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue,
+        ParseOutcome, RejectFallback, SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES,
+        SubscriberLengths, SubscriberValue, map_names, program_names,
+    },
+    classify::Role,
 };
 
 use crate::{EBPF_OBJECT, Error, KernelTables};
@@ -50,7 +55,8 @@ pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/p25";
 pub struct Capacity {
     /// Per-family capacity of the subscriber tries, if not the object's default.
     pub subscribers: Option<u32>,
-    /// Per-family capacity of the allowlist tries, if not the object's default.
+    /// Per-family capacity of the allowlist tries and host hashes, if not the object's
+    /// default.
     pub allow: Option<u32>,
 }
 
@@ -160,100 +166,181 @@ struct MapSpec {
     map_type: MapType,
     key_size: usize,
     value_size: usize,
+    /// The least capacity this build needs: a smaller map would silently refuse entries
+    /// (policy maps) or miss indices (counter arrays). The policy tries' capacity is the
+    /// loader's default; a daemon never sizes them differently.
+    max_entries: u32,
+    /// Creation flags, exactly: `BPF_F_NO_PREALLOC` for the LPM tries, none elsewhere.
+    /// Flags change what a map is (preallocation, LRU sharing between CPUs, read-only
+    /// program access), so a pin with others is another map.
+    flags: u32,
 }
+
+/// `BPF_F_NO_PREALLOC`, which the kernel requires of LPM tries.
+const NO_PREALLOC: u32 = 1;
 
 const LPM_PREFIX_LEN: usize = size_of::<u32>();
 
-const MAP_SPECS: [MapSpec; 15] = [
+const MAP_SPECS: [MapSpec; 20] = [
+    MapSpec {
+        name: map_names::SUBSCRIBERS_HASH_V4,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
+        value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::SUBSCRIBERS_HASH_V6,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
+        value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::SUB_LENGTHS,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<SubscriberLengths>(),
+        max_entries: 1,
+        flags: 0,
+    },
     MapSpec {
         name: map_names::SUBSCRIBERS_V4,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
         value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::SUBSCRIBERS_V6,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
         value_size: size_of::<SubscriberValue>(),
+        max_entries: SUBSCRIBERS_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::ALLOW_V4,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
         value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::ALLOW_V6,
         map_type: MapType::LpmTrie,
         key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
         value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::ALLOW_HOST_V4,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv4Key>(),
+        value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_HOST_MAX_ENTRIES,
+        flags: NO_PREALLOC,
+    },
+    MapSpec {
+        name: map_names::ALLOW_HOST_V6,
+        map_type: MapType::Hash,
+        key_size: LPM_PREFIX_LEN + size_of::<Ipv6Key>(),
+        value_size: size_of::<AllowValue>(),
+        max_entries: ALLOW_HOST_MAX_ENTRIES,
+        flags: NO_PREALLOC,
     },
     MapSpec {
         name: map_names::CONFIG,
         map_type: MapType::Array,
         key_size: size_of::<u32>(),
         value_size: size_of::<Config>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::COUNTERS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Counter>(),
+        max_entries: COUNTERS_ENTRIES,
+        flags: 0,
     },
     MapSpec {
         name: map_names::PARSE_COUNTERS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Counter>(),
+        max_entries: ParseOutcome::COUNT as u32,
+        flags: 0,
     },
     MapSpec {
         name: map_names::ABI,
         map_type: MapType::Array,
         key_size: size_of::<u32>(),
         value_size: size_of::<AbiRecord>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::OFFENDERS,
-        map_type: MapType::LruHash,
+        map_type: MapType::LruPerCpuHash,
         key_size: size_of::<OffenderKey>(),
         value_size: size_of::<OffenderValue>(),
+        max_entries: OFFENDERS_MAX_ENTRIES,
+        flags: 0,
     },
     MapSpec {
         name: map_names::EVENTS,
         map_type: MapType::RingBuf,
         key_size: 0,
         value_size: 0,
+        max_entries: EVENTS_RING_BYTES,
+        flags: 0,
     },
     MapSpec {
         name: map_names::EVENT_STATS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<u64>(),
+        max_entries: EventStat::COUNT as u32,
+        flags: 0,
     },
     MapSpec {
         name: map_names::EVENT_BUCKET,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Bucket>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::RST_BUCKET,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<Bucket>(),
+        max_entries: 1,
+        flags: 0,
     },
     MapSpec {
         name: map_names::REJECT_FALLBACKS,
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<u64>(),
+        max_entries: RejectFallback::COUNT as u32,
+        flags: 0,
     },
     MapSpec {
         name: map_names::SYN_BUCKETS,
         map_type: MapType::LruHash,
         key_size: size_of::<OffenderKey>(),
         value_size: size_of::<Bucket>(),
+        max_entries: SYN_BUCKETS_MAX_ENTRIES,
+        flags: 0,
     },
 ];
 
@@ -309,14 +396,16 @@ impl Dataplane {
     fn finish(loader: &mut EbpfLoader<'_>) -> Result<Self, Error> {
         let ebpf = loader.load(EBPF_OBJECT).map_err(Error::Load)?;
         let mut dataplane = Self { ebpf };
-        dataplane
-            .xdp()?
-            .load()
-            .map_err(|source| program_error(program_names::XDP, source))?;
-        dataplane
-            .tc()?
-            .load()
-            .map_err(|source| program_error(program_names::TC, source))?;
+        for role in [Role::Subscriber, Role::Upstream] {
+            dataplane
+                .xdp_for(role)?
+                .load()
+                .map_err(|source| program_error(xdp_name(role), source))?;
+            dataplane
+                .tc_for(role)?
+                .load()
+                .map_err(|source| program_error(tc_name(role), source))?;
+        }
         Ok(dataplane)
     }
 
@@ -342,19 +431,19 @@ impl Dataplane {
         }
     }
 
-    /// The XDP program.
+    /// The XDP program of a subscriber-facing attachment.
     pub fn xdp(&mut self) -> Result<&mut Xdp, Error> {
-        let name = program_names::XDP;
-        self.ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| program_error(name, source))
+        self.xdp_for(Role::Subscriber)
     }
 
-    /// The TC program.
+    /// The TC program of a subscriber-facing attachment.
     pub fn tc(&mut self) -> Result<&mut SchedClassifier, Error> {
-        let name = program_names::TC;
+        self.tc_for(Role::Subscriber)
+    }
+
+    /// The XDP program of an attachment of `role`.
+    pub fn xdp_for(&mut self, role: Role) -> Result<&mut Xdp, Error> {
+        let name = xdp_name(role);
         self.ebpf
             .program_mut(name)
             .ok_or(Error::MissingProgram(name))?
@@ -362,37 +451,71 @@ impl Dataplane {
             .map_err(|source| program_error(name, source))
     }
 
-    /// Attaches the XDP program to `interface`. The link lives as long as `self`.
-    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId, Error> {
-        self.xdp()?
-            .attach(interface, mode)
-            .map_err(|source| program_error(program_names::XDP, source))
+    /// The TC program of an attachment of `role`.
+    pub fn tc_for(&mut self, role: Role) -> Result<&mut SchedClassifier, Error> {
+        let name = tc_name(role);
+        self.ebpf
+            .program_mut(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| program_error(name, source))
     }
 
-    /// Attaches the TC program to `interface` (tcx on kernels that have it). The link lives
-    /// as long as `self`.
+    /// Attaches the subscriber-facing XDP program to `interface`. The link lives as long
+    /// as `self`.
+    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<XdpLinkId, Error> {
+        self.attach_xdp_as(interface, Role::Subscriber, mode)
+    }
+
+    /// Attaches the XDP program of `role` to `interface`. The link lives as long as `self`.
+    pub fn attach_xdp_as(
+        &mut self,
+        interface: &str,
+        role: Role,
+        mode: XdpMode,
+    ) -> Result<XdpLinkId, Error> {
+        self.xdp_for(role)?
+            .attach(interface, mode)
+            .map_err(|source| program_error(xdp_name(role), source))
+    }
+
+    /// Attaches the subscriber-facing TC program to `interface` (tcx on kernels that have
+    /// it). The link lives as long as `self`.
     pub fn attach_tc(
         &mut self,
         interface: &str,
         attach_type: TcAttachType,
     ) -> Result<SchedClassifierLinkId, Error> {
-        self.tc()?
-            .attach(interface, attach_type)
-            .map_err(|source| program_error(program_names::TC, source))
+        self.attach_tc_as(interface, Role::Subscriber, attach_type)
     }
 
-    /// Makes sure `hook` runs this object's program on `interface` through a pinned link
+    /// Attaches the TC program of `role` to `interface`. The link lives as long as `self`.
+    pub fn attach_tc_as(
+        &mut self,
+        interface: &str,
+        role: Role,
+        attach_type: TcAttachType,
+    ) -> Result<SchedClassifierLinkId, Error> {
+        self.tc_for(role)?
+            .attach(interface, attach_type)
+            .map_err(|source| program_error(tc_name(role), source))
+    }
+
+    /// Makes sure `hook` runs this object's program for `role` on `interface` through a
+    /// pinned link
     /// at `layout.link(interface, hook)`, which keeps it attached after this process exits.
     ///
     /// An existing pinned link is upgraded in place (`bpf_link_update`, via aya's
     /// `attach_to_link`): the program is swapped atomically, with no instant unfiltered.
     /// A pinned link whose interface has gone away (or was recreated) cannot be updated;
-    /// it is unpinned and a new link is created.
+    /// it is unpinned and a new link is created. A role change is an upgrade too: the
+    /// role's program replaces the other in place.
     pub fn attach_pinned(
         &mut self,
         layout: &PinLayout,
         interface: &str,
         hook: Hook,
+        role: Role,
         xdp_mode: XdpMode,
     ) -> Result<Attached, Error> {
         let path = layout.link(interface, hook);
@@ -400,8 +523,10 @@ impl Dataplane {
         if let Ok(pinned) = PinnedLink::from_pin(&path) {
             let linked_ifindex = pinned_link_ifindex(&path);
             let link = FdLink::from(pinned);
-            if linked_ifindex == Some(ifindex) {
-                match self.upgrade(hook, link) {
+            if let Err(err) = check_link_type(&link, hook, &path) {
+                tracing::warn!(%interface, ?hook, error = %err, "pinned link is not ours; replacing it");
+            } else if linked_ifindex == Some(ifindex) {
+                match self.upgrade(hook, role, link) {
                     Ok(_) => {
                         return Ok(Attached {
                             ifindex,
@@ -419,22 +544,22 @@ impl Dataplane {
         }
         let fd_link = match hook {
             Hook::Xdp => {
-                let id = self.attach_xdp(interface, xdp_mode)?;
+                let id = self.attach_xdp_as(interface, role, xdp_mode)?;
                 let link = self
-                    .xdp()?
+                    .xdp_for(role)?
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::XDP, source))?;
+                    .map_err(|source| program_error(xdp_name(role), source))?;
                 FdLink::try_from(link).map_err(|source| Error::Link {
                     what: "an XDP link without bpf_link support cannot be pinned",
                     source,
                 })?
             }
             Hook::Tc => {
-                let id = self.attach_tc(interface, TcAttachType::Ingress)?;
+                let id = self.attach_tc_as(interface, role, TcAttachType::Ingress)?;
                 let link = self
-                    .tc()?
+                    .tc_for(role)?
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::TC, source))?;
+                    .map_err(|source| program_error(tc_name(role), source))?;
                 FdLink::try_from(link).map_err(|source| Error::Link {
                     what: "a netlink TC attachment cannot be pinned (kernel without tcx?)",
                     source,
@@ -465,13 +590,16 @@ impl Dataplane {
         layout: &PinLayout,
         interface: &str,
         hook: Hook,
+        role: Role,
         old: &Path,
     ) -> Result<(), Error> {
         let pinned = PinnedLink::from_pin(old).map_err(|source| Error::Link {
             what: "opening a pinned link of another ABI version",
             source,
         })?;
-        let link = self.upgrade(hook, FdLink::from(pinned))?;
+        let link = FdLink::from(pinned);
+        check_link_type(&link, hook, old)?;
+        let link = self.upgrade(hook, role, link)?;
         let links_dir = layout.links_dir();
         fs::create_dir_all(&links_dir).map_err(|source| Error::Io {
             what: "creating the link pin directory",
@@ -488,7 +616,7 @@ impl Dataplane {
     }
 
     /// Swaps this object's program into an existing link and hands the link back.
-    fn upgrade(&mut self, hook: Hook, link: FdLink) -> Result<FdLink, Error> {
+    fn upgrade(&mut self, hook: Hook, role: Role, link: FdLink) -> Result<FdLink, Error> {
         let taken = |source| Error::Link {
             what: "taking the updated link back from aya",
             source,
@@ -499,15 +627,15 @@ impl Dataplane {
                     what: "the pinned link is not an XDP link",
                     source,
                 })?;
-                let prog = self.xdp()?;
+                let prog = self.xdp_for(role)?;
                 let id = prog
                     .attach_to_link(link)
-                    .map_err(|source| program_error(program_names::XDP, source))?;
+                    .map_err(|source| program_error(xdp_name(role), source))?;
                 // Take it out of the program's link set: the pin owns the attachment, and
                 // dropping this object must not touch it.
                 let link = prog
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::XDP, source))?;
+                    .map_err(|source| program_error(xdp_name(role), source))?;
                 FdLink::try_from(link).map_err(taken)?
             }
             Hook::Tc => {
@@ -515,13 +643,13 @@ impl Dataplane {
                     what: "the pinned link is not a tcx link",
                     source,
                 })?;
-                let prog = self.tc()?;
+                let prog = self.tc_for(role)?;
                 let id = prog
                     .attach_to_link(link)
-                    .map_err(|source| program_error(program_names::TC, source))?;
+                    .map_err(|source| program_error(tc_name(role), source))?;
                 let link = prog
                     .take_link(id)
-                    .map_err(|source| program_error(program_names::TC, source))?;
+                    .map_err(|source| program_error(tc_name(role), source))?;
                 FdLink::try_from(link).map_err(taken)?
             }
         })
@@ -539,6 +667,25 @@ impl Dataplane {
         let name = map_names::EVENTS;
         let map = self.ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
         aya::maps::RingBuf::try_from(map).map_err(|source| Error::Map { name, source })
+    }
+}
+
+/// Checks that the link pinned at `path` is of the kind `hook` makes (an XDP link, a tcx
+/// link) before anything reuses it: a pin of another kind is not ours to update.
+fn check_link_type(link: &FdLink, hook: Hook, path: &Path) -> Result<(), Error> {
+    let expected = match hook {
+        Hook::Xdp => LinkType::Xdp,
+        Hook::Tc => LinkType::Tcx,
+    };
+    let found = link.info().ok().and_then(|info| info.link_type().ok());
+    if found == Some(expected) {
+        Ok(())
+    } else {
+        Err(Error::IncompatiblePin {
+            path: path.to_owned(),
+            found: format!("link type {found:?}"),
+            expected: format!("link type {expected:?}"),
+        })
     }
 }
 
@@ -662,20 +809,24 @@ pub(crate) fn check_pinned_maps(layout: &PinLayout) -> Result<(), Error> {
         })?;
         let map_type = info.map_type().ok();
         let found = format!(
-            "type {map_type:?}, key {} bytes, value {} bytes",
+            "type {map_type:?}, key {} bytes, value {} bytes, {} entries, flags {:#x}",
             info.key_size(),
-            info.value_size()
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags()
         );
         if map_type != Some(spec.map_type)
             || info.key_size() as usize != spec.key_size
             || info.value_size() as usize != spec.value_size
+            || info.max_entries() < spec.max_entries
+            || info.map_flags() != spec.flags
         {
             return Err(Error::IncompatiblePin {
                 path,
                 found,
                 expected: format!(
-                    "type {:?}, key {} bytes, value {} bytes",
-                    spec.map_type, spec.key_size, spec.value_size
+                    "type {:?}, key {} bytes, value {} bytes, at least {} entries, flags {:#x}",
+                    spec.map_type, spec.key_size, spec.value_size, spec.max_entries, spec.flags
                 ),
             });
         }
@@ -711,10 +862,30 @@ fn set_capacity(loader: &mut EbpfLoader<'_>, capacity: Capacity) {
     if let Some(n) = capacity.subscribers {
         loader.map_max_entries(map_names::SUBSCRIBERS_V4, n);
         loader.map_max_entries(map_names::SUBSCRIBERS_V6, n);
+        loader.map_max_entries(map_names::SUBSCRIBERS_HASH_V4, n);
+        loader.map_max_entries(map_names::SUBSCRIBERS_HASH_V6, n);
     }
     if let Some(n) = capacity.allow {
         loader.map_max_entries(map_names::ALLOW_V4, n);
         loader.map_max_entries(map_names::ALLOW_V6, n);
+        loader.map_max_entries(map_names::ALLOW_HOST_V4, n);
+        loader.map_max_entries(map_names::ALLOW_HOST_V6, n);
+    }
+}
+
+/// The XDP entry point of `role`.
+pub const fn xdp_name(role: Role) -> &'static str {
+    match role {
+        Role::Subscriber => program_names::XDP,
+        Role::Upstream => program_names::XDP_UPSTREAM,
+    }
+}
+
+/// The TC entry point of `role`.
+pub const fn tc_name(role: Role) -> &'static str {
+    match role {
+        Role::Subscriber => program_names::TC,
+        Role::Upstream => program_names::TC_UPSTREAM,
     }
 }
 

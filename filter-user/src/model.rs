@@ -12,7 +12,7 @@ use filter_common::{
     abi::{
         AllowValue, Bucket, Config, Ipv4Key, Ipv6Key, OffenderKey, RejectFallback, SubscriberValue,
     },
-    classify::{Action, Outcome, SynLimit, Tables, classify},
+    classify::{Action, Outcome, Role, SynLimit, Tables, classify},
     reject::{rst_frame_len, write_rst},
     track::{Budget, full_syn_bucket, resolve, take_rst_token, take_syn_token},
 };
@@ -64,6 +64,8 @@ impl<V: Copy> Lpm<V> {
 pub struct ModelTables {
     /// The global configuration (the CONFIG map).
     pub config: Config,
+    /// The role of the attachment the frames arrive on (which entry point runs them).
+    pub role: Role,
     subscribers: Lpm<SubscriberValue>,
     allow: Lpm<AllowValue>,
 }
@@ -83,7 +85,7 @@ impl ModelTables {
 
     /// Classifies a frame exactly as the dataplane would with the same tables.
     pub fn classify(&self, frame: &[u8]) -> Outcome {
-        classify(&frame, self)
+        classify(&frame, self, self.role)
     }
 }
 
@@ -155,7 +157,7 @@ impl ModelTables {
     /// with `budget` as the stateful part, and builds the RST where the XDP program
     /// would send one.
     pub fn run(&self, frame: &[u8], xdp: bool, budget: &mut ModelBudget) -> ModelRun {
-        let mut outcome = classify(&frame, self);
+        let mut outcome = classify(&frame, self, self.role);
         budget.config = self.config;
         let fallback = if outcome.counter.is_some() {
             resolve(&frame, &mut outcome, &self.config, xdp, budget)

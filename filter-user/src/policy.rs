@@ -131,6 +131,8 @@ pub struct Defaults {
     pub mode: PolicyMode,
     /// Treatment of TCP fragments whose ports cannot be seen.
     pub fragments: Fragments,
+    /// Treatment of subscriber TCP whose ports cannot be read because of its headers.
+    pub unreadable_tcp: UnreadableTcpPolicy,
     /// Ports the rules apply to; version 1 supports exactly `[25]`.
     pub ports: Vec<u16>,
     /// What a block does, for every subscriber prefix that does not set its own.
@@ -153,6 +155,7 @@ impl Default for Defaults {
         Self {
             mode: PolicyMode::default(),
             fragments: Fragments::default(),
+            unreadable_tcp: UnreadableTcpPolicy::default(),
             ports: vec![filter_common::abi::SMTP_PORT],
             action: PolicyAction::default(),
             reject_rate: DEFAULT_REJECT_RATE,
@@ -297,6 +300,27 @@ impl From<Fragments> for FragmentPolicy {
         match fragments {
             Fragments::Pass => Self::PASS,
             Fragments::Drop => Self::DROP,
+        }
+    }
+}
+
+/// Treatment of TCP from a subscriber whose ports cannot be read because of its headers
+/// (IPv6 extension header chain too long, first fragment cut short).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnreadableTcpPolicy {
+    /// Fail closed: treat it as TCP to port 25.
+    #[default]
+    Port25,
+    /// Fail open.
+    Pass,
+}
+
+impl From<UnreadableTcpPolicy> for filter_common::abi::UnreadableTcp {
+    fn from(policy: UnreadableTcpPolicy) -> Self {
+        match policy {
+            UnreadableTcpPolicy::Port25 => Self::PORT25,
+            UnreadableTcpPolicy::Pass => Self::PASS,
         }
     }
 }

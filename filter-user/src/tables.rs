@@ -1,17 +1,22 @@
 //! The kernel's maps, typed: policy (subscribers, allowlist, config), statistics (verdict,
 //! parse and event counters, summed over CPUs) and the offender table.
 
-use std::{collections::BTreeMap, io};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key,
+    },
 };
 use filter_common::{
     abi::{
         AllowValue, Bucket, CONFIG_INDEX, COUNTER_SLOTS, COUNTERS_ENTRIES, Config, Counter,
-        CounterKey, EventStat, Ipv4Key, Ipv6Key, OffenderKey, OffenderValue, ParseOutcome,
-        RejectFallback, SubscriberValue, map_names,
+        CounterKey, EventStat, Ipv4Key, Ipv6Key, MAX_SUBSCRIBER_LENGTHS, OffenderKey,
+        OffenderValue, ParseOutcome, RejectFallback, SubscriberLengths, SubscriberValue, map_names,
     },
     classify::Outcome,
 };
@@ -27,13 +32,25 @@ mod batch;
 pub struct KernelTables {
     subscribers_v4: LpmTrie<MapData, Ipv4Key, SubscriberValue>,
     subscribers_v6: LpmTrie<MapData, Ipv6Key, SubscriberValue>,
+    subscribers_hash_v4: HashMap<MapData, Key<Ipv4Key>, SubscriberValue>,
+    subscribers_hash_v6: HashMap<MapData, Key<Ipv6Key>, SubscriberValue>,
+    sub_lengths: Array<MapData, SubscriberLengths>,
+    /// The subscriber prefixes in the maps, to know the lengths in use without reading
+    /// the maps back; filled from the tries when the tables are opened.
+    subscriber_nets: BTreeSet<IpNet>,
+    /// How many of them have each (is IPv6, prefix length): the lengths in use.
+    length_counts: BTreeMap<(bool, u8), usize>,
+    /// What SUB_LENGTHS holds (written only when it changes).
+    published_lengths: Option<SubscriberLengths>,
     allow_v4: LpmTrie<MapData, Ipv4Key, AllowValue>,
     allow_v6: LpmTrie<MapData, Ipv6Key, AllowValue>,
+    allow_host_v4: HashMap<MapData, Key<Ipv4Key>, AllowValue>,
+    allow_host_v6: HashMap<MapData, Key<Ipv6Key>, AllowValue>,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, Counter>,
     parse_counters: PerCpuArray<MapData, Counter>,
     event_stats: PerCpuArray<MapData, u64>,
-    offenders: HashMap<MapData, OffenderKey, OffenderValue>,
+    offenders: PerCpuHashMap<MapData, OffenderKey, OffenderValue>,
     reject_fallbacks: PerCpuArray<MapData, u64>,
     syn_buckets: HashMap<MapData, OffenderKey, Bucket>,
 }
@@ -100,11 +117,19 @@ where
 impl KernelTables {
     /// Takes the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
-        Ok(Self {
+        Self {
             subscribers_v4: take(ebpf, map_names::SUBSCRIBERS_V4)?,
             subscribers_v6: take(ebpf, map_names::SUBSCRIBERS_V6)?,
+            subscribers_hash_v4: take(ebpf, map_names::SUBSCRIBERS_HASH_V4)?,
+            subscribers_hash_v6: take(ebpf, map_names::SUBSCRIBERS_HASH_V6)?,
+            sub_lengths: take(ebpf, map_names::SUB_LENGTHS)?,
+            subscriber_nets: BTreeSet::new(),
+            length_counts: BTreeMap::new(),
+            published_lengths: None,
             allow_v4: take(ebpf, map_names::ALLOW_V4)?,
             allow_v6: take(ebpf, map_names::ALLOW_V6)?,
+            allow_host_v4: take(ebpf, map_names::ALLOW_HOST_V4)?,
+            allow_host_v6: take(ebpf, map_names::ALLOW_HOST_V6)?,
             config: take(ebpf, map_names::CONFIG)?,
             counters: take(ebpf, map_names::COUNTERS)?,
             parse_counters: take(ebpf, map_names::PARSE_COUNTERS)?,
@@ -112,13 +137,106 @@ impl KernelTables {
             offenders: take(ebpf, map_names::OFFENDERS)?,
             reject_fallbacks: take(ebpf, map_names::REJECT_FALLBACKS)?,
             syn_buckets: take(ebpf, map_names::SYN_BUCKETS)?,
-        })
+        }
+        .with_subscriber_index()
+    }
+
+    /// Learns the subscriber prefixes already in the tries (pinned maps of a previous run)
+    /// and makes the hashes and SUB_LENGTHS agree with them.
+    fn with_subscriber_index(mut self) -> Result<Self, Error> {
+        let existing = self.subscribers_batched()?;
+        for (net, _) in &existing {
+            self.note_subscriber_added(*net);
+        }
+        self.published_lengths = Some(
+            self.sub_lengths
+                .get(&0, 0)
+                .map_err(map_err(map_names::SUB_LENGTHS))?,
+        );
+        if !existing.is_empty() {
+            self.insert_subscriber_hashes(&existing)?;
+        }
+        self.publish_lengths()?;
+        Ok(self)
+    }
+
+    /// Records a subscriber prefix now in the maps (idempotent).
+    pub(super) fn note_subscriber_added(&mut self, net: IpNet) {
+        if self.subscriber_nets.insert(net) {
+            *self
+                .length_counts
+                .entry((net.addr().is_ipv6(), net.prefix_len()))
+                .or_default() += 1;
+        }
+    }
+
+    /// Records a subscriber prefix no longer in the maps (idempotent).
+    pub(super) fn note_subscriber_removed(&mut self, net: IpNet) {
+        if self.subscriber_nets.remove(&net) {
+            let key = (net.addr().is_ipv6(), net.prefix_len());
+            if let Some(count) = self.length_counts.get_mut(&key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.length_counts.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Writes SUB_LENGTHS from the prefixes in the maps, if that changes it: per family
+    /// the lengths in use, longest first, or "walk the trie" when there are more than
+    /// [`MAX_SUBSCRIBER_LENGTHS`]. Called after inserts (a new length is probed only once
+    /// its prefixes are in the hash) and after removals.
+    fn publish_lengths(&mut self) -> Result<(), Error> {
+        fn lengths(nets: impl Iterator<Item = u8>) -> ([u8; MAX_SUBSCRIBER_LENGTHS], u8, u8) {
+            let set: BTreeSet<u8> = nets.collect();
+            let mut out = [0u8; MAX_SUBSCRIBER_LENGTHS];
+            if set.len() > MAX_SUBSCRIBER_LENGTHS {
+                return (out, 0, 0);
+            }
+            for (slot, len) in out.iter_mut().zip(set.iter().rev()) {
+                *slot = *len;
+            }
+            (out, set.len() as u8, 1)
+        }
+        let (v4, v4_count, v4_hash) = lengths(
+            self.length_counts
+                .keys()
+                .filter(|(v6, _)| !v6)
+                .map(|(_, len)| *len),
+        );
+        let (v6, v6_count, v6_hash) = lengths(
+            self.length_counts
+                .keys()
+                .filter(|(v6, _)| *v6)
+                .map(|(_, len)| *len),
+        );
+        let wanted = SubscriberLengths {
+            v4,
+            v6,
+            v4_count,
+            v6_count,
+            v4_hash,
+            v6_hash,
+            _pad: [0; 4],
+        };
+        if self.published_lengths != Some(wanted) {
+            self.sub_lengths
+                .set(0, wanted, 0)
+                .map_err(map_err(map_names::SUB_LENGTHS))?;
+            self.published_lengths = Some(wanted);
+        }
+        Ok(())
     }
 
     /// Opens the maps pinned under `layout`, e.g. for read-only tools while the daemon is
     /// down. The layout is checked first, like the daemon does, so nothing is misread.
     pub fn open_pinned(layout: &crate::loader::PinLayout) -> Result<Self, Error> {
         crate::loader::check_pinned_maps(layout)?;
+        #[expect(
+            clippy::items_after_statements,
+            reason = "a helper local to this constructor"
+        )]
         fn open<T>(
             layout: &crate::loader::PinLayout,
             name: &'static str,
@@ -130,52 +248,97 @@ impl KernelTables {
             let data = MapData::from_pin(layout.map(name)).map_err(map_err(name))?;
             T::try_from(wrap(data)).map_err(map_err(name))
         }
-        Ok(Self {
+        Self {
             subscribers_v4: open(layout, map_names::SUBSCRIBERS_V4, Map::LpmTrie)?,
             subscribers_v6: open(layout, map_names::SUBSCRIBERS_V6, Map::LpmTrie)?,
+            subscribers_hash_v4: open(layout, map_names::SUBSCRIBERS_HASH_V4, Map::HashMap)?,
+            subscribers_hash_v6: open(layout, map_names::SUBSCRIBERS_HASH_V6, Map::HashMap)?,
+            sub_lengths: open(layout, map_names::SUB_LENGTHS, Map::Array)?,
+            subscriber_nets: BTreeSet::new(),
+            length_counts: BTreeMap::new(),
+            published_lengths: None,
             allow_v4: open(layout, map_names::ALLOW_V4, Map::LpmTrie)?,
             allow_v6: open(layout, map_names::ALLOW_V6, Map::LpmTrie)?,
+            allow_host_v4: open(layout, map_names::ALLOW_HOST_V4, Map::HashMap)?,
+            allow_host_v6: open(layout, map_names::ALLOW_HOST_V6, Map::HashMap)?,
             config: open(layout, map_names::CONFIG, Map::Array)?,
             counters: open(layout, map_names::COUNTERS, Map::PerCpuArray)?,
             parse_counters: open(layout, map_names::PARSE_COUNTERS, Map::PerCpuArray)?,
             event_stats: open(layout, map_names::EVENT_STATS, Map::PerCpuArray)?,
-            offenders: open(layout, map_names::OFFENDERS, Map::LruHashMap)?,
+            offenders: open(layout, map_names::OFFENDERS, Map::PerCpuLruHashMap)?,
             reject_fallbacks: open(layout, map_names::REJECT_FALLBACKS, Map::PerCpuArray)?,
             syn_buckets: open(layout, map_names::SYN_BUCKETS, Map::LruHashMap)?,
-        })
+        }
+        .with_subscriber_index()
     }
 
-    /// Adds or replaces a subscriber prefix. Rejects host bits.
+    /// Adds or replaces a subscriber prefix (trie and hash, then the lengths in use).
+    /// Rejects host bits.
     pub fn insert_subscriber(&mut self, net: IpNet, value: SubscriberValue) -> Result<(), Error> {
         match check_prefix(net)? {
-            IpNet::V4(net) => self
-                .subscribers_v4
-                .insert(&v4_key(net), value, 0)
-                .map_err(map_err(map_names::SUBSCRIBERS_V4)),
-            IpNet::V6(net) => self
-                .subscribers_v6
-                .insert(&v6_key(net), value, 0)
-                .map_err(map_err(map_names::SUBSCRIBERS_V6)),
+            IpNet::V4(net) => {
+                self.subscribers_v4
+                    .insert(&v4_key(net), value, 0)
+                    .map_err(map_err(map_names::SUBSCRIBERS_V4))?;
+                self.subscribers_hash_v4
+                    .insert(v4_key(net), value, 0)
+                    .map_err(map_err(map_names::SUBSCRIBERS_HASH_V4))?;
+            }
+            IpNet::V6(net) => {
+                self.subscribers_v6
+                    .insert(&v6_key(net), value, 0)
+                    .map_err(map_err(map_names::SUBSCRIBERS_V6))?;
+                self.subscribers_hash_v6
+                    .insert(v6_key(net), value, 0)
+                    .map_err(map_err(map_names::SUBSCRIBERS_HASH_V6))?;
+            }
         }
+        self.note_subscriber_added(net);
+        self.publish_lengths()?;
+        Ok(())
     }
 
     /// Removes a subscriber prefix; `Ok(false)` if it was not there.
     pub fn remove_subscriber(&mut self, net: IpNet) -> Result<bool, Error> {
-        match check_prefix(net)? {
-            IpNet::V4(net) => removed(
-                map_names::SUBSCRIBERS_V4,
-                self.subscribers_v4.remove(&v4_key(net)),
-            ),
-            IpNet::V6(net) => removed(
-                map_names::SUBSCRIBERS_V6,
-                self.subscribers_v6.remove(&v6_key(net)),
-            ),
-        }
+        let was = match check_prefix(net)? {
+            IpNet::V4(net) => {
+                let _ = removed(
+                    map_names::SUBSCRIBERS_HASH_V4,
+                    self.subscribers_hash_v4.remove(&v4_key(net)),
+                )?;
+                removed(
+                    map_names::SUBSCRIBERS_V4,
+                    self.subscribers_v4.remove(&v4_key(net)),
+                )?
+            }
+            IpNet::V6(net) => {
+                let _ = removed(
+                    map_names::SUBSCRIBERS_HASH_V6,
+                    self.subscribers_hash_v6.remove(&v6_key(net)),
+                )?;
+                removed(
+                    map_names::SUBSCRIBERS_V6,
+                    self.subscribers_v6.remove(&v6_key(net)),
+                )?
+            }
+        };
+        self.note_subscriber_removed(net);
+        self.publish_lengths()?;
+        Ok(was)
     }
 
-    /// Adds or replaces an allowlist prefix. Rejects host bits.
+    /// Adds or replaces an allowlist prefix. Rejects host bits. Host entries (/32, /128)
+    /// go to the exact-match hashes, wider prefixes to the tries.
     pub fn insert_allow(&mut self, net: IpNet, value: AllowValue) -> Result<(), Error> {
         match check_prefix(net)? {
+            IpNet::V4(net) if net.prefix_len() == 32 => self
+                .allow_host_v4
+                .insert(v4_key(net), value, 0)
+                .map_err(map_err(map_names::ALLOW_HOST_V4)),
+            IpNet::V6(net) if net.prefix_len() == 128 => self
+                .allow_host_v6
+                .insert(v6_key(net), value, 0)
+                .map_err(map_err(map_names::ALLOW_HOST_V6)),
             IpNet::V4(net) => self
                 .allow_v4
                 .insert(&v4_key(net), value, 0)
@@ -190,6 +353,14 @@ impl KernelTables {
     /// Removes an allowlist prefix; `Ok(false)` if it was not there.
     pub fn remove_allow(&mut self, net: IpNet) -> Result<bool, Error> {
         match check_prefix(net)? {
+            IpNet::V4(net) if net.prefix_len() == 32 => removed(
+                map_names::ALLOW_HOST_V4,
+                self.allow_host_v4.remove(&v4_key(net)),
+            ),
+            IpNet::V6(net) if net.prefix_len() == 128 => removed(
+                map_names::ALLOW_HOST_V6,
+                self.allow_host_v6.remove(&v6_key(net)),
+            ),
             IpNet::V4(net) => removed(map_names::ALLOW_V4, self.allow_v4.remove(&v4_key(net))),
             IpNet::V6(net) => removed(map_names::ALLOW_V6, self.allow_v6.remove(&v6_key(net))),
         }
@@ -208,15 +379,9 @@ impl KernelTables {
         Ok(out)
     }
 
-    /// All allowlist prefixes, IPv4 then IPv6.
+    /// All allowlist prefixes, IPv4 then IPv6 (host entries after the wider ones).
     pub fn allowlist(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
-        let mut out = entries(map_names::ALLOW_V4, &self.allow_v4, |len, k| {
-            Ipv4Net::new(k.into(), len).ok().map(IpNet::V4)
-        })?;
-        out.extend(entries(map_names::ALLOW_V6, &self.allow_v6, |len, k| {
-            Ipv6Net::new(k.into(), len).ok().map(IpNet::V6)
-        })?);
-        Ok(out)
+        self.allowlist_batched()
     }
 
     /// Removes every subscriber and allowlist entry (tests use it between rounds).
@@ -308,13 +473,58 @@ impl KernelTables {
         Ok(keys.len())
     }
 
-    /// Every subscriber in the offender table. Entries that vanish while being read (the
-    /// LRU evicts them under load) are skipped, not errors.
+    /// Copies the per-source SYN buckets of an older ABI version's pinned maps (in
+    /// `maps_dir`) into this table, so that a migration does not hand every rate-limited
+    /// source a fresh burst. The bucket layout has not changed since ABI v3; a pin of
+    /// another layout is refused. Returns how many buckets were copied.
+    pub fn import_syn_buckets(&mut self, maps_dir: &std::path::Path) -> Result<usize, Error> {
+        let name = map_names::SYN_BUCKETS;
+        let path = maps_dir.join(name);
+        let data = MapData::from_pin(&path).map_err(map_err(name))?;
+        let info = data.info().map_err(map_err(name))?;
+        if info.key_size() as usize != size_of::<OffenderKey>()
+            || info.value_size() as usize != size_of::<Bucket>()
+        {
+            return Err(Error::IncompatiblePin {
+                path,
+                found: format!(
+                    "key {} bytes, value {} bytes",
+                    info.key_size(),
+                    info.value_size()
+                ),
+                expected: format!(
+                    "key {} bytes, value {} bytes",
+                    size_of::<OffenderKey>(),
+                    size_of::<Bucket>()
+                ),
+            });
+        }
+        let old: HashMap<MapData, OffenderKey, Bucket> =
+            HashMap::try_from(Map::LruHashMap(data)).map_err(map_err(name))?;
+        let mut copied = 0;
+        // Entries evicted while being read are skipped: they would have started full anyway.
+        for (key, bucket) in old.iter().filter_map(Result::ok) {
+            self.syn_buckets
+                .insert(key, bucket, 0)
+                .map_err(map_err(name))?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
+    /// Every subscriber in the offender table, its CPUs' shares summed (see
+    /// [`merge_offender`]). Entries that vanish while being read (the LRU evicts them under
+    /// load) are skipped, not errors.
     pub fn offenders(&self) -> Result<Vec<(OffenderKey, OffenderValue)>, Error> {
         let mut out = Vec::new();
         for item in self.offenders.iter() {
             match item {
-                Ok(entry) => out.push(entry),
+                Ok((key, shares)) => {
+                    let merged = merge_offender(shares.iter());
+                    if merged.attempts != 0 {
+                        out.push((key, merged));
+                    }
+                }
                 Err(MapError::KeyNotFound) => {}
                 Err(source) => {
                     return Err(Error::Map {
@@ -363,6 +573,26 @@ impl KernelTables {
         }
         Ok(snapshot)
     }
+}
+
+/// One subscriber's evidence from its per-CPU shares: attempts summed, the first attempt
+/// the earliest of any CPU, the latest attempt (time, destination, verdict) that of the CPU
+/// that saw the most recent one. A CPU that never saw the subscriber has a zero share.
+pub fn merge_offender<'a>(shares: impl IntoIterator<Item = &'a OffenderValue>) -> OffenderValue {
+    let mut merged = OffenderValue::default();
+    for share in shares.into_iter().filter(|s| s.attempts != 0) {
+        merged.attempts = merged.attempts.wrapping_add(share.attempts);
+        if merged.first_seen_ns == 0 || share.first_seen_ns < merged.first_seen_ns {
+            merged.first_seen_ns = share.first_seen_ns;
+        }
+        if share.last_seen_ns >= merged.last_seen_ns {
+            merged.last_seen_ns = share.last_seen_ns;
+            merged.last_dst = share.last_dst;
+            merged.last_dport = share.last_dport;
+            merged.last_verdict = share.last_verdict;
+        }
+    }
+    merged
 }
 
 fn sum(
@@ -431,5 +661,36 @@ impl CounterSnapshot {
             verdicts: diff(&self.verdicts, &earlier.verdicts),
             parse: diff(&self.parse, &earlier.parse),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share(attempts: u64, first: u64, last: u64, dport: u16) -> OffenderValue {
+        OffenderValue {
+            attempts,
+            first_seen_ns: first,
+            last_seen_ns: last,
+            last_dport: dport,
+            ..OffenderValue::default()
+        }
+    }
+
+    #[test]
+    fn per_cpu_offender_shares_merge_into_one_record() {
+        let shares = [
+            share(0, 0, 0, 0),
+            share(3, 200, 900, 25),
+            share(5, 100, 700, 26),
+            share(0, 0, 0, 0),
+        ];
+        let merged = merge_offender(shares.iter());
+        assert_eq!(merged.attempts, 8);
+        assert_eq!(merged.first_seen_ns, 100);
+        assert_eq!(merged.last_seen_ns, 900);
+        assert_eq!(merged.last_dport, 25);
+        assert_eq!(merge_offender([].iter()).attempts, 0);
     }
 }

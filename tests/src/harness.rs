@@ -2,7 +2,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::{TestRun as _, TestRunOptions};
-use filter_common::classify::Action;
+use filter_common::classify::{Action, Role};
 use filter_user::{Dataplane, KernelTables, loader::Capacity};
 
 const XDP_DROP: u32 = 1;
@@ -48,6 +48,10 @@ pub struct Harness {
     pub dataplane: Dataplane,
     /// Its maps.
     pub tables: KernelTables,
+    /// Which entry points [`Harness::run`] uses: `p25_xdp` / `p25_tc` for
+    /// [`Role::Subscriber`] (the default), `p25_xdp_upstream` / `p25_tc_upstream` for
+    /// [`Role::Upstream`].
+    pub role: Role,
 }
 
 impl Harness {
@@ -61,7 +65,11 @@ impl Harness {
         crate::require_root();
         let mut dataplane = Dataplane::load_with(capacity).context("loading the dataplane")?;
         let tables = dataplane.take_tables()?;
-        Ok(Self { dataplane, tables })
+        Ok(Self {
+            dataplane,
+            tables,
+            role: Role::Subscriber,
+        })
     }
 
     /// Runs `frame` through one hook once and maps its return code to an [`Action`]
@@ -82,9 +90,13 @@ impl Harness {
             ..TestRunOptions::default()
         };
         let (code, pass, drop) = match hook {
-            Hook::Xdp => (self.dataplane.xdp()?.test_run(opts), XDP_PASS, XDP_DROP),
+            Hook::Xdp => (
+                self.dataplane.xdp_for(self.role)?.test_run(opts),
+                XDP_PASS,
+                XDP_DROP,
+            ),
             Hook::Tc => (
-                self.dataplane.tc()?.test_run(opts),
+                self.dataplane.tc_for(self.role)?.test_run(opts),
                 TC_ACT_PIPE,
                 TC_ACT_SHOT,
             ),

@@ -80,6 +80,9 @@ pub struct Pppoe {
     pub code: u8,
     /// PPP protocol; `None` means the right one for the IP version.
     pub protocol: Option<u16>,
+    /// Protocol-field compression (RFC 1661 6.5): the protocol is written as its low byte
+    /// only.
+    pub compressed: bool,
 }
 
 impl Default for Pppoe {
@@ -88,6 +91,7 @@ impl Default for Pppoe {
             ver_type: 0x11,
             code: 0,
             protocol: None,
+            compressed: false,
         }
     }
 }
@@ -218,8 +222,13 @@ impl Pkt {
                     .unwrap_or(if is_v6 { 0x0057 } else { 0x0021 });
                 out.extend([pppoe.ver_type, pppoe.code]);
                 out.extend(0x0001_u16.to_be_bytes());
-                out.extend(((ip.len() + 2) as u16).to_be_bytes());
-                out.extend(protocol.to_be_bytes());
+                if pppoe.compressed {
+                    out.extend(((ip.len() + 1) as u16).to_be_bytes());
+                    out.push(protocol.to_be_bytes()[1]);
+                } else {
+                    out.extend(((ip.len() + 2) as u16).to_be_bytes());
+                    out.extend(protocol.to_be_bytes());
+                }
             }
             (None, None) => out.extend(ip_ethertype.to_be_bytes()),
         }

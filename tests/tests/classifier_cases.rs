@@ -3,7 +3,9 @@
 //! Each case states its expected outcome. The test checks that the reference model, the
 //! XDP program and the TC program (both through BPF_PROG_TEST_RUN) all produce it,
 //! counters included, and that the table covers every parse outcome and every verdict
-//! counter: a path nobody wrote a case for fails the test.
+//! counter: a path nobody wrote a case for fails the test. Cases marked upstream run the
+//! upstream entry points (`p25_xdp_upstream`, `p25_tc_upstream`) and the model with
+//! `Role::Upstream`.
 
 use std::{
     collections::BTreeSet,
@@ -14,9 +16,9 @@ use anyhow::Result;
 use filter_common::{
     abi::{
         AllowValue, BlockAction, COUNTER_SLOTS, Config, CounterKey, Direction, Family,
-        FragmentPolicy, Mode, Origin, ParseOutcome, SubscriberValue, Verdict,
+        FragmentPolicy, Mode, Origin, ParseOutcome, SubscriberValue, UnreadableTcp, Verdict,
     },
-    classify::{Action, Outcome, SynLimit},
+    classify::{Action, Outcome, Role, SynLimit},
 };
 use filter_user::{CounterSnapshot, model::ModelTables};
 use ipnet::IpNet;
@@ -72,6 +74,7 @@ struct Case {
     config: Config,
     frame: Vec<u8>,
     expected: Outcome,
+    role: Role,
 }
 
 const ENFORCE: Config = Config {
@@ -84,6 +87,12 @@ const ENFORCE: Config = Config {
     event_burst: 0,
     rst_rate: 0,
     rst_burst: 0,
+    unreadable_tcp: UnreadableTcp::PORT25,
+    _pad: [0; 3],
+};
+const UNREADABLE_PASS: Config = Config {
+    unreadable_tcp: UnreadableTcp::PASS,
+    ..ENFORCE
 };
 const GLOBAL_MONITOR: Config = Config {
     mode: Mode::MONITOR,
@@ -151,12 +160,21 @@ fn cases() -> Vec<Case> {
         config,
         frame: pkt.build(),
         expected,
+        role: Role::Subscriber,
+    };
+    let upstream = |name, config, pkt: Pkt, expected| Case {
+        name,
+        config,
+        frame: pkt.build(),
+        expected,
+        role: Role::Upstream,
     };
     let frame_case = |name, frame: Vec<u8>, expected| Case {
         name,
         config: ENFORCE,
         frame,
         expected,
+        role: Role::Subscriber,
     };
     let v4 = Pkt::v4;
     let v6 = Pkt::v6;
@@ -164,6 +182,21 @@ fn cases() -> Vec<Case> {
         let mut frame = pkt.build();
         frame.truncate(frame.len().saturating_sub(by));
         frame
+    };
+    // A first fragment whose extension header chain runs past its end: a destination-
+    // options header of 24 bytes cut after 8.
+    let v6_chain_cut = |src| {
+        truncate(
+            v6(src, 40000, NET6, 25).ext(&[
+                Ext::Fragment {
+                    offset: 0,
+                    more: true,
+                },
+                Ext::DestOpts(2),
+            ]),
+            // The last 16 bytes of the options header and the TCP header.
+            16 + 20,
+        )
     };
     vec![
         // --- The egress rule.
@@ -428,6 +461,45 @@ fn cases() -> Vec<Case> {
             parsed(P::TCP),
         ),
         case(
+            "v4 PPPoE with a compressed protocol field to 25 is dropped",
+            ENFORCE,
+            v4(SUB4, 40000, NET4, 25).pppoe(Pppoe {
+                compressed: true,
+                ..Pppoe::default()
+            }),
+            ruled(D::EGRESS, F::IPV4, V::DROPPED),
+        ),
+        case(
+            "v6 PPPoE with a compressed protocol field behind QinQ to 25 is dropped",
+            ENFORCE,
+            v6(SUB6, 40000, NET6, 25)
+                .tags(&[TPID_8021AD, TPID_8021Q])
+                .pppoe(Pppoe {
+                    compressed: true,
+                    ..Pppoe::default()
+                }),
+            ruled(D::EGRESS, F::IPV6, V::DROPPED),
+        ),
+        case(
+            "v4 PPPoE with a compressed protocol field to 587 passes untouched",
+            ENFORCE,
+            v4(SUB4, 40000, NET4, 587).pppoe(Pppoe {
+                compressed: true,
+                ..Pppoe::default()
+            }),
+            parsed(P::TCP),
+        ),
+        case(
+            "PPPoE carrying compressed LCP-range protocol is not IP",
+            ENFORCE,
+            v4(SUB4, 40000, NET4, 25).pppoe(Pppoe {
+                protocol: Some(0x0023),
+                compressed: true,
+                ..Pppoe::default()
+            }),
+            parsed(P::PPPOE_NOT_IP),
+        ),
+        case(
             "PPPoE carrying LCP is not IP",
             ENFORCE,
             v4(SUB4, 40000, NET4, 25).pppoe(Pppoe {
@@ -599,10 +671,20 @@ fn cases() -> Vec<Case> {
             parsed(P::NOT_TCP),
         ),
         frame_case(
-            "v4 first fragment too short for ports fails open",
+            "v4 first fragment too short for ports is unreadable TCP: dropped",
             truncate(v4(SUB4, 40000, NET4, 25).ipv4_frag(IPV4_MF), 18),
-            parsed(P::SHORT_FIRST_FRAGMENT),
+            with_parse(
+                ruled(D::EGRESS, F::IPV4, V::DROPPED),
+                P::SHORT_FIRST_FRAGMENT,
+            ),
         ),
+        Case {
+            name: "v4 first fragment too short for ports, unreadable_tcp pass: fails open",
+            config: UNREADABLE_PASS,
+            frame: truncate(v4(SUB4, 40000, NET4, 25).ipv4_frag(IPV4_MF), 18),
+            expected: parsed(P::SHORT_FIRST_FRAGMENT),
+            role: Role::Subscriber,
+        },
         Case {
             name: "v4 first fragment too short for ports, fail-closed: dropped",
             config: FRAGMENTS_DROP,
@@ -611,6 +693,7 @@ fn cases() -> Vec<Case> {
                 ruled(D::EGRESS, F::IPV4, V::DROPPED),
                 P::SHORT_FIRST_FRAGMENT,
             ),
+            role: Role::Subscriber,
         },
         // --- IPv6 extension headers.
         case(
@@ -638,10 +721,107 @@ fn cases() -> Vec<Case> {
             ruled(D::EGRESS, F::IPV6, V::DROPPED),
         ),
         case(
-            "v6 nine extension headers fail open",
+            "v6 nine extension headers from a subscriber are unreadable TCP: dropped",
+            ENFORCE,
+            v6(SUB6, 40000, NET6, 587).ext(&[Ext::DestOpts(0); 9]),
+            with_parse(ruled(D::EGRESS, F::IPV6, V::DROPPED), P::EXT_CHAIN_TOO_LONG),
+        ),
+        case(
+            "v6 nine extension headers from an allowlisted source pass",
+            ENFORCE,
+            v6(SUB6_ALLOWED, 40000, NET6, 25).ext(&[Ext::DestOpts(0); 9]),
+            with_parse(
+                ruled(D::EGRESS, F::IPV6, V::ALLOWLISTED),
+                P::EXT_CHAIN_TOO_LONG,
+            ),
+        ),
+        case(
+            "v6 nine extension headers from outside subscriber space pass",
+            ENFORCE,
+            v6(OTHER6, 40000, NET6, 25).ext(&[Ext::DestOpts(0); 9]),
+            with_parse(ruled(D::EGRESS, F::IPV6, V::PASSED), P::EXT_CHAIN_TOO_LONG),
+        ),
+        case(
+            "v6 nine extension headers, unreadable_tcp pass: fail open",
+            UNREADABLE_PASS,
+            v6(SUB6, 40000, NET6, 25).ext(&[Ext::DestOpts(0); 9]),
+            parsed(P::EXT_CHAIN_TOO_LONG),
+        ),
+        frame_case(
+            "v6 first fragment whose header chain runs past its end: dropped",
+            v6_chain_cut(SUB6),
+            with_parse(
+                ruled(D::EGRESS, F::IPV6, V::DROPPED),
+                P::SHORT_FIRST_FRAGMENT,
+            ),
+        ),
+        Case {
+            name: "v6 first fragment whose chain runs past its end, unreadable_tcp pass: \
+                   fails open",
+            config: UNREADABLE_PASS,
+            frame: v6_chain_cut(SUB6),
+            expected: parsed(P::SHORT_FIRST_FRAGMENT),
+            role: Role::Subscriber,
+        },
+        Case {
+            name: "v6 first fragment whose chain runs past its end, monitor: would drop",
+            config: GLOBAL_MONITOR,
+            frame: v6_chain_cut(SUB6),
+            expected: with_parse(
+                ruled(D::EGRESS, F::IPV6, V::WOULD_DROP),
+                P::SHORT_FIRST_FRAGMENT,
+            ),
+            role: Role::Subscriber,
+        },
+        // --- Upstream attachments: the inbound rule only.
+        upstream(
+            "upstream: v4 SYN to 25 with a spoofed subscriber source passes uncounted",
+            ENFORCE,
+            v4(SUB4, 40000, NET4, 25),
+            parsed(P::TCP),
+        ),
+        upstream(
+            "upstream: v6 SYN to 25 with a spoofed subscriber source passes uncounted",
+            ENFORCE,
+            v6(SUB6, 40000, NET6, 25),
+            parsed(P::TCP),
+        ),
+        upstream(
+            "upstream: v4 from 25 into subscriber space is dropped",
+            ENFORCE,
+            v4(NET4, 25, SUB4, 40000),
+            ruled(D::INBOUND, F::IPV4, V::DROPPED),
+        ),
+        upstream(
+            "upstream: v6 from 25 into monitor space would drop",
+            ENFORCE,
+            v6(NET6, 25, SUB6_MONITOR, 40000),
+            ruled(D::INBOUND, F::IPV6, V::WOULD_DROP),
+        ),
+        upstream(
+            "upstream: 25 to 25 from a subscriber to a subscriber takes the inbound rule",
+            ENFORCE,
+            v4(SUB4, 25, SUB4_MONITOR, 25),
+            ruled(D::INBOUND, F::IPV4, V::WOULD_DROP),
+        ),
+        upstream(
+            "upstream: v6 nine extension headers from a subscriber pass",
             ENFORCE,
             v6(SUB6, 40000, NET6, 25).ext(&[Ext::DestOpts(0); 9]),
             parsed(P::EXT_CHAIN_TOO_LONG),
+        ),
+        Case {
+            name: "upstream: first fragment cut short from a subscriber passes",
+            config: ENFORCE,
+            frame: v6_chain_cut(SUB6),
+            expected: parsed(P::SHORT_FIRST_FRAGMENT),
+            role: Role::Upstream,
+        },
+        upstream(
+            "upstream: v4 non-first fragment from a subscriber, fail-closed: inbound only",
+            FRAGMENTS_DROP,
+            v4(SUB4, 40000, NET4, 25).ipv4_frag(185),
+            with_parse(ruled(D::INBOUND, F::IPV4, V::PASSED), P::NON_FIRST_FRAGMENT),
         ),
         case(
             "v6 first fragment is classified by its TCP header",
@@ -709,7 +889,7 @@ fn cases() -> Vec<Case> {
             parsed(P::NOT_TCP),
         ),
         frame_case(
-            "v6 first fragment too short for ports fails open",
+            "v6 first fragment too short for ports is unreadable TCP: dropped",
             truncate(
                 v6(SUB6, 40000, NET6, 25).ext(&[Ext::Fragment {
                     offset: 0,
@@ -717,7 +897,10 @@ fn cases() -> Vec<Case> {
                 }]),
                 18,
             ),
-            parsed(P::SHORT_FIRST_FRAGMENT),
+            with_parse(
+                ruled(D::EGRESS, F::IPV6, V::DROPPED),
+                P::SHORT_FIRST_FRAGMENT,
+            ),
         ),
         case(
             "v6 UDP to 25 is not TCP",
@@ -790,6 +973,8 @@ fn every_rule_and_parse_path_matches_model_xdp_and_tc() -> Result<()> {
     for case in &cases {
         harness.tables.set_config(case.config)?;
         model.config = case.config;
+        model.role = case.role;
+        harness.role = case.role;
 
         let from_model = model.classify(&case.frame);
         if essence(&from_model) != essence(&case.expected) {

@@ -491,6 +491,45 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
         "nothing may be attached:\n{log}"
     );
 
+    // The right type and sizes, but a capacity too small to hold what this build needs.
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
+    std::fs::create_dir_all(&maps)?;
+    let buckets = maps.join("SYN_BUCKETS");
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&buckets)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "20",
+            "value",
+            "16",
+            "entries",
+            "16",
+            "name",
+            "SYN_BUCKETS",
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
+    ensure!(
+        !status.success(),
+        "p25d must refuse a pin too small:\n{log}"
+    );
+    ensure!(
+        log.contains("SYN_BUCKETS")
+            && log.contains("16 entries")
+            && log.contains("at least 65536 entries"),
+        "the error should name the map and both capacities:\n{log}"
+    );
+
     // An ABI record of another version, with the right sizes everywhere.
     let mut lab = DaemonLab::new(&topology.router)?;
     lab.write_policy(POLICY)?;
@@ -589,6 +628,14 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
         "links should be migrated:\n{}",
         lab.log()
     );
+    // The new maps are filled before any link moves onto them.
+    let log = lab.log();
+    ensure!(
+        log.find("filled the new maps before migrating")
+            .zip(log.find("migrated link from ABI v0"))
+            .is_some_and(|(filled, moved)| filled < moved),
+        "the maps must be filled before the links move:\n{log}"
+    );
     for name in ["r-sub", "r-up"] {
         ensure!(
             interface_attached(&lab, name)?,
@@ -610,6 +657,40 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
         true,
         "allowlisted after migration",
     )?;
+    Ok(())
+}
+
+/// State pinned by a newer ABI version is neither migrated nor removed: p25d refuses to
+/// start with a message naming the directory, and the newer links keep filtering.
+#[test]
+fn state_of_a_newer_abi_version_is_left_alone() -> Result<()> {
+    let topology = Topology::build()?;
+    let sub = &topology.sub;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.write_policy(POLICY)?;
+    lab.start()?;
+    lab.kill9()?;
+    let newer = lab.pin_root.join(format!("v{}", ABI_VERSION + 1));
+    std::fs::rename(lab.pin_root.join(format!("v{ABI_VERSION}")), &newer)
+        .context("renaming the pin directory on bpffs")?;
+    let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
+    ensure!(
+        !status.success(),
+        "p25d must refuse newer pinned state:\n{log}"
+    );
+    ensure!(
+        log.contains(&newer.display().to_string()) && log.contains("newer"),
+        "the error should name the newer state:\n{log}"
+    );
+    ensure!(
+        newer.join("links").read_dir()?.count() == 2 && newer.join("maps").exists(),
+        "the newer state must be untouched:\n{log}"
+    );
+    ensure!(
+        !lab.pin_root.join(format!("v{ABI_VERSION}")).exists(),
+        "nothing of this version may be created:\n{log}"
+    );
+    expect(sub, SUB4.into(), smtp4(), false, "newer links still filter")?;
     Ok(())
 }
 

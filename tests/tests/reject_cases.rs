@@ -107,7 +107,8 @@ fn bytes(b: &[u8], from: usize, len: usize) -> Result<&[u8]> {
 
 /// Checks that `rst` is the well-formed answer to `syn`: the IP header starts at `l3` in
 /// both. Returns a description of the RST for the report.
-fn check_rst(syn: &[u8], rst: &[u8], l3: usize, v6: bool, pppoe: bool) -> Result<String> {
+/// `pppoe`: the size of the PPP protocol field (2, 1 when compressed), 0 without PPPoE.
+fn check_rst(syn: &[u8], rst: &[u8], l3: usize, v6: bool, pppoe: usize) -> Result<String> {
     let l4 = l3 + if v6 { 40 } else { 20 };
     ensure!(
         rst.len() == l4 + 20,
@@ -124,7 +125,7 @@ fn check_rst(syn: &[u8], rst: &[u8], l3: usize, v6: bool, pppoe: bool) -> Result
         "source MAC not swapped"
     );
     // Tags and ethertypes (and the PPPoE session id) are kept as they were.
-    let l2_kept = if pppoe { l3 - 4 } else { l3 };
+    let l2_kept = if pppoe != 0 { l3 - 2 - pppoe } else { l3 };
     ensure!(
         bytes(rst, 12, l2_kept - 12)? == bytes(syn, 12, l2_kept - 12)?,
         "L2 headers changed"
@@ -167,9 +168,12 @@ fn check_rst(syn: &[u8], rst: &[u8], l3: usize, v6: bool, pppoe: bool) -> Result
         );
         (l3 + 12, l3 + 16, 4)
     };
-    if pppoe {
+    if pppoe != 0 {
         let ip_len = if v6 { 60 } else { 40 };
-        ensure!(be16(rst, l3 - 4)? == ip_len + 2, "PPPoE length not fixed");
+        ensure!(
+            usize::from(be16(rst, l3 - 2 - pppoe)?) == ip_len + pppoe,
+            "PPPoE length not fixed"
+        );
     }
     ensure!(
         be16(rst, l4)? == be16(syn, l4 + 2)?,
@@ -208,7 +212,8 @@ struct RstCase {
     name: &'static str,
     pkt: Pkt,
     l3: usize,
-    pppoe: bool,
+    /// Size of the PPP protocol field; 0 without PPPoE.
+    pppoe: usize,
 }
 
 fn rst_cases() -> Vec<RstCase> {
@@ -218,6 +223,7 @@ fn rst_cases() -> Vec<RstCase> {
         ver_type: 0x11,
         code: 0,
         protocol: None,
+        compressed: false,
     };
     let mut with_data = v4(SUB4, NET4);
     with_data.payload = 17;
@@ -227,49 +233,69 @@ fn rst_cases() -> Vec<RstCase> {
             name: "v4",
             pkt: v4(SUB4, NET4),
             l3: 14,
-            pppoe: false,
+            pppoe: 0,
         },
         RstCase {
             name: "v6",
             pkt: v6(SUB6, NET6),
             l3: 14,
-            pppoe: false,
+            pppoe: 0,
         },
         RstCase {
             name: "v4 VLAN",
             pkt: v4(SUB4, NET4).tags(&[TPID_8021Q]),
             l3: 18,
-            pppoe: false,
+            pppoe: 0,
         },
         RstCase {
             name: "v6 VLAN",
             pkt: v6(SUB6, NET6).tags(&[TPID_8021Q]),
             l3: 18,
-            pppoe: false,
+            pppoe: 0,
         },
         RstCase {
             name: "v4 QinQ",
             pkt: v4(SUB4, NET4).tags(&[TPID_8021AD, TPID_8021Q]),
             l3: 22,
-            pppoe: false,
+            pppoe: 0,
         },
         RstCase {
             name: "v4 PPPoE",
             pkt: v4(SUB4, NET4).pppoe(pppoe),
             l3: 22,
-            pppoe: true,
+            pppoe: 2,
         },
         RstCase {
             name: "v6 PPPoE in VLAN",
             pkt: v6(SUB6, NET6).tags(&[TPID_8021Q]).pppoe(pppoe),
             l3: 26,
-            pppoe: true,
+            pppoe: 2,
+        },
+        RstCase {
+            name: "v4 PPPoE, compressed protocol field",
+            pkt: v4(SUB4, NET4).pppoe(Pppoe {
+                compressed: true,
+                ..pppoe
+            }),
+            l3: 21,
+            pppoe: 1,
+        },
+        RstCase {
+            name: "v6 PPPoE in QinQ, compressed protocol field",
+            pkt: v6(SUB6, NET6)
+                .tags(&[TPID_8021AD, TPID_8021Q])
+                .pppoe(Pppoe {
+                    compressed: true,
+                    ..pppoe
+                }),
+            l3: 29,
+            pppoe: 1,
         },
         RstCase {
             name: "v4 SYN with data, seq wrapping",
             pkt: with_data,
             l3: 14,
-            pppoe: false,
+            pppoe: 0,
         },
     ]
 }

@@ -688,3 +688,117 @@ fn a_syn_limited_source_gets_its_burst_through_and_the_rest_dropped() -> Result<
     );
     Ok(())
 }
+
+/// Issue 11 item 2: SYNs to port 25 with subscriber sources that arrive from the upstream
+/// side are spoofed internet traffic. With reject mode on, an alert threshold of 1 and a
+/// SYN-limited allowlisted source, a flood of them from the server's side (an XDP
+/// attachment there, so an RST could be sent) creates no offender entry, no alert, no RST
+/// and no egress verdict at all, and leaves the allowlisted source's SYN budget whole: its
+/// real SYNs afterwards all get through.
+#[test]
+fn spoofed_subscriber_syns_from_upstream_forge_no_evidence() -> Result<()> {
+    const LIMIT: u32 = 5;
+    const SPOOFED: u16 = 200;
+    // A subscriber address nobody holds: the spoofed SYNs are routed towards it.
+    const VICTIM: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 77);
+    let topology = Topology::build()?;
+    let mut daemon = DaemonLab::new(&topology.router)?;
+    daemon.run_args(&["--alert-threshold", "1", "--offender-scan", "200ms"]);
+    daemon.write_policy(&format!(
+        r"version: 1
+defaults:
+  action: reject
+interfaces:
+  - name: r-sub
+    role: subscriber
+    attach: xdp
+  - name: r-up
+    role: upstream
+    attach: xdp
+subscribers:
+  - prefix: 100.64.1.0/24
+  - prefix: 2001:db8:1::/64
+allow:
+  - prefix: {SUB4_ALLOWED}/32
+    max_syn_per_minute: {LIMIT}
+"
+    ))?;
+    daemon.start()?;
+    let server = &topology.server;
+    // The server side spoofs both subscriber sources (raw sockets bind to local addresses).
+    for src in [SUB4, SUB4_ALLOWED] {
+        server.add_addr("lo", &format!("{src}/32"))?;
+    }
+    let before = scrape(&topology.router)?;
+    let parsed_before = metric(&before, "p25_parse_outcomes_total", &[("reason", "tcp")]);
+    for src in [SUB4, SUB4_ALLOWED] {
+        let sender = SynSender::new(server, src)?;
+        for i in 0..SPOOFED {
+            sender.send(20_000 + i, SocketAddrV4::new(VICTIM, SMTP))?;
+        }
+    }
+    let spoofed = 2.0 * f64::from(SPOOFED);
+    let mut text = String::new();
+    let seen = wait_until(SETTLE, POLL, || {
+        text = scrape(&topology.router)?;
+        Ok(
+            metric(&text, "p25_parse_outcomes_total", &[("reason", "tcp")]) - parsed_before
+                >= spoofed,
+        )
+    })?;
+    ensure!(
+        seen,
+        "the spoofed SYNs never reached the upstream program:\n{text}"
+    );
+    // Give the offender scan several rounds to (wrongly) raise an alert.
+    std::thread::sleep(Duration::from_secs(1));
+    text = scrape(&topology.router)?;
+    for (name, labels) in [
+        ("p25_packets_total", vec![("direction", "egress")]),
+        ("p25_packets_total", vec![("verdict", "rejected")]),
+        ("p25_reject_fallbacks_total", vec![]),
+        ("p25_offenders", vec![]),
+        ("p25_offender_alerts_total", vec![]),
+    ] {
+        ensure!(
+            metric(&text, name, &labels) == 0.0,
+            "{name}{labels:?} moved for spoofed upstream SYNs:\n{text}"
+        );
+    }
+    let top = daemon.ctl_ok(&["top", "--json"])?;
+    ensure!(
+        serde_json::from_str::<Value>(&top)? == Value::Array(Vec::new()),
+        "p25ctl top lists offenders: {top}"
+    );
+    ensure!(
+        !daemon.log().contains("offender_alert"),
+        "an alert was raised:\n{}",
+        daemon.log()
+    );
+
+    // The allowlisted source's bucket is untouched: its whole burst still gets through.
+    let counters = SynCounters::install(server, SMTP, &[SUB4_ALLOWED])?;
+    let sender = SynSender::new(&topology.sub, SUB4_ALLOWED)?;
+    for i in 0..u16::try_from(LIMIT)? {
+        sender.send(31_000 + i, SocketAddrV4::new(SERVER4, SMTP))?;
+    }
+    let mut received = 0;
+    let arrived = wait_until(SETTLE, POLL, || {
+        received = counters.settled(SUB4_ALLOWED)?;
+        Ok(received >= u64::from(LIMIT))
+    })?;
+    ensure!(
+        arrived && received == u64::from(LIMIT),
+        "{received} of {LIMIT} SYNs of the allowlisted source arrived after the spoofed flood"
+    );
+    text = scrape(&topology.router)?;
+    ensure!(
+        metric(&text, "p25_packets_total", &[("verdict", "rate_limited")]) == 0.0,
+        "rate_limited after a spoofed flood:\n{text}"
+    );
+    summary!(
+        "{spoofed} spoofed subscriber SYNs from upstream: 0 egress verdicts, 0 offenders, \
+         0 alerts, 0 RSTs; allowlisted source then got {received}/{LIMIT} SYNs through"
+    );
+    Ok(())
+}

@@ -582,6 +582,7 @@ impl<'t> Checker<'t> {
         Defaults {
             mode: raw.mode,
             fragments: raw.fragments,
+            unreadable_tcp: raw.unreadable_tcp,
             ports,
             action: raw.action,
             reject_rate: reject_rate.unwrap_or(DEFAULT_REJECT_RATE),

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Deserializer, de::IgnoredAny};
 
-use super::{Attach, Fragments, PolicyAction, PolicyMode, Role};
+use super::{Attach, Fragments, PolicyAction, PolicyMode, Role, UnreadableTcpPolicy};
 
 /// Only `version`, read before anything else: a document of another version may follow
 /// another schema, and its unknown fields would only bury the one error that matters.
@@ -54,6 +54,8 @@ pub(super) struct RawDefaults {
     pub mode: PolicyMode,
     #[serde(default)]
     pub fragments: Fragments,
+    #[serde(default)]
+    pub unreadable_tcp: UnreadableTcpPolicy,
     // `None` when absent, so that an explicitly empty list can be told from a missing one.
     #[serde(default)]
     pub ports: Option<Vec<u16>>,

@@ -18,12 +18,12 @@ use std::{
 
 use aya::{
     Pod,
-    maps::{IterableMap as _, LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{HashMap, IterableMap, LpmTrie, MapData, MapError, lpm_trie::Key},
 };
 use filter_common::abi::{AllowValue, Ipv4Key, Ipv6Key, SubscriberValue, map_names};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::{KernelTables, entries, map_err, removed, v4_key, v6_key};
+use super::{KernelTables, map_err, removed, v4_key, v6_key};
 use crate::{Error, check_prefix};
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
@@ -83,8 +83,41 @@ fn unsupported(error: &io::Error) -> bool {
     )
 }
 
-fn fd<K: Pod, V: Pod>(trie: &LpmTrie<MapData, K, V>) -> BorrowedFd<'_> {
-    trie.map().fd().as_fd()
+/// A policy map: an LPM trie, or a hash of host entries keyed the same way (`Key` with
+/// the full prefix length), so that batching and its per-entry fallback serve both.
+pub(super) trait PolicyMap<K: Pod, V: Pod>: IterableMap<Key<K>, V> {
+    fn insert_one(&mut self, key: &Key<K>, value: V) -> Result<(), MapError>;
+    fn remove_one(&mut self, key: &Key<K>) -> Result<(), MapError>;
+    /// Every entry, by iteration (when the kernel cannot batch-read the map).
+    fn iterate(&self) -> Result<RawEntries<K, V>, MapError>;
+}
+
+impl<K: Pod, V: Pod> PolicyMap<K, V> for LpmTrie<MapData, K, V> {
+    fn insert_one(&mut self, key: &Key<K>, value: V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+    fn remove_one(&mut self, key: &Key<K>) -> Result<(), MapError> {
+        self.remove(key)
+    }
+    fn iterate(&self) -> Result<RawEntries<K, V>, MapError> {
+        self.iter().collect()
+    }
+}
+
+impl<K: Pod, V: Pod> PolicyMap<K, V> for HashMap<MapData, Key<K>, V> {
+    fn insert_one(&mut self, key: &Key<K>, value: V) -> Result<(), MapError> {
+        self.insert(key, value, 0)
+    }
+    fn remove_one(&mut self, key: &Key<K>) -> Result<(), MapError> {
+        self.remove(key)
+    }
+    fn iterate(&self) -> Result<RawEntries<K, V>, MapError> {
+        self.iter().collect()
+    }
+}
+
+fn fd<K: Pod, V: Pod>(map: &impl IterableMap<Key<K>, V>) -> BorrowedFd<'_> {
+    map.map().fd().as_fd()
 }
 
 fn syscall_error(name: &'static str, call: &'static str, io_error: io::Error) -> Error {
@@ -104,7 +137,7 @@ enum Batched<T> {
 /// Upserts `entries` in chunks; `Unsupported` if the very first call says so.
 fn update<K: Pod, V: Pod>(
     name: &'static str,
-    trie: &LpmTrie<MapData, K, V>,
+    trie: &impl IterableMap<Key<K>, V>,
     keys: &[Key<K>],
     values: &[V],
 ) -> Result<Batched<()>, Error> {
@@ -147,7 +180,7 @@ fn update<K: Pod, V: Pod>(
 /// were deleted, or `Unsupported`.
 fn delete<K: Pod, V: Pod>(
     name: &'static str,
-    trie: &LpmTrie<MapData, K, V>,
+    trie: &impl IterableMap<Key<K>, V>,
     keys: &[Key<K>],
 ) -> Result<Batched<usize>, Error> {
     let fd = fd(trie);
@@ -205,7 +238,7 @@ struct ByFamily<V> {
 /// Reads every entry; `Unsupported` if the kernel cannot batch-read this map.
 fn lookup_all<K: Pod, V: Pod>(
     name: &'static str,
-    trie: &LpmTrie<MapData, K, V>,
+    trie: &impl IterableMap<Key<K>, V>,
 ) -> Result<Batched<RawEntries<K, V>>, Error> {
     let fd = fd(trie);
     let mut out = Vec::new();
@@ -268,6 +301,33 @@ fn split<V: Copy>(entries: &[(IpNet, V)]) -> Result<ByFamily<V>, Error> {
     Ok(ByFamily { k4, v4, k6, v6 })
 }
 
+/// Allowlist entries: host entries (/32, /128) go to the exact-match hashes, the rest to
+/// the tries.
+struct AllowSplit<V> {
+    tries: ByFamily<V>,
+    hosts: ByFamily<V>,
+}
+
+fn split_allow<V: Copy>(entries: &[(IpNet, V)]) -> Result<AllowSplit<V>, Error> {
+    let (hosts, tries): (Vec<_>, Vec<_>) = entries
+        .iter()
+        .partition(|(net, _)| net.prefix_len() == net.max_prefix_len());
+    Ok(AllowSplit {
+        tries: split(&tries)?,
+        hosts: split(&hosts)?,
+    })
+}
+
+fn split_allow_keys(nets: &[IpNet]) -> Result<AllowSplit<()>, Error> {
+    let (hosts, tries): (Vec<IpNet>, Vec<IpNet>) = nets
+        .iter()
+        .partition(|net| net.prefix_len() == net.max_prefix_len());
+    Ok(AllowSplit {
+        tries: split_keys(&tries)?,
+        hosts: split_keys(&hosts)?,
+    })
+}
+
 fn split_keys(nets: &[IpNet]) -> Result<ByFamily<()>, Error> {
     let (mut k4, mut k6) = (Vec::new(), Vec::new());
     for net in nets {
@@ -297,7 +357,7 @@ fn v6_net(key: &Key<Ipv6Key>) -> Option<IpNet> {
 /// Upserts into one trie, batched or (if unsupported) entry by entry.
 fn upsert_into<K: Pod, V: Pod>(
     name: &'static str,
-    trie: &mut LpmTrie<MapData, K, V>,
+    trie: &mut impl PolicyMap<K, V>,
     keys: &[Key<K>],
     values: &[V],
 ) -> Result<(), Error> {
@@ -308,7 +368,7 @@ fn upsert_into<K: Pod, V: Pod>(
         Batched::Done(()) => Ok(()),
         Batched::Unsupported => {
             for (key, value) in keys.iter().zip(values) {
-                trie.insert(key, *value, 0).map_err(map_err(name))?;
+                trie.insert_one(key, *value).map_err(map_err(name))?;
             }
             Ok(())
         }
@@ -318,7 +378,7 @@ fn upsert_into<K: Pod, V: Pod>(
 /// Deletes from one trie, batched or entry by entry; returns how many were deleted.
 fn delete_from<K: Pod, V: Pod>(
     name: &'static str,
-    trie: &mut LpmTrie<MapData, K, V>,
+    trie: &mut impl PolicyMap<K, V>,
     keys: &[Key<K>],
 ) -> Result<usize, Error> {
     if keys.is_empty() {
@@ -329,7 +389,7 @@ fn delete_from<K: Pod, V: Pod>(
         Batched::Unsupported => {
             let mut n = 0;
             for key in keys {
-                n += usize::from(removed(name, trie.remove(key))?);
+                n += usize::from(removed(name, trie.remove_one(key))?);
             }
             Ok(n)
         }
@@ -339,18 +399,17 @@ fn delete_from<K: Pod, V: Pod>(
 /// Reads one trie, batched or by iteration.
 fn read_all<K: Pod, V: Pod>(
     name: &'static str,
-    trie: &LpmTrie<MapData, K, V>,
+    trie: &impl PolicyMap<K, V>,
     net: fn(&Key<K>) -> Option<IpNet>,
 ) -> Result<Vec<(IpNet, V)>, Error> {
-    match lookup_all(name, trie)? {
-        Batched::Done(all) => Ok(all
-            .iter()
-            .filter_map(|(k, v)| net(k).map(|n| (n, *v)))
-            .collect()),
-        Batched::Unsupported => {
-            entries(name, trie, |len, data| net(&Key::new(u32::from(len), data)))
-        }
-    }
+    let all = match lookup_all(name, trie)? {
+        Batched::Done(all) => all,
+        Batched::Unsupported => trie.iterate().map_err(map_err(name))?,
+    };
+    Ok(all
+        .iter()
+        .filter_map(|(k, v)| net(k).map(|n| (n, *v)))
+        .collect())
 }
 
 /// Work below this many entries per family is not worth a thread.
@@ -384,12 +443,19 @@ impl KernelTables {
     /// Adds or replaces many allowlist prefixes with batched updates. Rejects host bits
     /// (before changing anything).
     pub fn insert_allow_many(&mut self, entries: &[(IpNet, AllowValue)]) -> Result<(), Error> {
-        let ByFamily { k4, v4, k6, v6 } = split(entries)?;
+        let AllowSplit { tries, hosts } = split_allow(entries)?;
         let (allow_v4, allow_v6) = (&mut self.allow_v4, &mut self.allow_v6);
+        let (host_v4, host_v6) = (&mut self.allow_host_v4, &mut self.allow_host_v6);
         both(
-            k4.len().min(k6.len()),
-            || upsert_into(map_names::ALLOW_V4, allow_v4, &k4, &v4),
-            || upsert_into(map_names::ALLOW_V6, allow_v6, &k6, &v6),
+            (tries.k4.len() + hosts.k4.len()).min(tries.k6.len() + hosts.k6.len()),
+            || {
+                upsert_into(map_names::ALLOW_HOST_V4, host_v4, &hosts.k4, &hosts.v4)?;
+                upsert_into(map_names::ALLOW_V4, allow_v4, &tries.k4, &tries.v4)
+            },
+            || {
+                upsert_into(map_names::ALLOW_HOST_V6, host_v6, &hosts.k6, &hosts.v6)?;
+                upsert_into(map_names::ALLOW_V6, allow_v6, &tries.k6, &tries.v6)
+            },
         )
         .map(|((), ())| ())
     }
@@ -406,18 +472,45 @@ impl KernelTables {
             k4.len().min(k6.len()),
             || upsert_into(map_names::SUBSCRIBERS_V4, sub_v4, &k4, &v4),
             || upsert_into(map_names::SUBSCRIBERS_V6, sub_v6, &k6, &v6),
+        )?;
+        self.insert_subscriber_hashes(entries)?;
+        for (net, _) in entries {
+            self.note_subscriber_added(*net);
+        }
+        // Only now may the dataplane probe a new length: its prefixes are all in the hash.
+        self.publish_lengths()
+    }
+
+    /// Upserts subscriber prefixes into the hashes only (the tries have them already).
+    pub(super) fn insert_subscriber_hashes(
+        &mut self,
+        entries: &[(IpNet, SubscriberValue)],
+    ) -> Result<(), Error> {
+        let ByFamily { k4, v4, k6, v6 } = split(entries)?;
+        let (hash_v4, hash_v6) = (&mut self.subscribers_hash_v4, &mut self.subscribers_hash_v6);
+        both(
+            k4.len().min(k6.len()),
+            || upsert_into(map_names::SUBSCRIBERS_HASH_V4, hash_v4, &k4, &v4),
+            || upsert_into(map_names::SUBSCRIBERS_HASH_V6, hash_v6, &k6, &v6),
         )
         .map(|((), ())| ())
     }
 
     /// Removes many allowlist prefixes with batched deletes; returns how many were there.
     pub fn remove_allow_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
-        let ByFamily { k4, k6, .. } = split_keys(nets)?;
+        let AllowSplit { tries, hosts } = split_allow_keys(nets)?;
         let (allow_v4, allow_v6) = (&mut self.allow_v4, &mut self.allow_v6);
+        let (host_v4, host_v6) = (&mut self.allow_host_v4, &mut self.allow_host_v6);
         both(
-            k4.len().min(k6.len()),
-            || delete_from(map_names::ALLOW_V4, allow_v4, &k4),
-            || delete_from(map_names::ALLOW_V6, allow_v6, &k6),
+            (tries.k4.len() + hosts.k4.len()).min(tries.k6.len() + hosts.k6.len()),
+            || {
+                Ok(delete_from(map_names::ALLOW_V4, allow_v4, &tries.k4)?
+                    + delete_from(map_names::ALLOW_HOST_V4, host_v4, &hosts.k4)?)
+            },
+            || {
+                Ok(delete_from(map_names::ALLOW_V6, allow_v6, &tries.k6)?
+                    + delete_from(map_names::ALLOW_HOST_V6, host_v6, &hosts.k6)?)
+            },
         )
         .map(|(n4, n6)| n4 + n6)
     }
@@ -425,21 +518,48 @@ impl KernelTables {
     /// Removes many subscriber prefixes with batched deletes; returns how many were there.
     pub fn remove_subscribers_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
         let ByFamily { k4, k6, .. } = split_keys(nets)?;
-        let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
+        let (hash_v4, hash_v6) = (&mut self.subscribers_hash_v4, &mut self.subscribers_hash_v6);
         both(
+            k4.len().min(k6.len()),
+            || delete_from(map_names::SUBSCRIBERS_HASH_V4, hash_v4, &k4),
+            || delete_from(map_names::SUBSCRIBERS_HASH_V6, hash_v6, &k6),
+        )?;
+        let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
+        let removed = both(
             k4.len().min(k6.len()),
             || delete_from(map_names::SUBSCRIBERS_V4, sub_v4, &k4),
             || delete_from(map_names::SUBSCRIBERS_V6, sub_v6, &k6),
         )
-        .map(|(n4, n6)| n4 + n6)
+        .map(|(n4, n6)| n4 + n6)?;
+        for net in nets {
+            self.note_subscriber_removed(*net);
+        }
+        self.publish_lengths()?;
+        Ok(removed)
     }
 
     /// All allowlist prefixes, IPv4 then IPv6, read with batched lookups.
     pub fn allowlist_batched(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
         let (mut out, v6) = both(
             PARALLEL_MIN,
-            || read_all(map_names::ALLOW_V4, &self.allow_v4, v4_net),
-            || read_all(map_names::ALLOW_V6, &self.allow_v6, v6_net),
+            || {
+                let mut v4 = read_all(map_names::ALLOW_V4, &self.allow_v4, v4_net)?;
+                v4.extend(read_all(
+                    map_names::ALLOW_HOST_V4,
+                    &self.allow_host_v4,
+                    v4_net,
+                )?);
+                Ok(v4)
+            },
+            || {
+                let mut v6 = read_all(map_names::ALLOW_V6, &self.allow_v6, v6_net)?;
+                v6.extend(read_all(
+                    map_names::ALLOW_HOST_V6,
+                    &self.allow_host_v6,
+                    v6_net,
+                )?);
+                Ok(v6)
+            },
         )?;
         out.extend(v6);
         Ok(out)
@@ -462,9 +582,18 @@ impl KernelTables {
     /// address at its length). One syscall: lets the daemon skip work for the common case
     /// of a new, uncovered runtime entry.
     pub fn allow_covers(&self, net: IpNet) -> Result<bool, Error> {
+        // A host entry covers only itself; anything wider is in the tries.
         let found = match check_prefix(net)? {
-            IpNet::V4(net) => self.allow_v4.get(&v4_key(net), 0).map(drop),
-            IpNet::V6(net) => self.allow_v6.get(&v6_key(net), 0).map(drop),
+            IpNet::V4(net) => self
+                .allow_host_v4
+                .get(&v4_key(net), 0)
+                .map(drop)
+                .or_else(|_| self.allow_v4.get(&v4_key(net), 0).map(drop)),
+            IpNet::V6(net) => self
+                .allow_host_v6
+                .get(&v6_key(net), 0)
+                .map(drop)
+                .or_else(|_| self.allow_v6.get(&v6_key(net), 0).map(drop)),
         };
         match found {
             Ok(()) => Ok(true),

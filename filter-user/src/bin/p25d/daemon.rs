@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::programs::XdpMode;
-use filter_common::abi::iface_slot;
+use filter_common::abi::{ABI_VERSION, iface_slot};
 use filter_user::{
     Dataplane, KernelTables,
     control::{
@@ -163,8 +163,8 @@ pub async fn run(opts: Options) -> Result<()> {
     let _socket_lock = lock_socket(&opts.socket, opts.socket_group.as_deref())?;
 
     let adopting = opts.layout.dir().exists();
+    refuse_newer_versions(&opts.layout)?;
     let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
-    migrate_other_versions(&mut dataplane, &opts.layout);
     let tables = dataplane.take_tables()?;
     let events = dataplane.take_events()?;
     let generation = tables.config()?.generation;
@@ -202,6 +202,7 @@ pub async fn run(opts: Options) -> Result<()> {
         expiry_failed: false,
         interfaces: BTreeMap::new(),
     };
+    daemon.migrate_other_versions(&checked.policy)?;
     daemon.apply(checked.policy, "start")?;
 
     let listener = bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
@@ -291,26 +292,29 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// Takes over the links of pinned state left by other ABI versions, without a gap: each
-/// link gets this build's program in place and is re-pinned here. The old maps are then
-/// dropped; the policy and the runtime state rebuild their content.
-fn migrate_other_versions(dataplane: &mut Dataplane, layout: &PinLayout) {
+/// Refuses to start next to pinned state of a newer ABI version: its maps mean something
+/// this build does not know, and its links filter with them. Neither is migrated nor
+/// removed; the operator runs the newer p25d, or removes that state on purpose.
+fn refuse_newer_versions(layout: &PinLayout) -> Result<()> {
     for (version, dir) in layout.other_versions() {
-        for (interface, hook, old) in links_in(&dir.join("links")) {
-            match dataplane.migrate_link(layout, &interface, hook, &old) {
-                Ok(()) => info!(version, %interface, ?hook, "migrated link from ABI v{version}"),
-                Err(e) => {
-                    let e = format!("{:#}", anyhow::Error::from(e));
-                    // A defunct link (its interface is gone) filters nothing; drop it.
-                    warn!(version, %interface, ?hook, error = %e, "could not migrate link; removing it");
-                    let _ = fs::remove_file(&old);
-                }
-            }
+        if version > ABI_VERSION {
+            bail!(
+                "{} holds pinned state of ABI v{version}, newer than this p25d (ABI \
+                 v{ABI_VERSION}); refusing to migrate or remove it. Run the newer p25d, or \
+                 remove that state on purpose with `p25d detach --all-versions --pin-root {}`",
+                dir.display(),
+                layout.root().display()
+            );
         }
-        match remove_version_dir(&dir) {
-            Ok(n) => info!(version, removed = n, dir = %dir.display(), "removed old ABI state"),
-            Err(e) => warn!(version, error = %format!("{e:#}"), "removing old ABI state failed"),
-        }
+    }
+    Ok(())
+}
+
+/// The dataplane's role for a policy interface role.
+fn dataplane_role(role: Role) -> filter_common::classify::Role {
+    match role {
+        Role::Subscriber => filter_common::classify::Role::Subscriber,
+        Role::Upstream => filter_common::classify::Role::Upstream,
     }
 }
 
@@ -909,6 +913,92 @@ impl Daemon {
         }
     }
 
+    /// Takes over pinned state left by older ABI versions, never leaving a live link on
+    /// unfilled maps:
+    /// 1. fill this version's maps completely: the policy and runtime entries, then the
+    ///    per-source SYN buckets carried over from the old maps;
+    /// 2. move each link: this build's program for the interface's role replaces the old
+    ///    one in place (`bpf_link_update`), so the interface is never unfiltered, and the
+    ///    link is re-pinned here;
+    /// 3. remove the old directory.
+    ///
+    /// A failed fill returns the error before any link moved: the old links keep
+    /// filtering with the old maps, untouched, and p25d exits.
+    fn migrate_other_versions(&mut self, policy: &Policy) -> Result<()> {
+        let layout = self.opts.layout.clone();
+        let older: Vec<(u32, PathBuf)> = layout
+            .other_versions()
+            .into_iter()
+            .filter(|(version, _)| *version < ABI_VERSION)
+            .collect();
+        if older.is_empty() {
+            return Ok(());
+        }
+        let config = desired::config(policy, &self.settings(), self.generation.wrapping_add(1));
+        let target = Desired::new(config, policy, self.runtime.entries(), SystemTime::now());
+        let counts = target.counts();
+        let report = sync::reconcile(&mut self.tables, &target).with_context(|| {
+            format!(
+                "filling the ABI v{ABI_VERSION} maps before taking over the links of {}; \
+                 the old links and maps are untouched and still filtering",
+                older
+                    .iter()
+                    .map(|(_, dir)| dir.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        info!(
+            added = report.added,
+            subscribers = counts.subscribers,
+            allow = counts.allow_policy + counts.allow_runtime,
+            "filled the new maps before migrating"
+        );
+        for (version, dir) in &older {
+            match self.tables.import_syn_buckets(&dir.join("maps")) {
+                Ok(n) => info!(version, buckets = n, "carried over SYN buckets"),
+                // The buckets only refill early: an allowlisted source gets its burst again.
+                Err(e) => warn!(version, error = %e, "could not carry over SYN buckets"),
+            }
+        }
+        let roles: BTreeMap<&str, Role> = policy
+            .interfaces
+            .iter()
+            .map(|i| (i.name.as_str(), i.role))
+            .collect();
+        for (version, dir) in &older {
+            let version = *version;
+            for (interface, hook, old) in links_in(&dir.join("links")) {
+                // An interface no longer in the policy is detached by the first apply.
+                let role = roles
+                    .get(interface.as_str())
+                    .copied()
+                    .map_or(filter_common::classify::Role::Subscriber, dataplane_role);
+                match self
+                    ._dataplane
+                    .migrate_link(&layout, &interface, hook, role, &old)
+                {
+                    Ok(()) => {
+                        info!(version, %interface, ?hook, "migrated link from ABI v{version}")
+                    }
+                    Err(e) => {
+                        let e = format!("{:#}", anyhow::Error::from(e));
+                        // A defunct link (its interface is gone) filters nothing; drop it.
+                        warn!(version, %interface, ?hook, error = %e, "could not migrate link; removing it");
+                        let _ = fs::remove_file(&old);
+                    }
+                }
+            }
+            match remove_version_dir(dir) {
+                Ok(n) => info!(version, removed = n, dir = %dir.display(), "removed old ABI state"),
+                Err(e) => {
+                    warn!(version, error = %format!("{e:#}"), "removing old ABI state failed")
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn synced(&mut self) {
         self.last_sync_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1056,7 +1146,8 @@ impl Daemon {
                 ifindex: None,
                 note: String::new(),
             });
-            let changed = state.attach != attach;
+            // A role change swaps the attachment's program (in place, no gap).
+            let changed = state.attach != attach || state.role != role;
             state.role = role;
             state.attach = attach;
             if changed || state.hook.is_none() {
@@ -1084,7 +1175,13 @@ impl Daemon {
         let layout = self.opts.layout.clone();
         let dataplane = &mut self._dataplane;
         let try_hook = |dataplane: &mut Dataplane, hook: Hook| {
-            dataplane.attach_pinned(&layout, name, hook, XdpMode::Driver)
+            dataplane.attach_pinned(
+                &layout,
+                name,
+                hook,
+                dataplane_role(state.role),
+                XdpMode::Driver,
+            )
         };
         let (hook, result, note) = match state.attach {
             Attach::Xdp => (Hook::Xdp, try_hook(dataplane, Hook::Xdp), String::new()),
