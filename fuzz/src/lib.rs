@@ -10,9 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use filter_common::{
     abi::{
         AllowValue, Config, Direction, FragmentPolicy, Mode, Origin, ParseOutcome, SubscriberValue,
-        Verdict,
+        UnreadableTcp, Verdict,
     },
-    classify::Action,
+    classify::{Action, Role},
 };
 use filter_user::{
     model::ModelTables,
@@ -152,7 +152,9 @@ fn prefix(text: &str) -> IpNet {
 }
 
 /// Header: `[flags, subscriber mask, allow mask, modes lo, modes hi]`. Flags: bits 0-1 the
-/// global mode (3 is unknown, which must enforce), bit 2 fragments fail closed. Each
+/// global mode (3 is unknown, which must enforce), bit 2 fragments fail closed, bit 3
+/// unreadable TCP fails open (`unreadable_tcp: pass`), bit 4 the frames arrive on an
+/// upstream attachment (inbound rule only). Each
 /// subscriber prefix `i` takes its mode from bits `2i..2i+2` of the modes.
 fn choose(header: [u8; HEADER]) -> Chosen {
     let [flags, subscriber_mask, allow_mask, modes_lo, modes_hi] = header;
@@ -164,10 +166,20 @@ fn choose(header: [u8; HEADER]) -> Chosen {
         } else {
             FragmentPolicy::DROP
         },
+        unreadable_tcp: if flags & 8 == 0 {
+            UnreadableTcp::PORT25
+        } else {
+            UnreadableTcp::PASS
+        },
         ..Config::default()
     };
     let mut tables = ModelTables::default();
     tables.config = config;
+    tables.role = if flags & 16 == 0 {
+        Role::Subscriber
+    } else {
+        Role::Upstream
+    };
     let mut subscribers = Vec::new();
     for (i, text) in SUBSCRIBERS.iter().enumerate() {
         if subscriber_mask & (1 << i) != 0 {
@@ -234,7 +246,10 @@ fn addresses(frame: &[u8], l3: usize) -> Option<(IpAddr, IpAddr)> {
 /// - a blocked frame carries an unfavourable verdict counter and a plausible IP offset;
 /// - a blocked frame with visible ports has source or destination port 25, and one to
 ///   587 or 465 is blocked only by the inbound rule (source port 25);
-/// - a blocked frame without visible ports is a fragment, and fragments fail closed;
+/// - a blocked frame without visible ports is a fragment and fragments fail closed, or it
+///   is unreadable TCP (extension header chain too long, first fragment cut short) from a
+///   subscriber under `unreadable_tcp: port25`, judged by the egress rule;
+/// - on an upstream attachment only the inbound rule blocks;
 /// - the address the rule is about (the source for egress, the destination for inbound)
 ///   lies in a subscriber prefix and in no allowlist prefix, checked with plain prefix
 ///   containment, independently of the model's longest-prefix match.
@@ -288,9 +303,18 @@ pub fn classifier(data: &[u8]) {
             ParseOutcome::SHORT_FIRST_FRAGMENT,
         ]
         .contains(&outcome.parse);
-        if !fragment || chosen.config.fragments != FragmentPolicy::DROP {
+        let closed_fragment = fragment && chosen.config.fragments == FragmentPolicy::DROP;
+        let unreadable = [
+            ParseOutcome::EXT_CHAIN_TOO_LONG,
+            ParseOutcome::SHORT_FIRST_FRAGMENT,
+        ]
+        .contains(&outcome.parse)
+            && chosen.config.unreadable_tcp == UnreadableTcp::PORT25
+            && counter.direction == Direction::EGRESS;
+        if !closed_fragment && !unreadable {
             violated(format!(
-                "blocked without ports, not a fail-closed fragment: {what}"
+                "blocked without ports, neither a fail-closed fragment nor unreadable TCP \
+                 under unreadable_tcp: port25: {what}"
             ));
         }
     } else {
@@ -309,6 +333,11 @@ pub fn classifier(data: &[u8]) {
                 outcome.parse
             ));
         }
+    }
+    if chosen.tables.role == Role::Upstream && counter.direction != Direction::INBOUND {
+        violated(format!(
+            "upstream attachment blocked by the egress rule: {what}"
+        ));
     }
     let Some((src, dst)) = addresses(frame, usize::from(outcome.l3)) else {
         violated(format!("blocked, but no IP header at the offset: {what}"));

@@ -450,10 +450,18 @@ fn idle_connection_floods_do_not_stop_reloads_allows_or_scrapes() -> Result<()> 
     // The daemon holds at most its caps (32 metrics, 8 control connections of one user),
     // not one descriptor per idle connection: before the caps it held all 2,200, and under
     // the unit's file limit the accept loops would have failed.
-    let fds_flood = open_fds();
+    // Connections over a cap are accepted, answered and closed (or evict an older one), so
+    // under load a few are in flight at any moment: the bound holds once those are done.
+    let bound = fds_before + 32 + 8 + 8;
+    let mut fds_flood = open_fds();
+    let settle = std::time::Instant::now();
+    while fds_flood > bound && settle.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        fds_flood = open_fds();
+    }
     ensure!(
-        fds_flood <= fds_before + 32 + 8 + 8,
-        "p25d holds {fds_flood} descriptors under the flood ({fds_before} before)"
+        fds_flood <= bound,
+        "p25d holds {fds_flood} descriptors under the flood ({fds_before} before), 5 s after it began"
     );
     let t0 = std::time::Instant::now();
     // Root is never turned away: allow and reload go through at once.

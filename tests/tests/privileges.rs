@@ -301,7 +301,10 @@ fn p25d_filters_as_an_unprivileged_user_with_three_capabilities() -> Result<()> 
     );
     ensure!(
         !connects(SMTP, Duration::from_millis(1200))?,
-        "port 25 from a subscriber must be dropped under the unprivileged p25d"
+        "port 25 from a subscriber must be dropped under the unprivileged p25d; status: \
+         {:?}\np25d log:\n{}",
+        lab.status().map(|s| s.interfaces),
+        lab.log()
     );
 
     lab.ctl_ok(&["allow", "100.64.1.2"])?;
