@@ -18,9 +18,11 @@ use super::{
     AllowEntry, Checked, DEFAULT_REJECT_BURST, DEFAULT_REJECT_RATE, Defaults, Diagnostic,
     Interface, MAX_TEXT_BYTES, POLICY_VERSION, Policy, PolicyError, SubscriberEntry, SynRateLimit,
     lists::{self, ListLine},
-    raw::{RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber, VersionProbe},
+    raw::{
+        At, RawAllow, RawDefaults, RawInterface, RawPolicy, RawSubscriber, Version, VersionProbe,
+    },
 };
-use serde_saphyr::{Location, Spanned};
+use serde_saphyr::Location;
 
 /// A position in the text, as a compiler prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +38,12 @@ impl Pos {
     pub const START: Self = Self { line: 1, column: 1 };
 
     fn of(location: &Location) -> Self {
-        let line = usize::try_from(location.line()).unwrap_or(usize::MAX);
-        let column = usize::try_from(location.column()).unwrap_or(usize::MAX);
+        Self::new(location.line(), location.column())
+    }
+
+    fn new(line: u64, column: u64) -> Self {
+        let line = usize::try_from(line).unwrap_or(usize::MAX);
+        let column = usize::try_from(column).unwrap_or(usize::MAX);
         if line == 0 {
             return Self::START;
         }
@@ -48,8 +54,8 @@ impl Pos {
     }
 
     /// Where a value is written (at the alias, if it is one, not at its anchor).
-    fn at<T>(spanned: &Spanned<T>) -> Self {
-        Self::of(&spanned.referenced)
+    fn at<T>(at: &At<T>) -> Self {
+        Self::new(u64::from(at.line), u64::from(at.column))
     }
 }
 
@@ -368,7 +374,7 @@ impl<'t> Checker<'t> {
 
     /// Resolves and registers the list files named under `key`; unusable names are
     /// reported.
-    fn list_files(&mut self, key: &'static str, names: &[Spanned<String>]) -> Vec<(u16, PathBuf)> {
+    fn list_files(&mut self, key: &'static str, names: &[At<String>]) -> Vec<(u16, PathBuf)> {
         let mut files = Vec::with_capacity(names.len());
         for spanned in names {
             let name = &spanned.value;
@@ -569,41 +575,41 @@ impl<'t> Checker<'t> {
         })
     }
 
-    /// The document through serde-saphyr, after the version probe; `None` with the errors
+    /// The document through serde-saphyr, its version checked; `None` with the errors
     /// reported.
     fn serde_raw(&mut self) -> Option<RawPolicy> {
-        if !self.version()? {
-            return None;
-        }
-        match serde_saphyr::from_str_with_options::<RawPolicy>(self.text, yaml_options()) {
-            Ok(raw) => Some(raw),
-            Err(error) => {
-                self.yaml_error(&error);
-                None
-            }
-        }
-    }
-
-    /// Checks `version` first: a document of another version may follow another schema,
-    /// and a flood of unknown-field errors would bury the one that matters. `Some(false)`:
-    /// do not go on; `None`: the document did not even parse.
-    fn version(&mut self) -> Option<bool> {
-        let probe = match serde_saphyr::from_str_with_options::<Option<VersionProbe>>(
+        let error = match serde_saphyr::from_str_with_options::<Option<RawPolicy>>(
             self.text,
             yaml_options(),
         ) {
-            Ok(Some(probe)) => probe,
+            Ok(Some(mut raw)) => return self.version(raw.version.take()).then_some(raw),
             // Nothing but comments, or a lone `~`: one clear error, not one per field.
             Ok(None) => {
                 self.error(Pos::START, EMPTY.to_owned());
                 return None;
             }
-            Err(error) => {
-                self.yaml_error(&error);
-                return None;
-            }
+            Err(error) => error,
         };
-        let Some(version) = probe.version else {
+        // Which error to report depends on the version: read it alone (a second pass, on
+        // the error path only).
+        match serde_saphyr::from_str_with_options::<Option<VersionProbe>>(self.text, yaml_options())
+        {
+            Ok(Some(probe)) => {
+                if self.version(probe.version) {
+                    self.yaml_error(&error);
+                }
+            }
+            Ok(None) => self.error(Pos::START, EMPTY.to_owned()),
+            Err(probe_error) => self.yaml_error(&probe_error),
+        }
+        None
+    }
+
+    /// Checks `version`: a document of another version may follow another schema, and a
+    /// flood of unknown-field errors would bury the one that matters. `false`: do not go
+    /// on.
+    fn version(&mut self, version: Option<At<Version>>) -> bool {
+        let Some(version) = version else {
             // Missing (or empty) is likely an otherwise fine file: report it, and check the
             // rest.
             let pos = top_level_key(self.text, "version").unwrap_or(Pos::START);
@@ -614,10 +620,10 @@ impl<'t> Checker<'t> {
                      {POLICY_VERSION})"
                 ),
             );
-            return Some(true);
+            return true;
         };
         if version.value.number == Some(u64::from(POLICY_VERSION)) {
-            return Some(true);
+            return true;
         }
         let shown = &version.value.shown;
         let pos = Pos::at(&version);
@@ -628,7 +634,7 @@ impl<'t> Checker<'t> {
                  {POLICY_VERSION})"
             ),
         );
-        Some(false)
+        false
     }
 
     fn defaults(&mut self, raw: RawDefaults) -> Defaults {
@@ -652,7 +658,7 @@ impl<'t> Checker<'t> {
     }
 
     /// A count that must lie in `1..=max` (rates, bursts): the value, or an error at it.
-    fn bounded(&mut self, name: &str, value: Option<&Spanned<u32>>, max: u32) -> Option<u32> {
+    fn bounded(&mut self, name: &str, value: Option<&At<u32>>, max: u32) -> Option<u32> {
         let spanned = value?;
         let value = spanned.value;
         if (1..=max).contains(&value) {
@@ -666,7 +672,7 @@ impl<'t> Checker<'t> {
         None
     }
 
-    fn ports(&mut self, ports: &Spanned<Vec<Spanned<u16>>>) {
+    fn ports(&mut self, ports: &At<Vec<At<u16>>>) {
         if ports.value.is_empty() {
             let pos = Pos::at(ports);
             self.error(
@@ -801,7 +807,10 @@ impl<'t> Checker<'t> {
                 Pos::at(&entry.prefix),
                 &entry.prefix.value,
             );
-            for (name, spanned) in [("comment", &entry.comment), ("owner", &entry.owner)] {
+            for (name, spanned) in [
+                ("comment", &entry.extra().comment),
+                ("owner", &entry.extra().owner),
+            ] {
                 if let Some(spanned) = spanned.as_ref().filter(|v| v.value.len() > MAX_TEXT_BYTES) {
                     let value = &spanned.value;
                     let pos = Pos::at(spanned);
@@ -817,8 +826,9 @@ impl<'t> Checker<'t> {
                 }
             }
             let mut expired = false;
-            let expires_at = entry.expires.as_ref().map_or(Pos::START, Pos::at);
+            let expires_at = entry.extra().expires.as_ref().map_or(Pos::START, Pos::at);
             let expires = match entry
+                .extra()
                 .expires
                 .as_ref()
                 .map(|s| (s.value.as_str(), parse_expiry(&s.value)))
@@ -869,11 +879,17 @@ impl<'t> Checker<'t> {
             };
             let per_minute = self.bounded(
                 "max_syn_per_minute",
-                entry.max_syn_per_minute.as_ref(),
+                entry.extra().max_syn_per_minute.as_ref(),
                 MAX_SYN_PER_MINUTE,
             );
-            let burst = self.bounded("syn_burst", entry.syn_burst.as_ref(), MAX_SYN_PER_MINUTE);
-            if let (None, Some(spanned)) = (&entry.max_syn_per_minute, &entry.syn_burst) {
+            let burst = self.bounded(
+                "syn_burst",
+                entry.extra().syn_burst.as_ref(),
+                MAX_SYN_PER_MINUTE,
+            );
+            if let (None, Some(spanned)) =
+                (&entry.extra().max_syn_per_minute, &entry.extra().syn_burst)
+            {
                 let burst = spanned.value;
                 let pos = Pos::at(spanned);
                 self.error(
@@ -905,8 +921,16 @@ impl<'t> Checker<'t> {
             }
             entries.push(AllowEntry {
                 prefix,
-                comment: entry.comment.as_ref().map(|c| Box::from(c.value.as_str())),
-                owner: entry.owner.as_ref().map(|o| Box::from(o.value.as_str())),
+                comment: entry
+                    .extra()
+                    .comment
+                    .as_ref()
+                    .map(|c| Box::from(c.value.as_str())),
+                owner: entry
+                    .extra()
+                    .owner
+                    .as_ref()
+                    .map(|o| Box::from(o.value.as_str())),
                 expires,
                 syn_limit,
             });

@@ -14,13 +14,14 @@ use serde_saphyr::Spanned;
 
 use super::{Attach, Fragments, PolicyAction, PolicyMode, Role};
 
-/// Only `version`, read before anything else: a document of another version may follow
-/// another schema, and its unknown fields would only bury the one error that matters.
+/// Only `version`, read when the whole document did not deserialize: a document of
+/// another version may follow another schema, and its unknown fields would only bury the
+/// one error that matters.
 #[derive(Deserialize)]
 #[serde(expecting = "a p25 policy: a mapping with `version: 1` and `subscribers`")]
 pub(super) struct VersionProbe {
     #[serde(default)]
-    pub version: Option<Spanned<Version>>,
+    pub version: Option<At<Version>>,
 }
 
 /// A `version` value of any type, as shown in an error, and as a number if it is one.
@@ -101,9 +102,9 @@ impl<'de> Visitor<'de> for VersionVisitor {
     expecting = "a p25 policy: a mapping with `version: 1` and `subscribers`"
 )]
 pub(super) struct RawPolicy {
-    // Checked by the probe; declared so that it is not an unknown field.
-    #[serde(default, rename = "version")]
-    pub _version: Option<IgnoredAny>,
+    /// Checked before anything else is.
+    #[serde(default)]
+    pub version: Option<At<Version>>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub defaults: RawDefaults,
     #[serde(default, deserialize_with = "null_as_default")]
@@ -116,10 +117,10 @@ pub(super) struct RawPolicy {
     pub allow_empty_subscribers: bool,
     /// List files of subscriber prefixes, relative to the policy file.
     #[serde(default, deserialize_with = "null_as_default")]
-    pub subscriber_files: Vec<Spanned<String>>,
+    pub subscriber_files: Vec<At<String>>,
     /// List files of allowlist prefixes, relative to the policy file.
     #[serde(default, deserialize_with = "null_as_default")]
-    pub allow_files: Vec<Spanned<String>>,
+    pub allow_files: Vec<At<String>>,
 }
 
 #[derive(Debug, PartialEq, Default, Deserialize)]
@@ -131,13 +132,13 @@ pub(super) struct RawDefaults {
     pub fragments: Fragments,
     // `None` when absent, so that an explicitly empty list can be told from a missing one.
     #[serde(default)]
-    pub ports: Option<Spanned<Vec<Spanned<u16>>>>,
+    pub ports: Option<At<Vec<At<u16>>>>,
     #[serde(default)]
     pub action: PolicyAction,
     #[serde(default)]
-    pub reject_rate: Option<Spanned<u32>>,
+    pub reject_rate: Option<At<u32>>,
     #[serde(default)]
-    pub reject_burst: Option<Spanned<u32>>,
+    pub reject_burst: Option<At<u32>>,
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -146,10 +147,32 @@ pub(super) struct RawDefaults {
     expecting = "an interface mapping (`name`, `role`, `attach`)"
 )]
 pub(super) struct RawInterface {
-    pub name: Spanned<String>,
+    pub name: At<String>,
     pub role: Role,
     #[serde(default)]
     pub attach: Attach,
+}
+
+/// A value and where it is written (at the alias, if it is one, not at its anchor): what
+/// `Spanned` gives, in 8 bytes of position rather than two full locations, since a
+/// million-entry list keeps one per entry.
+#[derive(Debug, PartialEq)]
+pub(super) struct At<T> {
+    pub value: T,
+    pub line: u32,
+    pub column: u32,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for At<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let spanned = Spanned::<T>::deserialize(deserializer)?;
+        let at = spanned.referenced;
+        Ok(Self {
+            value: spanned.value,
+            line: u32::try_from(at.line()).unwrap_or(u32::MAX),
+            column: u32::try_from(at.column()).unwrap_or(u32::MAX),
+        })
+    }
 }
 
 #[derive(Debug, PartialEq, Deserialize)]
@@ -158,31 +181,81 @@ pub(super) struct RawInterface {
     expecting = "a subscriber mapping (`prefix`, optional `mode`, `action`)"
 )]
 pub(super) struct RawSubscriber {
-    pub prefix: Spanned<String>,
+    pub prefix: At<Box<str>>,
     #[serde(default)]
     pub mode: Option<PolicyMode>,
     #[serde(default)]
     pub action: Option<PolicyAction>,
 }
 
-#[derive(Debug, PartialEq, Deserialize)]
+/// An allowlist entry as written, kept compact: most entries are a prefix alone, so the
+/// other fields live in a box that only the entries having them allocate.
+#[derive(Debug, PartialEq)]
+pub(super) struct RawAllow {
+    pub prefix: At<Box<str>>,
+    pub extra: Option<Box<AllowExtra>>,
+}
+
+/// The fields of an allowlist entry besides its prefix.
+#[derive(Debug, PartialEq, Default)]
+pub(super) struct AllowExtra {
+    pub comment: Option<At<String>>,
+    pub owner: Option<At<String>>,
+    pub expires: Option<At<String>>,
+    pub max_syn_per_minute: Option<At<u32>>,
+    pub syn_burst: Option<At<u32>>,
+}
+
+impl RawAllow {
+    pub fn extra(&self) -> &AllowExtra {
+        static NONE: AllowExtra = AllowExtra {
+            comment: None,
+            owner: None,
+            expires: None,
+            max_syn_per_minute: None,
+            syn_burst: None,
+        };
+        self.extra.as_deref().unwrap_or(&NONE)
+    }
+}
+
+/// `RawAllow` as serde derives it (for the error messages of unknown and missing
+/// fields), compacted as soon as it is read.
+#[derive(Deserialize)]
 #[serde(
     deny_unknown_fields,
     expecting = "an allow mapping (`prefix`, optional `comment`, `owner`, `expires`, \
                  `max_syn_per_minute`, `syn_burst`)"
 )]
-pub(super) struct RawAllow {
-    pub prefix: Spanned<String>,
+struct AllowAsWritten {
+    prefix: At<Box<str>>,
     #[serde(default)]
-    pub comment: Option<Spanned<String>>,
+    comment: Option<At<String>>,
     #[serde(default)]
-    pub owner: Option<Spanned<String>>,
+    owner: Option<At<String>>,
     #[serde(default)]
-    pub expires: Option<Spanned<String>>,
+    expires: Option<At<String>>,
     #[serde(default)]
-    pub max_syn_per_minute: Option<Spanned<u32>>,
+    max_syn_per_minute: Option<At<u32>>,
     #[serde(default)]
-    pub syn_burst: Option<Spanned<u32>>,
+    syn_burst: Option<At<u32>>,
+}
+
+impl<'de> Deserialize<'de> for RawAllow {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let written = AllowAsWritten::deserialize(deserializer)?;
+        let extra = AllowExtra {
+            comment: written.comment,
+            owner: written.owner,
+            expires: written.expires,
+            max_syn_per_minute: written.max_syn_per_minute,
+            syn_burst: written.syn_burst,
+        };
+        Ok(Self {
+            prefix: written.prefix,
+            extra: (extra != AllowExtra::default()).then(|| Box::new(extra)),
+        })
+    }
 }
 
 /// A key present with nothing after it (`allow:` with every entry commented out) means
