@@ -492,6 +492,18 @@ impl<'t> Checker<'t> {
                         self.token_at(pos)
                     );
                 }
+                _ if message.starts_with("duplicate mapping key: ") => {
+                    // Without the parser's advice to its own callers about its options.
+                    let key = message
+                        .trim_start_matches("duplicate mapping key: ")
+                        .split(", set DuplicateKeyPolicy")
+                        .next()
+                        .unwrap_or_default();
+                    message = format!(
+                        "duplicate key `{key}`: a key may appear only once in a mapping; \
+                         merge the two"
+                    );
+                }
                 _ if message.starts_with("multiple YAML documents") => {
                     pos = second_document(self.text).unwrap_or(pos);
                     message = "more than one document (a `---` line after content): a policy \
