@@ -518,8 +518,7 @@ impl<'t> Checker<'t> {
 
     /// Whether `pos` is where the document's content starts (after comments and `---`).
     fn document_start(&self, pos: Pos) -> bool {
-        self.text
-            .lines()
+        yaml_lines(self.text)
             .enumerate()
             .find(|(_, line)| {
                 let line = line.trim();
@@ -549,8 +548,7 @@ impl<'t> Checker<'t> {
     }
 
     fn char_at(&self, pos: Pos) -> Option<char> {
-        self.text
-            .lines()
+        yaml_lines(self.text)
             .nth(pos.line.checked_sub(1)?)?
             .chars()
             .nth(pos.column.checked_sub(1)?)
@@ -1373,7 +1371,7 @@ fn shape_problem(text: &str) -> Option<(Pos, String)> {
     // indentation, and `- ` items opened on one line), counted together.
     let mut flow = 0_usize;
     let mut indents: Vec<usize> = Vec::new();
-    for (index, line) in text.lines().enumerate() {
+    for (index, line) in yaml_lines(text).enumerate() {
         let number = index + 1;
         let content = line.trim_start_matches(' ');
         let indent = line.len() - content.len();
@@ -1463,7 +1461,7 @@ fn yaml_message(error: &serde_saphyr::Error) -> String {
 /// value missing or empty, a list file it names unreadable). Top-level keys of a block
 /// mapping start their line; `None` for a policy written otherwise.
 fn top_level_key(text: &str, key: &str) -> Option<Pos> {
-    text.lines().enumerate().find_map(|(index, line)| {
+    yaml_lines(text).enumerate().find_map(|(index, line)| {
         let rest = line.strip_prefix(key)?;
         rest.trim_start_matches(' ')
             .starts_with(':')
@@ -1478,7 +1476,7 @@ fn top_level_key(text: &str, key: &str) -> Option<Pos> {
 /// the first `---` line after some content.
 fn second_document(text: &str) -> Option<Pos> {
     let mut content = false;
-    for (index, line) in text.lines().enumerate() {
+    for (index, line) in yaml_lines(text).enumerate() {
         let marker = line
             .strip_prefix("---")
             .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']));
@@ -1492,6 +1490,31 @@ fn second_document(text: &str) -> Option<Pos> {
         content |= !marker && !trimmed.is_empty() && !trimmed.starts_with('#');
     }
     None
+}
+
+/// The lines of `text` as the YAML parser counts them: CR LF, a lone CR and LF each end
+/// a line (YAML 1.2; `str::lines` would miss the lone CR and shift every position after
+/// it).
+fn yaml_lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.find(['\r', '\n']) {
+            Some(at) => {
+                let (line, tail) = current.split_at(at);
+                let tail = tail
+                    .strip_prefix("\r\n")
+                    .or_else(|| tail.get(1..))
+                    .unwrap_or("");
+                rest = (!tail.is_empty()).then_some(tail);
+                Some(line)
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
 }
 
 /// Quotes the start of a long text, enough to recognize it.
