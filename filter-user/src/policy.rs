@@ -5,18 +5,16 @@
 //! problem found, each located at `file:line:column` like a compiler diagnostic, so that
 //! an operator can fix a whole file in one go rather than one error per reload.
 //!
-//! Inside: `raw` is the document as written, deserialized by serde (which catches syntax,
-//! types and unknown fields, with their location); `lists` streams the list files
-//! (`subscriber_files`, `allow_files`) that keep big lists out of the YAML; `check`
-//! applies the semantic rules (prefixes, duplicates, ports, limits, expiry) to both and
-//! reports all of them; `locate` and `scan` find where in the text a value sits, for
-//! those rules (serde_yaml reports positions only for its own errors).
+//! Inside: `raw` is the document as written, deserialized by serde-saphyr (which catches
+//! syntax, types and unknown fields, with their location, and gives every value that a
+//! semantic rule may complain about its position through `Spanned`); `lists` streams the
+//! list files (`subscriber_files`, `allow_files`) that keep big lists out of the YAML;
+//! `check` applies the semantic rules (prefixes, duplicates, ports, limits, expiry) to
+//! both and reports all of them.
 
 mod check;
 mod lists;
-mod locate;
 mod raw;
-mod scan;
 
 use std::{
     fmt,
