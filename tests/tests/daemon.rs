@@ -440,6 +440,23 @@ fn sighup_reloads_the_policy() -> Result<()> {
     Ok(())
 }
 
+/// Creates a map with `bpftool map create` and pins it at `path` (`spec`: type, key,
+/// value, entries and name, in bpftool's words), as another build of p25 might have.
+fn pin_map(path: &std::path::Path, spec: &[&str]) -> Result<()> {
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(path)
+        .args(spec)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "bpftool map create {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Pins left by another build must be reported, never reused and misread.
 #[test]
 fn incompatible_pinned_maps_are_reported() -> Result<()> {
@@ -451,10 +468,9 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let config = maps.join("CONFIG");
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&config)
-        .args([
+    pin_map(
+        &config,
+        &[
             "type",
             "array",
             "key",
@@ -465,13 +481,8 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
             "1",
             "name",
             "CONFIG",
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ],
+    )?;
     let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
     ensure!(
         !status.success(),
@@ -497,10 +508,9 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let buckets = maps.join("SYN_BUCKETS");
-    let out = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&buckets)
-        .args([
+    pin_map(
+        &buckets,
+        &[
             "type",
             "lru_hash",
             "key",
@@ -511,13 +521,8 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
             "16",
             "name",
             "SYN_BUCKETS",
-        ])
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "bpftool map create: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ],
+    )?;
     let (status, log) = lab.run_to_exit(Duration::from_secs(15))?;
     ensure!(
         !status.success(),
