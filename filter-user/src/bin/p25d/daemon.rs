@@ -4,7 +4,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::SocketAddr,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, atomic::Ordering},
@@ -38,33 +37,10 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
-pub use crate::observe::EventSink;
-use crate::observe::{self, MetricsJob};
-
-/// Settings of `p25d run`.
-#[derive(Debug)]
-pub struct Options {
-    pub policy: PathBuf,
-    pub state: PathBuf,
-    pub socket: PathBuf,
-    pub socket_group: Option<String>,
-    pub layout: PinLayout,
-    pub resync: Duration,
-    pub poll: Duration,
-    pub metrics_listen: Option<SocketAddr>,
-    pub metrics_top_offenders: usize,
-    pub offender_v6_prefix: u8,
-    pub alert_threshold: u64,
-    pub alert_window: Duration,
-    pub offender_scan: Duration,
-    pub events: EventSink,
-    pub events_rate: u32,
-    pub events_burst: u32,
-    /// Group whose members may change the filter (besides root).
-    pub admin_group: String,
-    /// Most runtime allowlist entries.
-    pub max_runtime_entries: usize,
-}
+use crate::{
+    MetricsListen, RunArgs,
+    observe::{self, EventSink, MetricsJob},
+};
 
 /// Identifies a version of the policy file cheaply, to notice edits.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,7 +82,9 @@ struct IfaceState {
 type Job = (Vec<u8>, Peer, oneshot::Sender<Vec<u8>>);
 
 struct Daemon {
-    opts: Options,
+    opts: RunArgs,
+    /// The pinned state under `--pin-root`.
+    layout: PinLayout,
     _dataplane: Dataplane,
     tables: KernelTables,
     runtime: RuntimeStore,
@@ -144,7 +122,7 @@ struct Daemon {
     cpus: u32,
 }
 
-pub async fn run(opts: Options) -> Result<()> {
+pub async fn run(opts: RunArgs) -> Result<()> {
     if ensure_bpffs().context("mounting bpffs")? {
         info!("mounted bpffs at /sys/fs/bpf");
     }
@@ -159,19 +137,20 @@ pub async fn run(opts: Options) -> Result<()> {
     // The event log first: an unusable --events path must stop p25d before it creates or
     // touches anything under the pin root.
     let event_output = observe::open_sink(&opts.events)?;
-    let _pin_lock = lock_pin_root(opts.layout.root(), LockFor::Run)?;
+    let layout = opts.layout();
+    let _pin_lock = lock_pin_root(layout.root(), LockFor::Run)?;
     let _socket_lock = lock_socket(&opts.socket, opts.socket_group.as_deref())?;
 
-    let adopting = opts.layout.dir().exists();
-    refuse_newer_versions(&opts.layout)?;
-    let mut dataplane = Dataplane::open_pinned(&opts.layout).context("loading the dataplane")?;
+    let adopting = layout.dir().exists();
+    refuse_newer_versions(&layout)?;
+    let mut dataplane = Dataplane::open_pinned(&layout).context("loading the dataplane")?;
     let tables = dataplane.take_tables()?;
     let events = dataplane.take_events()?;
     let generation = tables.config()?.generation;
     let cpus = aya::util::nr_cpus()
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX).max(1))
         .unwrap_or(1);
-    info!(pins = %opts.layout.dir().display(), adopting, generation, "dataplane loaded");
+    info!(pins = %layout.dir().display(), adopting, generation, "dataplane loaded");
 
     let alerts = AlertTracker::new(opts.alert_threshold, opts.alert_window);
     let mut daemon = Daemon {
@@ -182,6 +161,7 @@ pub async fn run(opts: Options) -> Result<()> {
         last_sync_unix: 0.0,
         cpus,
         opts,
+        layout,
         _dataplane: dataplane,
         tables,
         runtime,
@@ -213,7 +193,7 @@ pub async fn run(opts: Options) -> Result<()> {
     }
     tokio::spawn(accept_loop(listener, jobs_tx, admin_gid));
     let (metrics_tx, mut metrics_jobs) = mpsc::channel::<MetricsJob>(16);
-    if let Some(addr) = daemon.opts.metrics_listen {
+    if let MetricsListen::At(addr) = daemon.opts.metrics_listen {
         observe::serve_metrics(addr, metrics_tx).await?;
     }
     if let Some(out) = event_output {
@@ -925,7 +905,7 @@ impl Daemon {
     /// A failed fill returns the error before any link moved: the old links keep
     /// filtering with the old maps, untouched, and p25d exits.
     fn migrate_other_versions(&mut self, policy: &Policy) -> Result<()> {
-        let layout = self.opts.layout.clone();
+        let layout = self.layout.clone();
         let older: Vec<(u32, PathBuf)> = layout
             .other_versions()
             .into_iter()
@@ -1127,9 +1107,9 @@ impl Daemon {
             .iter()
             .map(|i| (i.name.clone(), (i.role, i.attach)))
             .collect();
-        for (interface, hook, _) in self.opts.layout.pinned_links() {
+        for (interface, hook, _) in self.layout.pinned_links() {
             if !wanted.contains_key(&interface) {
-                match filter_user::loader::detach_pinned(&self.opts.layout, &interface, hook) {
+                match filter_user::loader::detach_pinned(&self.layout, &interface, hook) {
                     Ok(_) => {
                         info!(%interface, ?hook, "detached: interface no longer in the policy")
                     }
@@ -1172,7 +1152,7 @@ impl Daemon {
             self.set_state(name, None, None, note);
             return;
         }
-        let layout = self.opts.layout.clone();
+        let layout = self.layout.clone();
         let dataplane = &mut self._dataplane;
         let try_hook = |dataplane: &mut Dataplane, hook: Hook| {
             dataplane.attach_pinned(
@@ -1235,7 +1215,7 @@ impl Daemon {
             let now = ifindex(&name);
             let live = state
                 .hook
-                .map(|hook| pinned_link_ifindex(&self.opts.layout.link(&name, hook)));
+                .map(|hook| pinned_link_ifindex(&self.layout.link(&name, hook)));
             let healthy = now.is_some() && live == Some(now) && state.ifindex == now;
             if now.is_some() && !healthy {
                 info!(interface = %name, ifindex = ?now, "interface (re)appeared; attaching");
@@ -1248,7 +1228,7 @@ impl Daemon {
     }
 
     fn interface_views(&self) -> Vec<InterfaceView> {
-        let links = pinned_link_status(&self.opts.layout);
+        let links = pinned_link_status(&self.layout);
         self.interfaces
             .iter()
             .map(|(name, state)| {
@@ -1309,7 +1289,7 @@ impl Daemon {
             allow: (self.counts.allow_policy + self.allow_runtime_count())
                 .saturating_sub(self.allow_not_inserted),
             runtime_allow: self.runtime.entries().len(),
-            pins: self.opts.layout.dir().display().to_string(),
+            pins: self.layout.dir().display().to_string(),
         })
     }
 }

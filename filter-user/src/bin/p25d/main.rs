@@ -9,15 +9,17 @@ mod linkwatch;
 mod notify;
 mod observe;
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum, builder::TypedValueParser as _};
 use filter_user::{
     control::DEFAULT_SOCKET,
     loader::{DEFAULT_PIN_ROOT, PinLayout, remove_all_pins},
     policy,
 };
+
+use crate::observe::EventSink;
 
 /// p25 daemon: port-25 filtering for ISP edge routers (MAAWG / RFC 5068).
 #[derive(Debug, Parser)]
@@ -85,9 +87,10 @@ struct RunArgs {
     #[arg(long, default_value = "p25-admin")]
     admin_group: String,
     /// Most runtime allowlist entries (p25ctl allow); more belong in the policy file.
-    #[arg(long, default_value_t = filter_user::runtime::DEFAULT_MAX_RUNTIME_ENTRIES,
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    max_runtime_entries: u64,
+    #[arg(long, default_value_t = filter_user::runtime::DEFAULT_MAX_RUNTIME_ENTRIES as usize,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000)
+              .map(|n| usize::try_from(n).unwrap_or(usize::MAX)))]
+    max_runtime_entries: usize,
     /// Root of the pinned state on bpffs.
     #[arg(long, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
@@ -101,12 +104,13 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// Serve Prometheus metrics on this address (`off` disables the exporter).
-    #[arg(long, default_value = filter_user::metrics::DEFAULT_LISTEN)]
-    metrics_listen: String,
+    #[arg(long, default_value = filter_user::metrics::DEFAULT_LISTEN, value_parser = metrics_listen)]
+    metrics_listen: MetricsListen,
     /// Also export the attempts of the N worst offenders as labelled series. Off (0) by
     /// default: it puts subscriber addresses into the metrics.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1000))]
-    metrics_top_offenders: u16,
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=1000).map(usize::from))]
+    metrics_top_offenders: usize,
     /// Prefix length that identifies one IPv6 subscriber in the offender table. Per-/128
     /// keys would let a host evade tracking by rotating its address.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u8).range(1..=128))]
@@ -123,14 +127,50 @@ struct RunArgs {
     offender_scan: Duration,
     /// Where to write sampled drop events as JSON lines: a file (appended), `-` for stdout,
     /// or `off`.
-    #[arg(long, default_value = "-")]
-    events: String,
+    #[arg(long, default_value = "-", value_parser = event_sink)]
+    events: EventSink,
     /// Drop events per second, in total over all CPUs (enforced in the kernel, per CPU).
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     events_rate: u32,
     /// Burst size of the drop-event rate limit.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     events_burst: u32,
+}
+
+impl RunArgs {
+    /// The pinned-state layout under `--pin-root`.
+    fn layout(&self) -> PinLayout {
+        PinLayout::new(&self.pin_root)
+    }
+}
+
+/// `--metrics-listen`: where the exporter listens, if anywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MetricsListen {
+    /// `off`: no exporter.
+    Off,
+    /// An address:port.
+    At(SocketAddr),
+}
+
+/// Parses `--metrics-listen`: `off`, or an address:port.
+fn metrics_listen(text: &str) -> Result<MetricsListen, String> {
+    if text == "off" {
+        return Ok(MetricsListen::Off);
+    }
+    text.parse().map(MetricsListen::At).map_err(|e| {
+        format!("{text:?} is not an address:port (such as 127.0.0.1:9725) or `off`: {e}")
+    })
+}
+
+/// Parses `--events`: `off`, `-` (standard output) or a file path.
+fn event_sink(text: &str) -> Result<EventSink, String> {
+    Ok(match text {
+        "off" => EventSink::Off,
+        "-" => EventSink::Stdout,
+        "" => return Err("an empty path; give a file, `-` for stdout, or `off`".into()),
+        path => EventSink::File(path.into()),
+    })
 }
 
 /// Parses a duration such as `1s` or `5m` that must not be zero: these flags are timer
@@ -226,36 +266,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(daemon::Options {
-                policy: args.policy,
-                state: args.state,
-                socket: args.socket,
-                socket_group: args.socket_group,
-                layout: PinLayout::new(args.pin_root),
-                resync: args.resync,
-                poll: args.poll,
-                metrics_listen: match args.metrics_listen.as_str() {
-                    "off" => None,
-                    addr => Some(addr.parse().with_context(|| {
-                        format!("--metrics-listen {addr:?} is not an address:port or `off`")
-                    })?),
-                },
-                metrics_top_offenders: usize::from(args.metrics_top_offenders),
-                offender_v6_prefix: args.offender_v6_prefix,
-                alert_threshold: args.alert_threshold,
-                alert_window: args.alert_window,
-                offender_scan: args.offender_scan,
-                events: match args.events.as_str() {
-                    "off" => daemon::EventSink::Off,
-                    "-" => daemon::EventSink::Stdout,
-                    path => daemon::EventSink::File(path.into()),
-                },
-                events_rate: args.events_rate,
-                events_burst: args.events_burst,
-                admin_group: args.admin_group,
-                max_runtime_entries: usize::try_from(args.max_runtime_entries)
-                    .unwrap_or(usize::MAX),
-            }))?;
+            runtime.block_on(daemon::run(*args))?;
             Ok(ExitCode::SUCCESS)
         }
     }
