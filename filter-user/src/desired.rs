@@ -16,7 +16,7 @@ use filter_common::abi::{
 use ipnet::IpNet;
 
 use crate::{
-    policy::{AllowEntry, Policy, SubscriberEntry},
+    policy::{AllowEntry, Policy, Role, SubscriberEntry},
     runtime::RuntimeEntry,
 };
 
@@ -60,6 +60,14 @@ pub fn config(policy: &Policy, settings: &Settings, generation: u32) -> Config {
         // rate so that a flood spread over every CPU still gets at most about it.
         rst_rate: policy.defaults.reject_rate.div_ceil(cpus),
         rst_burst: policy.defaults.reject_burst.div_ceil(cpus).max(1),
+    }
+}
+
+/// The dataplane's role for a policy interface role.
+pub fn dataplane_role(role: Role) -> filter_common::classify::Role {
+    match role {
+        Role::Subscriber => filter_common::classify::Role::Subscriber,
+        Role::Upstream => filter_common::classify::Role::Upstream,
     }
 }
 

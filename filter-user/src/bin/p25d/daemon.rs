@@ -4,25 +4,23 @@
 use std::{
     collections::BTreeMap,
     fs,
-    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
-    path::{Path, PathBuf},
+    os::unix::fs::MetadataExt as _,
+    path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use aya::programs::XdpMode;
-use filter_common::abi::{ABI_VERSION, iface_slot};
+use filter_common::abi::iface_slot;
 use filter_user::{
     Dataplane, KernelTables,
     control::{
-        InterfaceView, ReloadView, StatsView, StatusView, error_answer,
-        handler::{self, Host, Parts, Peer},
+        InterfaceView, ReloadView, StatsView, StatusView,
+        handler::{self, Host, Parts},
     },
     desired::{self, Counts, Desired},
-    loader::{
-        Hook, PinLayout, ensure_bpffs, ifindex, links_in, pinned_link_ifindex, pinned_link_status,
-    },
+    loader::{Hook, PinLayout, ensure_bpffs, ifindex, pinned_link_ifindex, pinned_link_status},
     metrics,
     offenders::{self, AlertTracker, OffenderView, monotonic_ns},
     policy::{self, Attach, Policy, Role},
@@ -30,16 +28,16 @@ use filter_user::{
     sync::{self, SyncReport},
 };
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
     signal::unix::{SignalKind, signal},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 use tracing::{error, info, warn};
 
 use crate::{
     MetricsListen, RunArgs,
     observe::{self, EventSink, MetricsJob},
+    socket::{self, Job},
+    startup::{self, LockFor, lock_pin_root},
 };
 
 /// Identifies a version of the policy file cheaply, to notice edits.
@@ -77,9 +75,6 @@ struct IfaceState {
     ifindex: Option<u32>,
     note: String,
 }
-
-/// One control request: its line, who sent it, and where the answer goes.
-type Job = (Vec<u8>, Peer, oneshot::Sender<Vec<u8>>);
 
 struct Daemon {
     opts: RunArgs,
@@ -139,10 +134,10 @@ pub async fn run(opts: RunArgs) -> Result<()> {
     let event_output = observe::open_sink(&opts.events)?;
     let layout = opts.layout();
     let _pin_lock = lock_pin_root(layout.root(), LockFor::Run)?;
-    let _socket_lock = lock_socket(&opts.socket, opts.socket_group.as_deref())?;
+    let _socket_lock = startup::lock_socket(&opts.socket, opts.socket_group.as_deref())?;
 
     let adopting = layout.dir().exists();
-    refuse_newer_versions(&layout)?;
+    startup::refuse_newer_versions(&layout)?;
     let mut dataplane = Dataplane::open_pinned(&layout).context("loading the dataplane")?;
     let tables = dataplane.take_tables()?;
     let events = dataplane.take_events()?;
@@ -182,16 +177,35 @@ pub async fn run(opts: RunArgs) -> Result<()> {
         expiry_failed: false,
         interfaces: BTreeMap::new(),
     };
-    daemon.migrate_other_versions(&checked.policy)?;
+    {
+        let config = desired::config(
+            &checked.policy,
+            &daemon.settings(),
+            daemon.generation.wrapping_add(1),
+        );
+        let target = Desired::new(
+            config,
+            &checked.policy,
+            daemon.runtime.entries(),
+            SystemTime::now(),
+        );
+        startup::migrate_older_versions(
+            &daemon.layout,
+            &mut daemon._dataplane,
+            &mut daemon.tables,
+            &checked.policy,
+            &target,
+        )?;
+    }
     daemon.apply(checked.policy, "start")?;
 
-    let listener = bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
+    let listener = startup::bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    let admin_gid = group_id(&daemon.opts.admin_group);
+    let admin_gid = startup::group_id(&daemon.opts.admin_group);
     if admin_gid.is_none() {
         warn!(group = %daemon.opts.admin_group, "the admin group does not exist: only root may change the filter (allow, deny, reload)");
     }
-    tokio::spawn(accept_loop(listener, jobs_tx, admin_gid));
+    tokio::spawn(socket::accept_loop(listener, jobs_tx, admin_gid));
     let (metrics_tx, mut metrics_jobs) = mpsc::channel::<MetricsJob>(16);
     if let MetricsListen::At(addr) = daemon.opts.metrics_listen {
         observe::serve_metrics(addr, metrics_tx).await?;
@@ -271,408 +285,6 @@ pub async fn run(opts: RunArgs) -> Result<()> {
     info!("stopping; filtering continues from the pinned programs");
     Ok(())
 }
-
-/// Refuses to start next to pinned state of a newer ABI version: its maps mean something
-/// this build does not know, and its links filter with them. Neither is migrated nor
-/// removed; the operator runs the newer p25d, or removes that state on purpose.
-fn refuse_newer_versions(layout: &PinLayout) -> Result<()> {
-    for (version, dir) in layout.other_versions() {
-        if version > ABI_VERSION {
-            bail!(
-                "{} holds pinned state of ABI v{version}, newer than this p25d (ABI \
-                 v{ABI_VERSION}); refusing to migrate or remove it. Run the newer p25d, or \
-                 remove that state on purpose with `p25d detach --all-versions --pin-root {}`",
-                dir.display(),
-                layout.root().display()
-            );
-        }
-    }
-    Ok(())
-}
-
-/// The dataplane's role for a policy interface role.
-fn dataplane_role(role: Role) -> filter_common::classify::Role {
-    match role {
-        Role::Subscriber => filter_common::classify::Role::Subscriber,
-        Role::Upstream => filter_common::classify::Role::Upstream,
-    }
-}
-
-/// Takes an exclusive lock next to the socket so two daemons never serve (and remove) the
-/// same socket file. The maps are guarded by [`lock_pin_root`].
-fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
-    let path = socket.with_extension("lock");
-    if let Some(dir) = path.parent() {
-        create_runtime_dir(dir, socket_gid(group)?)?;
-    }
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening the lock file {}", path.display()))?;
-    if !try_flock(&file) {
-        bail!(
-            "another p25d holds {} and serves the socket {}: give this one another --socket",
-            path.display(),
-            socket.display()
-        );
-    }
-    Ok(file)
-}
-
-/// An exclusive, non-blocking flock; false if someone else holds it.
-fn try_flock(file: &fs::File) -> bool {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a valid fd we own.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
-/// What holds a pin root's lock when it is taken, for the error message.
-#[derive(Clone, Copy, Debug)]
-pub enum LockFor {
-    /// `p25d run`.
-    Run,
-    /// `p25d detach`.
-    Detach,
-}
-
-/// How long `p25d detach` waits for the pin root's lock: 30 × 100 ms.
-const DETACH_LOCK_TRIES: u32 = 30;
-const DETACH_LOCK_PAUSE: Duration = Duration::from_millis(100);
-
-/// Takes the writer lock of a pin root: one writer (a running p25d, or `p25d detach`) per
-/// pin root, whatever socket each uses.
-///
-/// The lock is an flock on the pin root directory itself, on bpffs (flock works on any
-/// inode there; bpffs cannot hold regular lock files). Unlike a lock file under /run
-/// derived from the root's name, it needs no writable directory elsewhere, cannot be
-/// dodged by spelling the same root differently (a symlink, `//`, a relative path), and
-/// every mount namespace that sees the pins sees the lock (PrivateTmp, containers).
-///
-/// `p25d run` creates the root (mode 0700) if needed and fails at once if the lock is held;
-/// `p25d detach` only locks an existing root (`None` when there is nothing to detach) and
-/// waits up to 3 s for it. Detach removes the directory it locked, so
-/// after taking the lock the path is checked to still name the locked directory; if not,
-/// the lock is taken again on the new one.
-pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> {
-    for _ in 0..8 {
-        match purpose {
-            LockFor::Run => {
-                use std::os::unix::fs::DirBuilderExt as _;
-                fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(root)
-                    .with_context(|| format!("creating the pin root {}", root.display()))?;
-            }
-            LockFor::Detach if !root.exists() => return Ok(None),
-            LockFor::Detach => {}
-        }
-        let dir = match fs::File::open(root) {
-            Ok(dir) => dir,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-                    ": it must belong to the user p25d runs as, pins included (the systemd \
-                     unit's ExecStartPre runs `chown -R p25:p25` on it)"
-                } else {
-                    ""
-                };
-                return Err(e).with_context(|| {
-                    format!("opening the pin root {} to lock it{hint}", root.display())
-                });
-            }
-        };
-        // Detach gives a daemon that was just killed a moment to exit (its lock goes with
-        // its last fd); a running daemon still refuses it after that.
-        let tries = match purpose {
-            LockFor::Run => 1,
-            LockFor::Detach => DETACH_LOCK_TRIES,
-        };
-        let mut locked = false;
-        for attempt in 0..tries {
-            if attempt > 0 {
-                std::thread::sleep(DETACH_LOCK_PAUSE);
-            }
-            if try_flock(&dir) {
-                locked = true;
-                break;
-            }
-        }
-        if !locked {
-            match purpose {
-                LockFor::Run => bail!(
-                    "another p25d is running on the pin root {} (it holds the pin root's \
-                     lock): only one daemon may write these maps. Stop it first (`systemctl \
-                     stop p25d`), or give this one another --pin-root",
-                    root.display()
-                ),
-                LockFor::Detach => bail!(
-                    "a p25d is running on the pin root {} (it holds the pin root's lock): \
-                     stop it first (`systemctl stop p25d`), then detach; detaching under it \
-                     would leave it writing to maps no program reads",
-                    root.display()
-                ),
-            }
-        }
-        let held = dir
-            .metadata()
-            .with_context(|| format!("stat {}", root.display()))?;
-        match fs::metadata(root) {
-            Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
-                return Ok(Some(dir));
-            }
-            // Removed (by the detach that held the lock) or replaced meanwhile: retry.
-            _ => continue,
-        }
-    }
-    bail!(
-        "the pin root {} keeps being removed and recreated while p25d tries to lock it",
-        root.display()
-    )
-}
-
-/// Creates a runtime directory (socket, lock) that does not exist yet: mode 0750, in the
-/// socket group if one is given, so the group can reach the socket inside (the umask is
-/// 077). An existing directory is left as it is: systemd's RuntimeDirectory= sets its own.
-fn create_runtime_dir(dir: &Path, group: Option<u32>) -> Result<()> {
-    if dir.exists() {
-        return Ok(());
-    }
-    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    set_mode_and_group(dir, 0o750, group)
-}
-
-/// chmod, then chgrp if a group is given.
-fn set_mode_and_group(path: &Path, mode: u32, group: Option<u32>) -> Result<()> {
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:04o} {}", path.display()))?;
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("chgrp {gid} {}", path.display()))?;
-    }
-    Ok(())
-}
-
-/// The gid of `--socket-group`, if given.
-fn socket_gid(group: Option<&str>) -> Result<Option<u32>> {
-    group
-        .map(|group| group_id(group).with_context(|| format!("unknown group {group:?}")))
-        .transpose()
-}
-
-fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
-    let gid = socket_gid(group)?;
-    if let Some(dir) = path.parent() {
-        create_runtime_dir(dir, gid)?;
-    }
-    // A socket file left by a killed daemon: we hold the lock, so nobody else uses it.
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale {}", path.display())),
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    set_mode_and_group(path, 0o660, gid)?;
-    Ok(listener)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam returns a pointer into static storage or NULL; we copy the gid out
-    // immediately and the daemon is single-threaded here.
-    let group = unsafe { libc::getgrnam(name.as_ptr()) };
-    // SAFETY: checked for NULL first.
-    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
-}
-
-/// Control connections served at once from users other than root. Root is never turned
-/// away: an operator must be able to allow, deny and reload during a flood of idle
-/// connections.
-const MAX_CONNECTIONS: usize = 128;
-/// Control connections served at once per non-root user, so that one local user cannot
-/// take every slot.
-const MAX_CONNECTIONS_PER_UID: usize = 8;
-/// How long a client may take to send its request line.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long one chunk of an answer may wait for the client to read: a client that stops
-/// reading a long `list` is dropped after this.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Answers are written in chunks of this size, each under [`WRITE_TIMEOUT`].
-const WRITE_CHUNK: usize = 64 * 1024;
-
-/// Counts the open control connections of each non-root user.
-#[derive(Debug, Default)]
-struct PerUid(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
-
-/// A slot taken from [`PerUid`], given back when the connection ends.
-struct UidSlot {
-    counts: Arc<PerUid>,
-    uid: u32,
-}
-
-impl PerUid {
-    fn take(self: &Arc<Self>, uid: u32) -> Option<UidSlot> {
-        let mut counts = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let count = counts.entry(uid).or_default();
-        if *count >= MAX_CONNECTIONS_PER_UID {
-            return None;
-        }
-        *count += 1;
-        Some(UidSlot {
-            counts: self.clone(),
-            uid,
-        })
-    }
-}
-
-impl Drop for UidSlot {
-    fn drop(&mut self) {
-        let mut counts = self
-            .counts
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.uid) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                counts.remove(&self.uid);
-            }
-        }
-    }
-}
-
-/// The supplementary groups of the peer as the kernel recorded them at connect time
-/// (SO_PEERGROUPS); empty if the kernel cannot tell.
-fn peer_groups(stream: &UnixStream) -> Vec<u32> {
-    use std::os::fd::AsRawFd as _;
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
-        .unwrap_or(libc::socklen_t::MAX);
-    // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many,
-    // and updates `len` to the bytes written; the fd is the stream's, open while borrowed.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Vec::new();
-    }
-    let count = usize::try_from(len).unwrap_or(0) / size_of::<libc::gid_t>();
-    groups.truncate(count);
-    groups
-}
-
-/// Who is on the other end: SO_PEERCRED for uid, gid and pid, SO_PEERGROUPS for the
-/// supplementary groups. An administrator is root or a member of `admin_gid`.
-fn peer(stream: &UnixStream, admin_gid: Option<u32>) -> std::io::Result<Peer> {
-    let cred = stream.peer_cred()?;
-    let uid = cred.uid();
-    let admin = uid == 0
-        || admin_gid.is_some_and(|gid| cred.gid() == gid || peer_groups(stream).contains(&gid));
-    Ok(Peer {
-        uid,
-        pid: cred.pid(),
-        admin,
-    })
-}
-
-async fn accept_loop(listener: UnixListener, jobs: mpsc::Sender<Job>, admin_gid: Option<u32>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per_uid = Arc::new(PerUid::default());
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                warn!(error = %e, "accepting a control connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let peer = match peer(&stream, admin_gid) {
-            Ok(peer) => peer,
-            Err(e) => {
-                warn!(error = %e, "control connection without peer credentials; closed");
-                continue;
-            }
-        };
-        // Root is served whatever the load; everyone else within the caps.
-        let permits = if peer.uid == 0 {
-            None
-        } else {
-            let Some(uid_slot) = per_uid.take(peer.uid) else {
-                refuse(&stream, peer, "too many connections from your user");
-                continue;
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                refuse(&stream, peer, "too many control connections");
-                continue;
-            };
-            Some((uid_slot, permit))
-        };
-        let jobs = jobs.clone();
-        tokio::spawn(async move {
-            serve(stream, peer, jobs).await;
-            drop(permits);
-        });
-    }
-}
-
-/// Turns a connection away with a one-line error, written only if the socket takes it at
-/// once (a fresh socket's buffer always does).
-fn refuse(stream: &UnixStream, peer: Peer, why: &str) {
-    warn!(uid = peer.uid, pid = ?peer.pid, reason = why, "control connection refused");
-    let message = format!(
-        "{why} (at most {MAX_CONNECTIONS_PER_UID} per user, {MAX_CONNECTIONS} in all); try again"
-    );
-    let _ = stream.try_write(&error_answer(message));
-}
-
-/// One request, one answer. Malformed input gets an error answer, never a crash; a client
-/// that sends nothing, or stops reading, is dropped after a timeout.
-async fn serve(stream: UnixStream, peer: Peer, jobs: mpsc::Sender<Job>) {
-    let (read, mut write) = stream.into_split();
-    // One byte more than the cap, so that the handler sees (and refuses) a longer line.
-    let cap = u64::try_from(filter_user::control::MAX_REQUEST + 1).unwrap_or(u64::MAX);
-    let mut reader = BufReader::new(read).take(cap);
-    let mut line = Vec::new();
-    let answer =
-        match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line)).await {
-            Ok(Ok(_)) => {
-                let (tx, rx) = oneshot::channel();
-                if jobs.send((line, peer, tx)).await.is_err() {
-                    error_answer("the daemon is shutting down".into())
-                } else {
-                    rx.await
-                        .unwrap_or_else(|_| error_answer("the daemon dropped the request".into()))
-                }
-            }
-            Ok(Err(e)) => error_answer(format!("reading the request: {e}")),
-            Err(_) => error_answer("timed out waiting for the request".into()),
-        };
-    for chunk in answer.chunks(WRITE_CHUNK) {
-        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(chunk)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                warn!(uid = peer.uid, pid = ?peer.pid, "control client stopped reading; dropped");
-                return;
-            }
-        }
-    }
-}
-
-use tokio::io::AsyncReadExt as _;
 
 impl Daemon {
     /// The daemon's own settings that go into CONFIG.
@@ -893,92 +505,6 @@ impl Daemon {
         }
     }
 
-    /// Takes over pinned state left by older ABI versions, never leaving a live link on
-    /// unfilled maps:
-    /// 1. fill this version's maps completely: the policy and runtime entries, then the
-    ///    per-source SYN buckets carried over from the old maps;
-    /// 2. move each link: this build's program for the interface's role replaces the old
-    ///    one in place (`bpf_link_update`), so the interface is never unfiltered, and the
-    ///    link is re-pinned here;
-    /// 3. remove the old directory.
-    ///
-    /// A failed fill returns the error before any link moved: the old links keep
-    /// filtering with the old maps, untouched, and p25d exits.
-    fn migrate_other_versions(&mut self, policy: &Policy) -> Result<()> {
-        let layout = self.layout.clone();
-        let older: Vec<(u32, PathBuf)> = layout
-            .other_versions()
-            .into_iter()
-            .filter(|(version, _)| *version < ABI_VERSION)
-            .collect();
-        if older.is_empty() {
-            return Ok(());
-        }
-        let config = desired::config(policy, &self.settings(), self.generation.wrapping_add(1));
-        let target = Desired::new(config, policy, self.runtime.entries(), SystemTime::now());
-        let counts = target.counts();
-        let report = sync::reconcile(&mut self.tables, &target).with_context(|| {
-            format!(
-                "filling the ABI v{ABI_VERSION} maps before taking over the links of {}; \
-                 the old links and maps are untouched and still filtering",
-                older
-                    .iter()
-                    .map(|(_, dir)| dir.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-        info!(
-            added = report.added,
-            subscribers = counts.subscribers,
-            allow = counts.allow_policy + counts.allow_runtime,
-            "filled the new maps before migrating"
-        );
-        for (version, dir) in &older {
-            match self.tables.import_syn_buckets(&dir.join("maps")) {
-                Ok(n) => info!(version, buckets = n, "carried over SYN buckets"),
-                // The buckets only refill early: an allowlisted source gets its burst again.
-                Err(e) => warn!(version, error = %e, "could not carry over SYN buckets"),
-            }
-        }
-        let roles: BTreeMap<&str, Role> = policy
-            .interfaces
-            .iter()
-            .map(|i| (i.name.as_str(), i.role))
-            .collect();
-        for (version, dir) in &older {
-            let version = *version;
-            for (interface, hook, old) in links_in(&dir.join("links")) {
-                // An interface no longer in the policy is detached by the first apply.
-                let role = roles
-                    .get(interface.as_str())
-                    .copied()
-                    .map_or(filter_common::classify::Role::Subscriber, dataplane_role);
-                match self
-                    ._dataplane
-                    .migrate_link(&layout, &interface, hook, role, &old)
-                {
-                    Ok(()) => {
-                        info!(version, %interface, ?hook, "migrated link from ABI v{version}")
-                    }
-                    Err(e) => {
-                        let e = format!("{:#}", anyhow::Error::from(e));
-                        // A defunct link (its interface is gone) filters nothing; drop it.
-                        warn!(version, %interface, ?hook, error = %e, "could not migrate link; removing it");
-                        let _ = fs::remove_file(&old);
-                    }
-                }
-            }
-            match remove_version_dir(dir) {
-                Ok(n) => info!(version, removed = n, dir = %dir.display(), "removed old ABI state"),
-                Err(e) => {
-                    warn!(version, error = %format!("{e:#}"), "removing old ABI state failed")
-                }
-            }
-        }
-        Ok(())
-    }
-
     fn synced(&mut self) {
         self.last_sync_unix = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -1159,7 +685,7 @@ impl Daemon {
                 &layout,
                 name,
                 hook,
-                dataplane_role(state.role),
+                desired::dataplane_role(state.role),
                 XdpMode::Driver,
             )
         };
@@ -1356,23 +882,4 @@ fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Removes a whole pinned-state directory of another ABI version (links first).
-pub fn remove_version_dir(dir: &Path) -> Result<usize> {
-    let mut removed = 0;
-    for sub in ["links", "maps"] {
-        let path = dir.join(sub);
-        let Ok(entries) = fs::read_dir(&path) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            fs::remove_file(entry.path())
-                .with_context(|| format!("removing {}", entry.path().display()))?;
-            removed += 1;
-        }
-        let _ = fs::remove_dir(&path);
-    }
-    let _ = fs::remove_dir(dir);
-    Ok(removed)
 }

@@ -8,6 +8,8 @@ mod daemon;
 mod linkwatch;
 mod notify;
 mod observe;
+mod socket;
+mod startup;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -233,13 +235,13 @@ fn run(command: Command) -> Result<ExitCode> {
             all_versions,
         } => {
             // Refused while a p25d runs on this root; held until the pins are gone.
-            let _lock = daemon::lock_pin_root(&pin_root, daemon::LockFor::Detach)?;
+            let _lock = startup::lock_pin_root(&pin_root, startup::LockFor::Detach)?;
             let layout = PinLayout::new(&pin_root);
             let mut removed = remove_all_pins(&layout)
                 .with_context(|| format!("removing pinned state under {}", pin_root.display()))?;
             if all_versions {
                 for (version, dir) in layout.other_versions() {
-                    removed += daemon::remove_version_dir(&dir)
+                    removed += startup::remove_version_dir(&dir)
                         .with_context(|| format!("removing ABI v{version} state"))?;
                 }
             } else {
