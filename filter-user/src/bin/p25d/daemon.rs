@@ -11,19 +11,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::programs::XdpMode;
-use filter_common::abi::iface_slot;
 use filter_user::{
     Dataplane, KernelTables,
     control::{
-        InterfaceView, ReloadView, StatsView, StatusView,
+        ReloadView, StatsView, StatusView,
         handler::{self, Host, Parts},
     },
     desired::{self, Counts, Desired},
-    loader::{Hook, PinLayout, ensure_bpffs, ifindex, pinned_link_ifindex, pinned_link_status},
+    loader::{PinLayout, ensure_bpffs},
     metrics,
     offenders::{self, AlertTracker, OffenderView, monotonic_ns},
-    policy::{self, Attach, Policy, Role},
+    policy::{self, Policy},
     runtime::{RuntimeStore, unix},
     sync::{self, SyncReport},
 };
@@ -35,6 +33,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     MetricsListen, RunArgs,
+    interfaces::Interfaces,
     observe::{self, EventSink, MetricsJob},
     socket::{self, Job},
     startup::{self, LockFor, lock_pin_root},
@@ -66,21 +65,10 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     })
 }
 
-/// What the daemon knows about one policy interface.
-#[derive(Clone, Debug)]
-struct IfaceState {
-    role: Role,
-    attach: Attach,
-    hook: Option<Hook>,
-    ifindex: Option<u32>,
-    note: String,
-}
-
 struct Daemon {
     opts: RunArgs,
     /// The pinned state under `--pin-root`.
     layout: PinLayout,
-    _dataplane: Dataplane,
     tables: KernelTables,
     runtime: RuntimeStore,
     policy: Policy,
@@ -106,7 +94,7 @@ struct Daemon {
     /// Whether the last expiry update failed: the timer then waits before retrying.
     expiry_failed: bool,
 
-    interfaces: BTreeMap<String, IfaceState>,
+    interfaces: Interfaces,
     /// Unix time of the last successful reconcile (for the staleness alert).
     last_sync_unix: f64,
     alerts: AlertTracker,
@@ -156,8 +144,8 @@ pub async fn run(opts: RunArgs) -> Result<()> {
         last_sync_unix: 0.0,
         cpus,
         opts,
+        interfaces: Interfaces::new(dataplane, layout.clone()),
         layout,
-        _dataplane: dataplane,
         tables,
         runtime,
         // Replaced by `apply` below; a copy of a million-entry policy just for this would
@@ -175,7 +163,6 @@ pub async fn run(opts: RunArgs) -> Result<()> {
         allow_not_inserted: 0,
         policy_expiries: Vec::new(),
         expiry_failed: false,
-        interfaces: BTreeMap::new(),
     };
     {
         let config = desired::config(
@@ -191,7 +178,7 @@ pub async fn run(opts: RunArgs) -> Result<()> {
         );
         startup::migrate_older_versions(
             &daemon.layout,
-            &mut daemon._dataplane,
+            daemon.interfaces.dataplane(),
             &mut daemon.tables,
             &checked.policy,
             &target,
@@ -262,13 +249,13 @@ pub async fn run(opts: RunArgs) -> Result<()> {
                     None => std::future::pending().await,
                 }
             } => {
-                daemon.check_interfaces();
+                daemon.interfaces.check();
             }
             _ = poll.tick() => {
                 if stamps(&daemon.opts.policy, &daemon.policy) != daemon.seen {
                     let _ = daemon.reload("policy file changed");
                 }
-                daemon.check_interfaces();
+                daemon.interfaces.check();
             }
             _ = resync.tick() => { daemon.resync(); }
             _ = scan.tick() => { daemon.scan_offenders(); }
@@ -357,7 +344,7 @@ impl Daemon {
         let generation = self.generation.wrapping_add(1);
         let report = self.update_maps(Some(&policy), generation, SystemTime::now())?;
         self.generation = generation;
-        self.sync_interfaces(&policy);
+        self.interfaces.sync(&policy);
         self.policy_expiries = policy.allow.iter().filter_map(|a| a.expires).collect();
         self.policy_expiries.sort_unstable();
         // The old policy goes only now: it was the "before" of the difference.
@@ -569,16 +556,7 @@ impl Daemon {
     }
 
     fn metrics_snapshot(&self) -> Result<metrics::Snapshot> {
-        // Interface slot → the attached interfaces' names (normally one).
-        let mut slot_names: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
-        for (name, state) in &self.interfaces {
-            if let Some(ifindex) = state.ifindex {
-                slot_names
-                    .entry(iface_slot(ifindex))
-                    .or_default()
-                    .push(name);
-            }
-        }
+        let slot_names = self.interfaces.slot_names();
         let mut packets = BTreeMap::new();
         for ((slot, key), counter) in self.tables.interface_counters()? {
             let interface = match slot_names.get(&slot) {
@@ -617,165 +595,13 @@ impl Daemon {
             events_written: self.event_counts.written.load(Ordering::Relaxed),
             events_log_dropped: self.event_counts.dropped.load(Ordering::Relaxed),
             interfaces: self
-                .interface_views()
+                .interfaces
+                .views()
                 .into_iter()
                 .map(|v| (v.name, v.hook, v.attached))
                 .collect(),
             top_offenders,
         })
-    }
-
-    /// Attaches the policy's interfaces and detaches pinned links of interfaces that left
-    /// the policy.
-    fn sync_interfaces(&mut self, policy: &Policy) {
-        let wanted: BTreeMap<String, (Role, Attach)> = policy
-            .interfaces
-            .iter()
-            .map(|i| (i.name.clone(), (i.role, i.attach)))
-            .collect();
-        for (interface, hook, _) in self.layout.pinned_links() {
-            if !wanted.contains_key(&interface) {
-                match filter_user::loader::detach_pinned(&self.layout, &interface, hook) {
-                    Ok(_) => {
-                        info!(%interface, ?hook, "detached: interface no longer in the policy")
-                    }
-                    Err(e) => error!(%interface, error = %e, "detaching failed"),
-                }
-            }
-        }
-        self.interfaces.retain(|name, _| wanted.contains_key(name));
-        for (name, (role, attach)) in wanted {
-            let state = self.interfaces.entry(name.clone()).or_insert(IfaceState {
-                role,
-                attach,
-                hook: None,
-                ifindex: None,
-                note: String::new(),
-            });
-            // A role change swaps the attachment's program (in place, no gap).
-            let changed = state.attach != attach || state.role != role;
-            state.role = role;
-            state.attach = attach;
-            if changed || state.hook.is_none() {
-                self.attach(&name);
-            }
-        }
-    }
-
-    /// Attaches (or adopts) one interface per its attach method.
-    fn attach(&mut self, name: &str) {
-        let Some(state) = self.interfaces.get(name).cloned() else {
-            return;
-        };
-        if ifindex(name).is_none() {
-            let note = "interface not present; will attach when it appears".to_owned();
-            if state.note != note {
-                warn!(
-                    interface = name,
-                    "interface not present; will attach when it appears"
-                );
-            }
-            self.set_state(name, None, None, note);
-            return;
-        }
-        let layout = self.layout.clone();
-        let dataplane = &mut self._dataplane;
-        let try_hook = |dataplane: &mut Dataplane, hook: Hook| {
-            dataplane.attach_pinned(
-                &layout,
-                name,
-                hook,
-                desired::dataplane_role(state.role),
-                XdpMode::Driver,
-            )
-        };
-        let (hook, result, note) = match state.attach {
-            Attach::Xdp => (Hook::Xdp, try_hook(dataplane, Hook::Xdp), String::new()),
-            Attach::Tc => (Hook::Tc, try_hook(dataplane, Hook::Tc), String::new()),
-            Attach::Auto => match try_hook(dataplane, Hook::Xdp) {
-                Ok(attached) => (Hook::Xdp, Ok(attached), String::new()),
-                Err(e) => {
-                    let e = format!("{:#}", anyhow::Error::from(e));
-                    let note = format!("native XDP unavailable ({e}); fell back to tc");
-                    warn!(interface = name, reason = %e, "native XDP unavailable; falling back to TC");
-                    (Hook::Tc, try_hook(dataplane, Hook::Tc), note)
-                }
-            },
-        };
-        // A method change leaves the other hook's link pinned: remove it.
-        let other = if hook == Hook::Xdp {
-            Hook::Tc
-        } else {
-            Hook::Xdp
-        };
-        match result {
-            Ok(attached) => {
-                let _ = filter_user::loader::detach_pinned(&layout, name, other);
-                info!(interface = name, ?hook, ifindex = attached.ifindex, adopted = attached.adopted, role = ?state.role, "attached");
-                self.set_state(name, Some(hook), Some(attached.ifindex), note);
-            }
-            Err(e) => {
-                let e = format!("{:#}", anyhow::Error::from(e));
-                error!(interface = name, ?hook, error = %e, "attaching failed");
-                self.set_state(name, None, None, format!("attach failed: {e}"));
-            }
-        }
-    }
-
-    fn set_state(&mut self, name: &str, hook: Option<Hook>, ifindex: Option<u32>, note: String) {
-        if let Some(state) = self.interfaces.get_mut(name) {
-            state.hook = hook;
-            state.ifindex = ifindex;
-            state.note = note;
-        }
-    }
-
-    /// Interface hotplug: re-attach an interface that appeared, or that was deleted and
-    /// recreated (its old link died with it).
-    fn check_interfaces(&mut self) {
-        let names: Vec<String> = self.interfaces.keys().cloned().collect();
-        for name in names {
-            let Some(state) = self.interfaces.get(&name).cloned() else {
-                continue;
-            };
-            let now = ifindex(&name);
-            let live = state
-                .hook
-                .map(|hook| pinned_link_ifindex(&self.layout.link(&name, hook)));
-            let healthy = now.is_some() && live == Some(now) && state.ifindex == now;
-            if now.is_some() && !healthy {
-                info!(interface = %name, ifindex = ?now, "interface (re)appeared; attaching");
-                self.attach(&name);
-            } else if now.is_none() && state.ifindex.is_some() {
-                warn!(interface = %name, "interface disappeared; will re-attach when it returns");
-                self.set_state(&name, state.hook, None, "interface disappeared".into());
-            }
-        }
-    }
-
-    fn interface_views(&self) -> Vec<InterfaceView> {
-        let links = pinned_link_status(&self.layout);
-        self.interfaces
-            .iter()
-            .map(|(name, state)| {
-                let live = links.iter().any(|l| {
-                    &l.interface == name
-                        && Some(l.hook) == state.hook
-                        && l.ifindex.is_some()
-                        && l.ifindex == state.ifindex
-                });
-                InterfaceView {
-                    name: name.clone(),
-                    role: format!("{:?}", state.role).to_lowercase(),
-                    hook: state
-                        .hook
-                        .map(|h| format!("{h:?}").to_lowercase())
-                        .unwrap_or_default(),
-                    attached: live,
-                    note: state.note.clone(),
-                }
-            })
-            .collect()
     }
 
     /// Runtime allowlist entries in force that the policy does not also list. The policy's
@@ -798,7 +624,7 @@ impl Daemon {
 
     fn status(&self) -> Result<StatusView> {
         let config = self.tables.config()?;
-        let interfaces = self.interface_views();
+        let interfaces = self.interfaces.views();
         Ok(StatusView {
             daemon: true,
             policy: self.opts.policy.display().to_string(),

@@ -5,6 +5,7 @@
 //! /sys/fs/bpf/p25 and the next p25d adopts them. `p25d detach` removes everything.
 
 mod daemon;
+mod interfaces;
 mod linkwatch;
 mod notify;
 mod observe;
