@@ -87,6 +87,26 @@ pub fn policy_allow_value(entry: &AllowEntry) -> AllowValue {
     }
 }
 
+/// Whether `policy` allows exactly `prefix` at `now`: a list-file entry, or an inline
+/// entry that has not expired. Such a prefix carries the policy's value in the maps, and a
+/// runtime entry for it adds nothing. Binary searches: the lists must be sorted, as
+/// [`crate::policy::parse`] returns them.
+pub fn policy_allows(policy: &Policy, prefix: IpNet, now: SystemTime) -> bool {
+    policy.allow_listed.binary_search(&prefix).is_ok()
+        || policy
+            .allow
+            .binary_search_by_key(&prefix, |a| a.prefix)
+            .ok()
+            .and_then(|i| policy.allow.get(i))
+            .is_some_and(|a| !a.is_expired(now))
+}
+
+/// Whether a runtime entry counts in [`Counts::allow_runtime`] at `now`: it has not
+/// expired and the policy does not allow the same prefix.
+pub fn runtime_counts(policy: &Policy, entry: &RuntimeEntry, now: SystemTime) -> bool {
+    !entry.expired(now) && !policy_allows(policy, entry.prefix, now)
+}
+
 /// How many entries a desired state has, counted once when it is put in force (not per
 /// `/metrics` scrape).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -204,36 +224,51 @@ impl<'a> Desired<'a> {
             .iter()
             .filter(|a| !a.is_expired(self.now))
             .count();
-        let in_policy = |prefix: &IpNet| {
-            policy.allow_listed.binary_search(prefix).is_ok()
-                || policy
-                    .allow
-                    .binary_search_by_key(prefix, |a| a.prefix)
-                    .ok()
-                    .and_then(|i| policy.allow.get(i))
-                    .is_some_and(|a| !a.is_expired(self.now))
-        };
         Counts {
             subscribers: policy.subscribers.len(),
             allow_policy: inline + policy.allow_listed.len(),
             allow_runtime: self
                 .runtime
                 .values()
-                .filter(|r| !r.expired(self.now) && !in_policy(&r.prefix))
+                .filter(|r| runtime_counts(policy, r, self.now))
                 .count(),
         }
     }
+}
 
-    /// The first moment after `now` at which an entry of this state expires: when the
-    /// maps must change next without anyone asking.
-    pub fn next_expiry(&self) -> Option<SystemTime> {
-        let policy = self.policy.allow.iter().filter_map(|a| a.expires);
-        let runtime = self
-            .runtime
+/// When entries of a policy in force expire: the inline allowlist's expiries, sorted once
+/// when the policy is put in force (list files carry no expiry, so this is short). The
+/// daemon asks for the next one on every turn of its loop, so this never walks the policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Expiries(Vec<SystemTime>);
+
+impl Expiries {
+    /// The expiries of `policy`.
+    pub fn of(policy: &Policy) -> Self {
+        let mut at: Vec<SystemTime> = policy.allow.iter().filter_map(|a| a.expires).collect();
+        at.sort_unstable();
+        Self(at)
+    }
+
+    /// The first moment after `after` at which a policy entry or one of `runtime` (few:
+    /// capped by --max-runtime-entries) expires: when the maps must change next without
+    /// anyone asking.
+    pub fn next_after(
+        &self,
+        after: SystemTime,
+        runtime: &BTreeMap<IpNet, RuntimeEntry>,
+    ) -> Option<SystemTime> {
+        let policy = self
+            .0
+            .get(self.0.partition_point(|at| *at <= after))
+            .copied();
+        let runtime = runtime
             .values()
             .filter_map(|r| r.expires_unix)
-            .map(|secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs));
-        policy.chain(runtime).filter(|at| *at > self.now).min()
+            .map(|secs| SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .filter(|at| *at > after)
+            .min();
+        policy.into_iter().chain(runtime).min()
     }
 }
 
@@ -369,7 +404,9 @@ mod tests {
                 allow_runtime: 1
             }
         );
-        assert_eq!(desired.next_expiry(), Some(at(1_000)));
+        let expiries = Expiries::of(&policy);
+        assert_eq!(expiries.next_after(at(500), &runtime), Some(at(1_000)));
+        assert_eq!(expiries.next_after(at(1_000), &runtime), Some(at(2_000)));
         assert_eq!(
             desired
                 .allow_value(net("100.64.0.1/32"))
@@ -389,7 +426,7 @@ mod tests {
             prefixes,
             ["100.64.0.1/32", "100.64.0.2/32", "2001:db8::2/128"]
         );
-        assert_eq!(later.next_expiry(), None);
+        assert_eq!(Expiries::of(&policy).next_after(at(2_000), &runtime), None);
         assert_eq!(later.allow_value(net("100.64.0.3/32")), None);
     }
 
@@ -438,5 +475,51 @@ mod tests {
         };
         let config = super::config(&policy, &off, 1);
         assert_eq!((config.event_rate, config.event_burst), (0, 0));
+    }
+
+    #[test]
+    fn policy_allows_and_runtime_counts_agree_with_counts() {
+        let policy = policy();
+        // Listed (never expires), inline, inline until 1 000, and one the policy lacks.
+        for (prefix, before, after) in [
+            ("100.64.0.2/32", true, true),
+            ("100.64.0.1/32", true, true),
+            ("100.64.0.3/32", true, false),
+            ("100.64.0.7/32", false, false),
+        ] {
+            assert_eq!(
+                policy_allows(&policy, net(prefix), at(999)),
+                before,
+                "{prefix}"
+            );
+            assert_eq!(
+                policy_allows(&policy, net(prefix), at(1_000)),
+                after,
+                "{prefix}"
+            );
+        }
+        let runtime = runtime(&[
+            ("100.64.0.3/32", None),
+            ("100.64.0.7/32", None),
+            ("100.64.0.8/32", Some(900)),
+        ]);
+        for now in [at(0), at(999), at(1_000)] {
+            let counted = runtime
+                .values()
+                .filter(|r| runtime_counts(&policy, r, now))
+                .count();
+            let desired = Desired::new(Config::default(), &policy, &runtime, now);
+            assert_eq!(counted, desired.counts().allow_runtime, "{now:?}");
+        }
+        // 100.64.0.3 counts as runtime once the policy's entry for it has expired.
+        let desired = Desired::new(Config::default(), &policy, &runtime, at(1_000));
+        assert_eq!(desired.counts().allow_runtime, 2);
+    }
+
+    #[test]
+    fn dataplane_roles_follow_the_policy_roles() {
+        use filter_common::classify::Role as Dataplane;
+        assert_eq!(dataplane_role(Role::Subscriber), Dataplane::Subscriber);
+        assert_eq!(dataplane_role(Role::Upstream), Dataplane::Upstream);
     }
 }

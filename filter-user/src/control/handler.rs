@@ -18,6 +18,7 @@ use super::{
 };
 use crate::{
     Error, KernelTables, check_prefix,
+    desired::{self, Counts},
     offenders::OffenderView,
     policy::Policy,
     runtime::{MAX_LIFETIME_SECS, RuntimeEntry, RuntimeStore, rfc3339, unix},
@@ -71,6 +72,9 @@ pub struct Parts<'a, T> {
     pub admin_group: &'a str,
     /// Most runtime entries.
     pub max_runtime_entries: usize,
+    /// Entry counts of the state in force, kept up to date by `allow` and `deny` (so that
+    /// status and metrics never count).
+    pub counts: &'a mut Counts,
 }
 
 /// The daemon as the handler sees it.
@@ -96,37 +100,11 @@ pub trait Host {
 /// Handles one request line from `peer`; returns the whole answer (JSON lines).
 pub fn handle<H: Host>(host: &mut H, peer: &Peer, line: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    let request = match parse(line) {
-        Ok(request) => request,
-        Err(message) => {
-            error_line(&mut out, message);
-            return out;
-        }
+    let request = admit(host, peer, line);
+    let Ok(request) = request else {
+        respond(&mut out, request.map(|_| ()));
+        return out;
     };
-    let command = request.name();
-    if request.changes_state() {
-        if !peer.admin {
-            let group = host.parts().admin_group.to_owned();
-            tracing::warn!(command, uid = peer.uid, pid = ?peer.pid, "control command refused: not an administrator");
-            error_line(
-                &mut out,
-                format!(
-                    "permission denied: `{command}` changes the filter and needs root or \
-                     membership in the group {group} (you are uid {}); read-only commands \
-                     (status, list, stats, top, offenders) need only the socket group",
-                    peer.uid
-                ),
-            );
-            return out;
-        }
-        // The request as sent, cut at 1 KiB (a request may be 64 KiB of comment).
-        let shown: String = String::from_utf8_lossy(line)
-            .trim_end()
-            .chars()
-            .take(1024)
-            .collect();
-        tracing::info!(command, uid = peer.uid, pid = ?peer.pid, request = %shown, "control command");
-    }
     match request {
         Request::Allow {
             prefix,
@@ -144,30 +122,62 @@ pub fn handle<H: Host>(host: &mut H, peer: &Peer, line: &[u8]) -> Vec<u8> {
                 syn_burst,
                 force,
             };
-            single(&mut out, allow(&mut host.parts(), peer, asked));
+            respond(&mut out, allow(&mut host.parts(), peer, asked));
         }
-        Request::Deny { prefix } => single(&mut out, deny(&mut host.parts(), peer, prefix)),
+        Request::Deny { prefix } => {
+            respond(&mut out, deny(&mut host.parts(), peer, prefix));
+        }
         Request::List => list(&mut out, &host.parts()),
-        Request::Status => single(&mut out, host.status()),
-        Request::Stats => single(&mut out, host.stats()),
-        Request::Reload => single(&mut out, host.reload("p25ctl reload")),
-        Request::Offenders { since_secs, limit } => match host.offenders(since_secs, limit) {
-            Ok(rows) => {
-                if encode(
-                    &mut out,
-                    &ok(OffendersHead {
-                        offenders: rows.len(),
-                    }),
-                ) {
-                    for row in &rows {
-                        encode(&mut out, row);
-                    }
+        Request::Status => {
+            respond(&mut out, host.status());
+        }
+        Request::Stats => {
+            respond(&mut out, host.stats());
+        }
+        Request::Reload => {
+            respond(&mut out, host.reload("p25ctl reload"));
+        }
+        Request::Offenders { since_secs, limit } => {
+            let rows = host.offenders(since_secs, limit);
+            let head = rows.as_ref().map(|rows| OffendersHead {
+                offenders: rows.len(),
+            });
+            if respond(&mut out, head.map_err(Clone::clone)) {
+                for row in rows.iter().flatten() {
+                    encode(&mut out, row);
                 }
             }
-            Err(message) => error_line(&mut out, message),
-        },
+        }
     }
     out
+}
+
+/// The request of `line` if `peer` may make it: parsed, and for a command that changes the
+/// filter, sent by an administrator (and then logged).
+fn admit<H: Host>(host: &mut H, peer: &Peer, line: &[u8]) -> Result<Request, String> {
+    let request = parse(line)?;
+    let command = request.name();
+    if !request.changes_state() {
+        return Ok(request);
+    }
+    if !peer.admin {
+        let group = host.parts().admin_group.to_owned();
+        tracing::warn!(command, uid = peer.uid, pid = ?peer.pid, "control command refused: not an administrator");
+        return Err(format!(
+            "permission denied: `{command}` changes the filter and needs root or membership \
+             in the group {group} (you are uid {}); read-only commands (status, list, stats, \
+             top, offenders) need only the socket group",
+            peer.uid
+        ));
+    }
+    // The request as sent, cut at 1 KiB (a request may be 64 KiB of comment).
+    let shown: String = String::from_utf8_lossy(line)
+        .trim_end()
+        .chars()
+        .take(1024)
+        .collect();
+    tracing::info!(command, uid = peer.uid, pid = ?peer.pid, request = %shown, "control command");
+    Ok(request)
 }
 
 /// A request line to a [`Request`], or the reason it is not one.
@@ -180,10 +190,6 @@ fn parse(line: &[u8]) -> Result<Request, String> {
     }
     let text = std::str::from_utf8(line).map_err(|e| format!("malformed request: {e}"))?;
     serde_json::from_str(text).map_err(|e| format!("malformed request: {e}"))
-}
-
-fn ok<T>(data: T) -> Response<T> {
-    Response::Ok { data }
 }
 
 /// Appends `value` as one JSON line unless it would be longer than [`MAX_MESSAGE`] (then
@@ -216,12 +222,15 @@ fn error_line(out: &mut Vec<u8>, message: String) {
     out.extend_from_slice(&super::error_answer(message));
 }
 
-fn single<T: Serialize>(out: &mut Vec<u8>, result: Result<T, String>) {
+/// The one conversion of a command's result to the first line of its answer: `ok` with
+/// the view, or `error` with the message. `false` if the answer ends there (an error).
+fn respond<T: Serialize>(out: &mut Vec<u8>, result: Result<T, String>) -> bool {
     match result {
-        Ok(data) => {
-            encode(out, &ok(data));
+        Ok(data) => encode(out, &Response::Ok { data }),
+        Err(message) => {
+            error_line(out, message);
+            false
         }
-        Err(message) => error_line(out, message),
     }
 }
 
@@ -282,7 +291,8 @@ fn allow<T: AllowTables>(
         ));
     }
     let entries = parts.runtime.entries().len();
-    if !parts.runtime.entries().contains_key(&prefix) && entries >= parts.max_runtime_entries {
+    let replaced = parts.runtime.entries().get(&prefix).cloned();
+    if replaced.is_none() && entries >= parts.max_runtime_entries {
         return Err(format!(
             "the runtime allowlist is full ({entries} entries, the most p25d --max-runtime-entries \
              allows): remove some with `p25ctl deny`, or move them into the policy file {}",
@@ -301,17 +311,19 @@ fn allow<T: AllowTables>(
         .runtime
         .add(entry.clone())
         .map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    let policy = parts.policy;
+    let counted = |entry: &RuntimeEntry| desired::runtime_counts(policy, entry, now);
+    let (was, is) = (replaced.as_ref().is_some_and(counted), counted(&entry));
+    parts.counts.allow_runtime =
+        (parts.counts.allow_runtime + usize::from(is)).saturating_sub(usize::from(was));
     // Write just this entry instead of a full reconcile, which reads every map entry
     // back (seconds at a million entries). A policy entry keeps its origin and limit, as
-    // in the daemon's desired state; only a prefix the maps already cover can be one, so
-    // the scan of the policy is skipped in the common case. The periodic resync still
-    // repairs drift.
-    let now = SystemTime::now();
+    // in the daemon's desired state; only a prefix the maps already cover can be one (an
+    // entry the full map refused is not, and gets the runtime value). The periodic resync
+    // still repairs drift.
     let in_policy = parts.tables.allow_covers(prefix).unwrap_or(true)
-        && parts
-            .policy
-            .allow_entry(prefix)
-            .is_some_and(|a| !a.is_expired(now));
+        && desired::policy_allows(policy, prefix, now);
     if !in_policy {
         parts
             .tables
@@ -337,8 +349,13 @@ fn deny<T: AllowTables>(
     prefix: IpNet,
 ) -> Result<DeniedView, String> {
     let prefix = check_prefix(prefix).map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
     match parts.runtime.remove(prefix) {
-        Ok(Some(_)) => {}
+        Ok(Some(removed)) => {
+            if desired::runtime_counts(parts.policy, &removed, now) {
+                parts.counts.allow_runtime = parts.counts.allow_runtime.saturating_sub(1);
+            }
+        }
         Ok(None) => {
             return Err(if parts.policy.allow_entry(prefix).is_some() {
                 format!(
@@ -352,12 +369,7 @@ fn deny<T: AllowTables>(
         Err(e) => return Err(e.to_string()),
     }
     // Remove just this entry (see `allow`), unless the policy allows the same prefix.
-    let now = SystemTime::now();
-    let in_policy = parts
-        .policy
-        .allow_entry(prefix)
-        .is_some_and(|a| !a.is_expired(now));
-    if !in_policy {
+    if !desired::policy_allows(parts.policy, prefix, now) {
         parts.tables.remove_allow(prefix).map_err(|e| {
             format!(
                 "removed from the state, but updating the maps failed (the next resync retries): {e}"
@@ -385,7 +397,7 @@ fn list<T>(out: &mut Vec<u8>, parts: &Parts<'_, T>) {
         allow: parts.policy.allow_len() + runtime.len().saturating_sub(shared.len()),
         subscribers: parts.policy.subscribers.len(),
     };
-    if !encode(out, &ok(head)) {
+    if !respond(out, Ok(head)) {
         return;
     }
     // Entries of list files are made on the fly (prefix only): no copy of the list.
@@ -470,6 +482,8 @@ pub struct MemoryHost {
     pub max_runtime_entries: usize,
     /// Generation, bumped by each reload.
     pub generation: u32,
+    /// Entry counts, kept by `allow` and `deny` as in p25d.
+    pub counts: Counts,
 }
 
 impl MemoryHost {
@@ -487,12 +501,18 @@ impl MemoryHost {
                 })
                 .collect(),
         );
+        let counts = Counts {
+            subscribers: policy.subscribers.len(),
+            allow_policy: policy.allow_len(),
+            allow_runtime: 0,
+        };
         Self {
             tables,
             runtime: RuntimeStore::in_memory(),
             policy,
             max_runtime_entries,
             generation: 1,
+            counts,
         }
     }
 }
@@ -508,6 +528,7 @@ impl Host for MemoryHost {
             policy_path: Path::new("memory.yaml"),
             admin_group: "p25-admin",
             max_runtime_entries: self.max_runtime_entries,
+            counts: &mut self.counts,
         }
     }
 
@@ -777,6 +798,59 @@ mod tests {
         }
         let invalid_utf8 = handle(&mut host, &ROOT, b"\xff\xfe\n");
         assert!(String::from_utf8_lossy(&invalid_utf8).contains("malformed request"));
+        Ok(())
+    }
+
+    #[test]
+    fn allow_and_deny_keep_the_runtime_count() -> Result<(), Box<dyn std::error::Error>> {
+        let mut host = host()?;
+        let count = |host: &MemoryHost| host.counts.allow_runtime;
+        allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.4.1/32"}"#,
+        ))?;
+        assert_eq!(count(&host), 1);
+        // Replacing an entry is not a second one.
+        allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.4.1/32","comment":"again"}"#,
+        ))?;
+        assert_eq!(count(&host), 1);
+        // The policy already allows 100.64.9.0/24: a runtime entry for it adds nothing.
+        allowed(&ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"allow","prefix":"100.64.9.0/24"}"#,
+        ))?;
+        assert_eq!(count(&host), 1);
+        let denied = ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"deny","prefix":"100.64.9.0/24"}"#,
+        );
+        assert!(
+            denied
+                .first()
+                .is_some_and(|l| l.contains(r#""result":"ok""#)),
+            "{denied:?}"
+        );
+        assert_eq!(count(&host), 1);
+        // A refused request changes nothing.
+        error_of(&ask(
+            &mut host,
+            &NOBODY,
+            r#"{"command":"deny","prefix":"100.64.4.1/32"}"#,
+        ));
+        assert_eq!(count(&host), 1);
+        ask(
+            &mut host,
+            &ROOT,
+            r#"{"command":"deny","prefix":"100.64.4.1/32"}"#,
+        );
+        assert_eq!(count(&host), 0);
+        assert_eq!(host.counts.allow_policy, 1);
         Ok(())
     }
 }

@@ -43,11 +43,6 @@ impl Interfaces {
         }
     }
 
-    /// The dataplane, for the start-up migration of older links.
-    pub fn dataplane(&mut self) -> &mut Dataplane {
-        &mut self.dataplane
-    }
-
     /// Interface slot (of the per-interface counters) → the names of the attached
     /// interfaces that use it (normally one).
     pub fn slot_names(&self) -> BTreeMap<u32, Vec<&str>> {

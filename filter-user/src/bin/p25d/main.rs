@@ -4,12 +4,16 @@
 //! Stopping p25d does not stop filtering: programs, links and maps stay pinned under
 //! /sys/fs/bpf/p25 and the next p25d adopts them. `p25d detach` removes everything.
 
+mod alerts;
 mod daemon;
 mod interfaces;
 mod linkwatch;
 mod notify;
 mod observe;
+mod reload;
+mod snapshot;
 mod socket;
+mod source;
 mod startup;
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};

@@ -37,8 +37,9 @@ pub enum EventSink {
     File(PathBuf),
 }
 
-/// A request for a metrics page, answered by the task that owns the maps.
-pub type MetricsJob = oneshot::Sender<String>;
+/// A request for a metrics page, answered by the task that owns the maps: the page, or
+/// why the maps could not be read.
+pub type MetricsJob = oneshot::Sender<Result<String, String>>;
 
 /// Serves `/metrics` on `addr`, with a connection cap and timeouts ([`LimitedListener`]).
 /// Binding happens before this returns, so a taken port is a startup error and not a
@@ -52,22 +53,7 @@ pub async fn serve_metrics(addr: SocketAddr, jobs: mpsc::Sender<MetricsJob>) -> 
             "/metrics",
             get(move || {
                 let jobs = jobs.clone();
-                async move {
-                    let (tx, rx) = oneshot::channel();
-                    let body = if jobs.send(tx).await.is_ok() {
-                        rx.await.unwrap_or_default()
-                    } else {
-                        String::new()
-                    };
-                    if body.is_empty() {
-                        return (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "p25d is shutting down\n",
-                        )
-                            .into_response();
-                    }
-                    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response()
-                }
+                async move { metrics_page(&jobs).await }
             }),
         )
         .route("/", get(|| async { "p25d: metrics at /metrics\n" }));
@@ -83,6 +69,24 @@ pub async fn serve_metrics(addr: SocketAddr, jobs: mpsc::Sender<MetricsJob>) -> 
         }
     });
     Ok(())
+}
+
+/// Asks the task that owns the maps for a page: 200 with it, 500 with the error when the
+/// maps could not be read, 503 only when that task is gone (p25d is stopping).
+async fn metrics_page(jobs: &mpsc::Sender<MetricsJob>) -> axum::response::Response {
+    use axum::http::StatusCode;
+    let (tx, rx) = oneshot::channel();
+    let answer = match jobs.send(tx).await {
+        Ok(()) => rx.await.ok(),
+        Err(_) => None,
+    };
+    match answer {
+        Some(Ok(body)) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
+        Some(Err(message)) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response()
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, "p25d is shutting down\n").into_response(),
+    }
 }
 
 /// Connections the metrics endpoint serves at once. Prometheus needs one or two; the rest

@@ -1,0 +1,94 @@
+//! Where the policy comes from. p25d reads its policy only through [`PolicySource`]: the
+//! policy file (with the list files it names) today. Another source implements the same
+//! trait and reaches the maps through the same reload path (`reload::reload`).
+
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    time::SystemTime,
+};
+
+use filter_user::policy::{self, Checked, Policy};
+
+/// A source of policy documents.
+pub trait PolicySource {
+    /// How status and logs name the source (for a file, its path).
+    fn name(&self) -> String;
+
+    /// Reads and checks the policy now: the checked policy, or why it is not usable (with
+    /// the place, `file:line:column: message`). `in_force` is the policy now in force:
+    /// while a new document is rejected, the source keeps watching what that one uses.
+    fn load(&mut self, in_force: &Policy) -> Result<Checked, String>;
+
+    /// Whether the policy may have changed since the last [`PolicySource::load`]; asked
+    /// every `--poll`, so it must be cheap.
+    fn changed(&self, in_force: &Policy) -> bool;
+}
+
+/// The policy file and the list files it names.
+#[derive(Debug)]
+pub struct PolicyFile {
+    path: PathBuf,
+    /// Stamps of the policy file and its list files as last read (see [`stamps`]).
+    seen: Vec<Option<FileStamp>>,
+}
+
+impl PolicyFile {
+    /// The policy at `path`; nothing is read until [`PolicySource::load`].
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            seen: Vec::new(),
+        }
+    }
+}
+
+impl PolicySource for PolicyFile {
+    fn name(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn load(&mut self, in_force: &Policy) -> Result<Checked, String> {
+        // Stamped before reading, so that an edit during the read is seen next time. A
+        // rejected file keeps the list files of the policy in force watched.
+        self.seen = stamps(&self.path, in_force);
+        let checked = policy::load(&self.path).map_err(|e| e.to_string())?;
+        // The stamps of list files as of just after the read would miss an edit made
+        // during it; the policy file's own stamp is the one taken before reading.
+        let lists = stamps(&self.path, &checked.policy).into_iter().skip(1);
+        self.seen.truncate(1);
+        self.seen.extend(lists);
+        Ok(checked)
+    }
+
+    fn changed(&self, in_force: &Policy) -> bool {
+        stamps(&self.path, in_force) != self.seen
+    }
+}
+
+/// Identifies a version of a file cheaply, to notice edits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+/// Stamps of the policy file and of every list file it names, in that order: a change to
+/// any of them is a change of the policy.
+fn stamps(policy_file: &Path, policy: &Policy) -> Vec<Option<FileStamp>> {
+    std::iter::once(policy_file)
+        .chain(policy.list_files())
+        .map(stamp)
+        .collect()
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    let meta = fs::metadata(path).ok()?;
+    Some(FileStamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
