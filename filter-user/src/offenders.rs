@@ -78,7 +78,9 @@ pub fn subscriber(key: &OffenderKey) -> Option<IpNet> {
     IpNet::new(addr, key.prefix_len).ok().map(|n| n.trunc())
 }
 
-fn address(family: Family, bytes: [u8; 16]) -> Option<IpAddr> {
+/// The address of an offender key or a drop event: `bytes` holds an IPv4 address in its
+/// first four bytes, or an IPv6 address; `None` for an unknown family.
+pub fn address(family: Family, bytes: [u8; 16]) -> Option<IpAddr> {
     if family == Family::IPV4 {
         let [a, b, c, d, ..] = bytes;
         Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))

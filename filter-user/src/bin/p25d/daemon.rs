@@ -29,8 +29,9 @@ use tracing::{info, warn};
 use crate::{
     MetricsListen, RunArgs,
     alerts::{self, OffenderWatch},
+    events::{self, EventSink},
+    http::{self, MetricsJob},
     interfaces::Interfaces,
-    observe::{self, EventSink, MetricsJob},
     reload::{self, Maps},
     snapshot,
     socket::{self, Job},
@@ -47,7 +48,7 @@ pub struct Daemon {
     pub(crate) maps: Maps,
     pub(crate) interfaces: Interfaces,
     pub(crate) offenders: OffenderWatch,
-    pub(crate) event_counts: Arc<observe::EventCounts>,
+    pub(crate) event_counts: Arc<events::EventCounts>,
 }
 
 /// The daemon's own settings that go into CONFIG (with the policy's).
@@ -81,7 +82,7 @@ pub async fn run(opts: RunArgs) -> Result<()> {
     let runtime = RuntimeStore::open(&opts.state).context("opening the runtime state")?;
     // The event log first: an unusable --events path must stop p25d before it creates or
     // touches anything under the pin root.
-    let event_output = observe::open_sink(&opts.events)?;
+    let event_output = events::open_sink(&opts.events)?;
     let layout = opts.layout();
     let _pin_lock = lock_pin_root(layout.root(), LockFor::Run)?;
     let _socket_lock = startup::lock_socket(&opts.socket, opts.socket_group.as_deref())?;
@@ -104,7 +105,7 @@ pub async fn run(opts: RunArgs) -> Result<()> {
     reload::apply(&mut maps, &mut interfaces, checked.policy, "start")?;
     let mut daemon = Daemon {
         offenders: OffenderWatch::new(opts.alert_threshold, opts.alert_window),
-        event_counts: Arc::new(observe::EventCounts::default()),
+        event_counts: Arc::new(events::EventCounts::default()),
         opts,
         layout,
         source,
@@ -122,10 +123,10 @@ pub async fn run(opts: RunArgs) -> Result<()> {
     tokio::spawn(socket::accept_loop(listener, jobs_tx, admin_gid));
     let (metrics_tx, mut metrics_jobs) = mpsc::channel::<MetricsJob>(16);
     if let MetricsListen::At(addr) = opts.metrics_listen {
-        observe::serve_metrics(addr, metrics_tx).await?;
+        http::serve_metrics(addr, metrics_tx).await?;
     }
     if let Some(out) = event_output {
-        tokio::spawn(observe::drain_events(
+        tokio::spawn(events::drain_events(
             events,
             out,
             daemon.event_counts.clone(),

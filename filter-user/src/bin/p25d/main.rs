@@ -6,10 +6,11 @@
 
 mod alerts;
 mod daemon;
+mod events;
+mod http;
 mod interfaces;
 mod linkwatch;
 mod notify;
-mod observe;
 mod reload;
 mod snapshot;
 mod socket;
@@ -26,7 +27,7 @@ use filter_user::{
     policy,
 };
 
-use crate::observe::EventSink;
+use crate::events::EventSink;
 
 /// p25 daemon: port-25 filtering for ISP edge routers (MAAWG / RFC 5068).
 #[derive(Debug, Parser)]

@@ -1,29 +1,25 @@
-//! The daemon's outputs for humans and machines besides the control socket: the
-//! Prometheus `/metrics` endpoint and the JSON-lines drop-event log.
+//! The drop-event log: events from the dataplane's ring buffer, written as JSON lines to
+//! standard output or a file (reopened on SIGHUP for logrotate) by a thread of its own.
 
 use std::{
     collections::HashMap,
     fs,
     io::{self, Write as _},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
-use axum::{Router, http::header, response::IntoResponse, routing::get};
 use aya::maps::{MapData, RingBuf};
-use filter_common::abi::{Event, Family};
-use filter_user::{metrics, offenders::Clock};
+use filter_common::abi::Event;
+use filter_user::offenders::{Clock, address};
 use serde::Serialize;
-use tokio::{
-    io::unix::AsyncFd,
-    sync::{mpsc, oneshot},
-};
+use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 /// Where drop events go.
@@ -37,240 +33,6 @@ pub enum EventSink {
     File(PathBuf),
 }
 
-/// A request for a metrics page, answered by the task that owns the maps: the page, or
-/// why the maps could not be read.
-pub type MetricsJob = oneshot::Sender<Result<String, String>>;
-
-/// Serves `/metrics` on `addr`, with a connection cap and timeouts ([`LimitedListener`]).
-/// Binding happens before this returns, so a taken port is a startup error and not a
-/// silent background failure.
-pub async fn serve_metrics(addr: SocketAddr, jobs: mpsc::Sender<MetricsJob>) -> Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the metrics endpoint {addr}"))?;
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let jobs = jobs.clone();
-                async move { metrics_page(&jobs).await }
-            }),
-        )
-        .route("/", get(|| async { "p25d: metrics at /metrics\n" }));
-    info!(%addr, max_connections = METRICS_MAX_CONNECTIONS, "serving Prometheus metrics at /metrics");
-    let listener = LimitedListener {
-        inner: listener,
-        open: Open::default(),
-        epoch: tokio::time::Instant::now(),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            error!(error = %e, "the metrics endpoint stopped");
-        }
-    });
-    Ok(())
-}
-
-/// Asks the task that owns the maps for a page: 200 with it, 500 with the error when the
-/// maps could not be read, 503 only when that task is gone (p25d is stopping).
-async fn metrics_page(jobs: &mpsc::Sender<MetricsJob>) -> axum::response::Response {
-    use axum::http::StatusCode;
-    let (tx, rx) = oneshot::channel();
-    let answer = match jobs.send(tx).await {
-        Ok(()) => rx.await.ok(),
-        Err(_) => None,
-    };
-    match answer {
-        Some(Ok(body)) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], body).into_response(),
-        Some(Err(message)) => {
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response()
-        }
-        None => (StatusCode::SERVICE_UNAVAILABLE, "p25d is shutting down\n").into_response(),
-    }
-}
-
-/// Connections the metrics endpoint serves at once. Prometheus needs one or two; the rest
-/// is room for curl and a second scraper.
-pub const METRICS_MAX_CONNECTIONS: usize = 32;
-/// A new connection must have its first answer written within this long, headers and all
-/// (slowloris: a client that trickles its request gets this much, not forever).
-pub const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// After an answer, a kept-alive connection is closed when no further answer is written
-/// within this long (Prometheus's default 15 s scrape interval reuses it; a slower one
-/// reconnects).
-pub const METRICS_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The open connections of the metrics endpoint, oldest answer first.
-#[derive(Debug, Default)]
-struct Open {
-    conns: std::sync::Mutex<Vec<OpenConn>>,
-}
-
-#[derive(Debug)]
-struct OpenConn {
-    /// When it last had an answer written (or was accepted), in ms since `epoch`.
-    last_answer_ms: Arc<AtomicU64>,
-    /// Closes it.
-    evict: oneshot::Sender<()>,
-}
-
-/// A TCP listener that keeps at most [`METRICS_MAX_CONNECTIONS`] open: when full, a new
-/// connection evicts the one that has gone longest without an answer (idle or
-/// trickling), so idle connections cannot lock Prometheus out. Each connection is a
-/// [`LimitedStream`] with the header and idle timeouts.
-struct LimitedListener {
-    inner: tokio::net::TcpListener,
-    open: Open,
-    epoch: tokio::time::Instant,
-}
-
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (stream, addr) = match self.inner.accept().await {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, mostly: wait for some to close.
-                    warn!(error = %e, "accepting a metrics connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let now_ms = elapsed_ms(self.epoch);
-            let last_answer_ms = Arc::new(AtomicU64::new(now_ms));
-            let (evict, evicted) = oneshot::channel();
-            {
-                let mut conns = self
-                    .open
-                    .conns
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // Connections whose stream is gone dropped their receiver.
-                conns.retain(|c| !c.evict.is_closed());
-                if conns.len() >= METRICS_MAX_CONNECTIONS {
-                    let oldest = conns
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, c)| c.last_answer_ms.load(Ordering::Relaxed))
-                        .map(|(i, _)| i);
-                    if let Some(i) = oldest {
-                        let old = conns.swap_remove(i);
-                        let _ = old.evict.send(());
-                    }
-                }
-                conns.push(OpenConn {
-                    last_answer_ms: last_answer_ms.clone(),
-                    evict,
-                });
-            }
-            let stream = LimitedStream {
-                inner: stream,
-                deadline: Box::pin(tokio::time::sleep(METRICS_HEADER_TIMEOUT)),
-                evicted,
-                last_answer_ms,
-                epoch: self.epoch,
-            };
-            return (stream, addr);
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-fn elapsed_ms(epoch: tokio::time::Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// A metrics connection: closed (an I/O error to hyper) when its deadline passes or it is
-/// evicted. The deadline starts at [`METRICS_HEADER_TIMEOUT`] and moves to
-/// [`METRICS_IDLE_TIMEOUT`] past every write.
-struct LimitedStream {
-    inner: tokio::net::TcpStream,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    evicted: oneshot::Receiver<()>,
-    last_answer_ms: Arc<AtomicU64>,
-    epoch: tokio::time::Instant,
-}
-
-impl LimitedStream {
-    /// An error if the connection must close now; registers the wake-ups otherwise.
-    fn expired(&mut self, cx: &mut std::task::Context<'_>) -> Option<io::Error> {
-        if std::pin::Pin::new(&mut self.evicted).poll(cx).is_ready() {
-            return Some(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "evicted: too many metrics connections",
-            ));
-        }
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            return Some(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "metrics connection timed out",
-            ));
-        }
-        None
-    }
-}
-
-impl tokio::io::AsyncRead for LimitedStream {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        if let Some(e) = self.expired(cx) {
-            return std::task::Poll::Ready(Err(e));
-        }
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for LimitedStream {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
-            std::task::Poll::Ready(Ok(n)) => {
-                if n > 0 {
-                    this.last_answer_ms
-                        .store(elapsed_ms(this.epoch), Ordering::Relaxed);
-                    this.deadline
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + METRICS_IDLE_TIMEOUT);
-                }
-                std::task::Poll::Ready(Ok(n))
-            }
-            std::task::Poll::Pending => match this.expired(cx) {
-                // A client that stops reading its answer is dropped at the deadline too.
-                Some(e) => std::task::Poll::Ready(Err(e)),
-                None => std::task::Poll::Pending,
-            },
-            other => other,
-        }
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// One drop event as written to the event log.
 #[derive(Debug, Serialize)]
 struct EventLine<'a> {
@@ -280,36 +42,60 @@ struct EventLine<'a> {
     direction: &'static str,
     family: &'static str,
     verdict: &'static str,
-    src: IpAddr,
-    dst: IpAddr,
+    /// `None` (null) only for a family the dataplane never emits.
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
     sport: u16,
     dport: u16,
     tcp_flags: u8,
 }
 
-fn address(family: Family, bytes: [u8; 16]) -> IpAddr {
-    if family == Family::IPV4 {
-        let [a, b, c, d, ..] = bytes;
-        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(bytes))
+/// Interface names by index, for event lines. A name is looked up once and then kept
+/// for at most [`NAME_TTL`]: an interface can be deleted and another created under the
+/// same index with another name, and an event must not carry the old one for long.
+#[derive(Debug)]
+struct InterfaceNames {
+    names: HashMap<u32, String>,
+    /// When the cache was last emptied.
+    since: Instant,
+}
+
+/// How long a looked-up interface name is trusted.
+const NAME_TTL: Duration = Duration::from_secs(60);
+/// Most names kept (a bound on memory whatever the events claim).
+const MAX_NAMES: usize = 1024;
+
+impl InterfaceNames {
+    fn new(now: Instant) -> Self {
+        Self {
+            names: HashMap::new(),
+            since: now,
+        }
+    }
+
+    /// The name of `ifindex` at `now`, from the cache or from `lookup`.
+    fn get(&mut self, ifindex: u32, now: Instant, lookup: impl FnOnce(u32) -> String) -> &str {
+        if now.saturating_duration_since(self.since) >= NAME_TTL || self.names.len() >= MAX_NAMES {
+            self.names.clear();
+            self.since = now;
+        }
+        self.names.entry(ifindex).or_insert_with(|| lookup(ifindex))
     }
 }
 
-fn interface_name(cache: &mut HashMap<u32, String>, ifindex: u32) -> &str {
-    cache.entry(ifindex).or_insert_with(|| {
-        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-        // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
-        let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-        if ret.is_null() {
-            format!("ifindex-{ifindex}")
-        } else {
-            // SAFETY: on success buf holds a NUL-terminated name.
-            unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-                .to_string_lossy()
-                .into_owned()
-        }
-    })
+/// The kernel's name of `ifindex` now, or `ifindex-N` if it has none.
+fn lookup_name(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
+    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if ret.is_null() {
+        format!("ifindex-{ifindex}")
+    } else {
+        // SAFETY: on success buf holds a NUL-terminated name.
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Most events written per wake-up before yielding to the other tasks; the in-kernel rate
@@ -503,7 +289,7 @@ pub async fn drain_events(ring: RingBuf<MapData>, out: EventOutput, counts: Arc<
             return;
         }
     };
-    let mut names = HashMap::new();
+    let mut names = InterfaceNames::new(Instant::now());
     loop {
         let readable = tokio::select! {
             readable = fd.readable_mut() => readable,
@@ -542,7 +328,7 @@ pub async fn drain_events(ring: RingBuf<MapData>, out: EventOutput, counts: Arc<
             drop(item);
             let line = EventLine {
                 time: humantime::format_rfc3339_millis(clock.wall(event.ts_ns)).to_string(),
-                interface: interface_name(&mut names, event.ifindex),
+                interface: names.get(event.ifindex, Instant::now(), lookup_name),
                 hook: event.hook.name(),
                 direction: event.direction.name(),
                 family: event.family.name(),
@@ -564,10 +350,28 @@ pub async fn drain_events(ring: RingBuf<MapData>, out: EventOutput, counts: Arc<
         } else {
             tokio::task::yield_now().await;
         }
-        // Forget interface names now and then: an interface can be recreated under the same
-        // index with another name.
-        if names.len() > 1024 {
-            names.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_looked_up_again_after_their_ttl() {
+        let start = Instant::now();
+        let mut names = InterfaceNames::new(start);
+        assert_eq!(names.get(7, start, |_| "eth0".into()), "eth0");
+        // Cached: the lookup is not asked again within the TTL.
+        let later = start + NAME_TTL / 2;
+        assert_eq!(names.get(7, later, |_| "renamed".into()), "eth0");
+        // Past the TTL the kernel is asked again.
+        let past = start + NAME_TTL;
+        assert_eq!(names.get(7, past, |_| "renamed".into()), "renamed");
+        // The cache stays bounded.
+        for i in 0..=u32::try_from(MAX_NAMES).unwrap_or(u32::MAX) {
+            names.get(i + 100, past, |i| format!("if{i}"));
         }
+        assert!(names.names.len() <= MAX_NAMES);
     }
 }
