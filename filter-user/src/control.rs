@@ -15,17 +15,13 @@
 //! is [`handler::handle`], generic over the daemon's state so that the fuzz target runs
 //! the very code p25d runs.
 
+mod client;
 pub mod handler;
 
-use std::{
-    io::{BufRead, BufReader, Read as _, Write as _},
-    os::unix::net::UnixStream,
-    path::Path,
-    time::Duration,
-};
+pub use client::{Answer, ClientError, list, offenders, read_line, request, send};
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize};
 
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/p25/p25.sock";
@@ -136,9 +132,37 @@ pub enum Response<T> {
     },
 }
 
-/// A whole error answer: one [`Response::Error`] line.
+/// Longest error message an answer carries, in bytes. A rejected policy lists every
+/// diagnostic, which for a broken list file of a million lines is megabytes: the answer
+/// (and `status`'s `last_error`) carries the first [`MAX_ERROR`] bytes, the p25d log all.
+pub const MAX_ERROR: usize = 64 * 1024;
+
+/// `message` cut to at most `max` bytes at a character boundary, ending with how much was
+/// left out; unchanged if it fits.
+pub fn shorten(mut message: String, max: usize) -> String {
+    if message.len() <= max {
+        return message;
+    }
+    let total = message.len();
+    // Room for the note; a cap below its size keeps the note alone.
+    let mut keep = max.saturating_sub(80);
+    while !message.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    message.truncate(keep);
+    message.push_str(&format!(
+        "\n... ({} more bytes; the p25d log has the whole message)",
+        total - keep
+    ));
+    message
+}
+
+/// A whole error answer: one [`Response::Error`] line, its message at most
+/// [`MAX_ERROR`] bytes (so that the line stays under [`MAX_MESSAGE`]).
 pub fn error_answer(message: String) -> Vec<u8> {
-    let response: Response<()> = Response::Error { message };
+    let response: Response<()> = Response::Error {
+        message: shorten(message, MAX_ERROR),
+    };
     // A String and a tag always serialize; should that ever fail, an empty answer is
     // still an answer the client reports ("closed the connection").
     let mut line = serde_json::to_vec(&response).unwrap_or_default();
@@ -359,151 +383,30 @@ pub struct StatusView {
     pub pins: String,
 }
 
-/// Errors of the client side.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nobody listens on the socket.
-    #[error("p25d is not running (nothing listens on {path}): {source}")]
-    NotRunning {
-        /// The socket path.
-        path: String,
-        /// Why connecting failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The conversation failed half-way.
-    #[error("talking to p25d on {path}: {source}")]
-    Io {
-        /// The socket path.
-        path: String,
-        /// What failed.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The daemon answered something this client cannot read.
-    #[error("unreadable answer from p25d: {0}")]
-    Protocol(String),
-    /// The daemon refused the request.
-    #[error("{0}")]
-    Refused(String),
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// One request's connection, from which the answer's lines are read.
-#[derive(Debug)]
-pub struct Answer {
-    path: String,
-    reader: BufReader<UnixStream>,
-}
-
-impl Answer {
-    /// Reads the next line (at most [`MAX_MESSAGE`] bytes) as a `T`.
-    pub fn line<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
-        let line = read_line(&mut self.reader, MAX_MESSAGE).map_err(|source| ClientError::Io {
-            path: self.path.clone(),
-            source,
-        })?;
-        let Some(line) = line else {
-            return Err(ClientError::Protocol(
-                "the daemon closed the connection".into(),
-            ));
-        };
-        serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(e.to_string()))
-    }
-
-    /// Reads the first line, a [`Response`]: its data, or the daemon's refusal as
-    /// [`ClientError::Refused`].
-    pub fn head<T: DeserializeOwned>(&mut self) -> Result<T, ClientError> {
-        match self.line::<Response<T>>()? {
-            Response::Ok { data } => Ok(data),
-            Response::Error { message } => Err(ClientError::Refused(message)),
+    #[test]
+    fn long_error_messages_are_shortened_to_fit_one_answer_line()
+    -> Result<(), Box<dyn std::error::Error>> {
+        assert_eq!(shorten("short".into(), 10), "short");
+        // A multi-byte character at the cut is not split.
+        let cut = shorten("é".repeat(100), 100);
+        assert!(cut.len() <= 100 && cut.ends_with("whole message)"), "{cut}");
+        // A rejected million-line list file: megabytes of diagnostics.
+        let huge = "allow.txt:1:1: 100.64.1.9/24 has host bits set\n".repeat(200_000);
+        let answer = error_answer(huge);
+        assert!(answer.len() <= MAX_MESSAGE, "{}", answer.len());
+        let line = read_line(&mut std::io::Cursor::new(answer), MAX_MESSAGE)?.ok_or("no line")?;
+        match serde_json::from_slice::<Response<()>>(&line)? {
+            Response::Error { message } => {
+                assert!(message.len() <= MAX_ERROR, "{}", message.len());
+                assert!(message.starts_with("allow.txt:1:1: "), "{message}");
+                assert!(message.ends_with("the p25d log has the whole message)"));
+            }
+            Response::Ok { .. } => return Err("not an error".into()),
         }
+        Ok(())
     }
-
-    /// Reads `count` rows of a stream; a short stream is an error, never a short table.
-    pub fn rows<T: DeserializeOwned>(&mut self, count: usize) -> Result<Vec<T>, ClientError> {
-        // Grown as rows arrive: `count` comes from the other side.
-        let mut rows = Vec::new();
-        for _ in 0..count {
-            rows.push(self.line()?);
-        }
-        Ok(rows)
-    }
-}
-
-/// Reads one `\n`-terminated line of at most `cap` bytes (newline included); `None` at
-/// the end of the stream. A longer line is an error, read no further than `cap`.
-pub fn read_line(reader: &mut impl BufRead, cap: usize) -> std::io::Result<Option<Vec<u8>>> {
-    let mut line = Vec::new();
-    let limit = u64::try_from(cap).unwrap_or(u64::MAX);
-    reader.by_ref().take(limit).read_until(b'\n', &mut line)?;
-    if line.is_empty() {
-        return Ok(None);
-    }
-    if line.last() != Some(&b'\n') && line.len() >= cap {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a line longer than {cap} bytes"),
-        ));
-    }
-    Ok(Some(line))
-}
-
-/// Sends one request; the answer is read from what this returns. Reads and writes each
-/// wait at most `timeout`.
-pub fn send(socket: &Path, req: &Request, timeout: Duration) -> Result<Answer, ClientError> {
-    let path = socket.display().to_string();
-    let io = |source| ClientError::Io {
-        path: path.clone(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::NotRunning {
-        path: path.clone(),
-        source,
-    })?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    line.push(b'\n');
-    if line.len() > MAX_REQUEST {
-        return Err(ClientError::Protocol(format!(
-            "the request is {} bytes, longer than the {MAX_REQUEST} the daemon reads",
-            line.len()
-        )));
-    }
-    stream.write_all(&line).map_err(io)?;
-    Ok(Answer {
-        reader: BufReader::new(stream),
-        path,
-    })
-}
-
-/// Sends one request and reads its single-line answer as a `T`.
-pub fn request<T: DeserializeOwned>(
-    socket: &Path,
-    req: &Request,
-    timeout: Duration,
-) -> Result<T, ClientError> {
-    send(socket, req, timeout)?.head()
-}
-
-/// `list`: the head, then its rows.
-pub fn list(socket: &Path, timeout: Duration) -> Result<ListView, ClientError> {
-    let mut answer = send(socket, &Request::List, timeout)?;
-    let head: ListHead = answer.head()?;
-    Ok(ListView {
-        allow: answer.rows(head.allow)?,
-        subscribers: answer.rows(head.subscribers)?,
-    })
-}
-
-/// `offenders` (and `top`): the head, then its rows.
-pub fn offenders(
-    socket: &Path,
-    since_secs: Option<u64>,
-    limit: Option<usize>,
-    timeout: Duration,
-) -> Result<Vec<crate::offenders::OffenderView>, ClientError> {
-    let mut answer = send(socket, &Request::Offenders { since_secs, limit }, timeout)?;
-    let head: OffendersHead = answer.head()?;
-    answer.rows(head.offenders)
 }

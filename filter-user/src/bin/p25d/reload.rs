@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, Result};
 use filter_user::{
     Dataplane, KernelTables,
-    control::{ReloadView, handler::Parts},
+    control::{MAX_ERROR, ReloadView, handler::Parts, shorten},
     desired::{self, Counts, Desired, Expiries},
     loader::PinLayout,
     policy::Policy,
@@ -327,7 +327,7 @@ pub fn reload(
         Err(message) => {
             maps.health.reloads_failed += 1;
             error!(reason, error = %message, generation = maps.generation(), "policy rejected; the previous policy stays in force");
-            maps.health.last_error = Some(message.clone());
+            maps.health.last_error = Some(shorten(message.clone(), MAX_ERROR));
             return Err(message);
         }
     };
@@ -346,7 +346,7 @@ pub fn reload(
             maps.health.reloads_failed += 1;
             let message = format!("{e:#}");
             error!(reason, error = %message, "applying the policy failed");
-            maps.health.last_error = Some(message.clone());
+            maps.health.last_error = Some(shorten(message.clone(), MAX_ERROR));
             Err(message)
         }
     }
