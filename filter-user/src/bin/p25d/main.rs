@@ -3,6 +3,25 @@
 //!
 //! Stopping p25d does not stop filtering: programs, links and maps stay pinned under
 //! /sys/fs/bpf/p25 and the next p25d adopts them. `p25d detach` removes everything.
+//!
+//! Modules, by responsibility:
+//! - `main` (this file): the command line (`RunArgs` is what `p25d run` is given, parsed
+//!   by clap), `check` and `detach`.
+//! - `startup`: the pin root's and the socket's locks, binding the socket (mode, group),
+//!   the runtime directory, refusing newer and migrating older ABI versions' pins.
+//! - `daemon`: the event loop; `Daemon` composes the parts below and is the control
+//!   handler's `Host`.
+//! - `source`: where the policy comes from (`PolicySource`; `PolicyFile` today). The only
+//!   place that reads a policy.
+//! - `reload`: the state in force (`Maps`) and how it changes: apply, reload, the expiry
+//!   timer, the resync.
+//! - `interfaces`: the attach state machine (attach, fall back, hotplug, views).
+//! - `socket`: control connections (peer credentials, connection caps, timeouts); the
+//!   requests themselves are `filter_user::control::handler`'s.
+//! - `alerts`: the offender table scan and its alerts.
+//! - `snapshot`: what `/metrics` shows; `http`: the endpoint that serves it.
+//! - `events`: the drop-event log; `linkwatch`: interface notifications (netlink);
+//!   `notify`: readiness for systemd.
 
 mod alerts;
 mod daemon;
