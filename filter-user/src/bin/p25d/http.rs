@@ -251,3 +251,38 @@ impl tokio::io::AsyncWrite for LimitedStream {
         std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::StatusCode;
+
+    use super::*;
+
+    #[test]
+    fn a_failed_read_is_a_500_and_only_stopping_is_a_503() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+        runtime.block_on(async {
+            let (tx, mut rx) = mpsc::channel::<MetricsJob>(1);
+            let owner = tokio::spawn(async move {
+                if let Some(reply) = rx.recv().await {
+                    let _ = reply.send(Ok("p25_reloads_total 1\n".into()));
+                }
+                if let Some(reply) = rx.recv().await {
+                    let _ = reply.send(Err("reading the maps failed: EPERM".into()));
+                }
+                // The task that owns the maps ends here, as when p25d stops.
+            });
+            let page = metrics_page(&tx).await;
+            assert_eq!(page.status(), StatusCode::OK);
+            let page = metrics_page(&tx).await;
+            assert_eq!(page.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            let body = axum::body::to_bytes(page.into_body(), 1 << 16).await?;
+            assert!(String::from_utf8_lossy(&body).contains("EPERM"), "{body:?}");
+            owner.await?;
+            let page = metrics_page(&tx).await;
+            assert_eq!(page.status(), StatusCode::SERVICE_UNAVAILABLE);
+            Ok(())
+        })
+    }
+}

@@ -258,8 +258,9 @@ pub fn remove_version_dir(dir: &Path) -> Result<usize> {
 ///    link is re-pinned here;
 /// 3. remove the old directory.
 ///
-/// `target` is the desired state about to be put in force. A failed fill returns the error before any link moved: the old links keep
-/// filtering with the old maps, untouched, and p25d exits.
+/// `target` is the desired state about to be put in force. A failed fill returns the
+/// error before any link moved: the old links keep filtering with the old maps,
+/// untouched, and p25d exits.
 pub fn migrate_older_versions(
     layout: &PinLayout,
     dataplane: &mut Dataplane,
