@@ -11,7 +11,7 @@
 
 mod memory;
 
-use std::{path::Path, time::SystemTime};
+use std::time::SystemTime;
 
 pub use memory::{MemoryHost, MemoryTables};
 
@@ -73,8 +73,8 @@ pub struct Parts<'a, T> {
     pub runtime: &'a mut RuntimeStore,
     /// The policy in force.
     pub policy: &'a Policy,
-    /// Its file, for messages.
-    pub policy_path: &'a Path,
+    /// Where it comes from (the policy file's path), for messages.
+    pub policy_source: &'a str,
     /// The group whose members may change the filter (besides root), for messages.
     pub admin_group: &'a str,
     /// Most runtime entries.
@@ -302,8 +302,8 @@ fn allow<T: AllowTables>(
     if replaced.is_none() && entries >= parts.max_runtime_entries {
         return Err(format!(
             "the runtime allowlist is full ({entries} entries, the most p25d --max-runtime-entries \
-             allows): remove some with `p25ctl deny`, or move them into the policy file {}",
-            parts.policy_path.display()
+             allows): remove some with `p25ctl deny`, or move them into the policy {}",
+            parts.policy_source
         ));
     }
     let entry = RuntimeEntry {
@@ -366,8 +366,8 @@ fn deny<T: AllowTables>(
         Ok(None) => {
             return Err(if parts.policy.allow_entry(prefix).is_some() {
                 format!(
-                    "{prefix} comes from the policy file {}; remove it there",
-                    parts.policy_path.display()
+                    "{prefix} comes from the policy {}; remove it there",
+                    parts.policy_source
                 )
             } else {
                 format!("{prefix} is not in the runtime allowlist (see `p25ctl list`)")

@@ -217,7 +217,7 @@ impl Daemon {
         let health = &self.maps.health;
         Ok(StatusView {
             daemon: true,
-            policy: self.source.name(),
+            policy: self.source.name().to_owned(),
             generation: config.generation,
             mode: config.mode.name().into(),
             fragments: config.fragments.name().into(),
@@ -239,7 +239,7 @@ impl Host for Daemon {
 
     fn parts(&mut self) -> Parts<'_, KernelTables> {
         self.maps.parts(
-            &self.opts.policy,
+            self.source.name(),
             &self.opts.admin_group,
             self.opts.max_runtime_entries,
         )

@@ -127,7 +127,7 @@ impl Maps {
     /// What the control handler reads and writes.
     pub fn parts<'a>(
         &'a mut self,
-        policy_path: &'a std::path::Path,
+        policy_source: &'a str,
         admin_group: &'a str,
         max_runtime_entries: usize,
     ) -> Parts<'a, KernelTables> {
@@ -135,7 +135,7 @@ impl Maps {
             tables: &mut self.tables,
             runtime: &mut self.runtime,
             policy: &self.in_force.policy,
-            policy_path,
+            policy_source,
             admin_group,
             max_runtime_entries,
             counts: &mut self.in_force.counts,

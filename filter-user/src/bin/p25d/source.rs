@@ -13,8 +13,8 @@ use filter_user::policy::{self, Checked, Policy};
 
 /// A source of policy documents.
 pub trait PolicySource {
-    /// How status and logs name the source (for a file, its path).
-    fn name(&self) -> String;
+    /// How status, logs and control messages name the source (for a file, its path).
+    fn name(&self) -> &str;
 
     /// Reads and checks the policy now: the checked policy, or why it is not usable (with
     /// the place, `file:line:column: message`). `in_force` is the policy now in force:
@@ -30,6 +30,8 @@ pub trait PolicySource {
 #[derive(Debug)]
 pub struct PolicyFile {
     path: PathBuf,
+    /// The path as text, for [`PolicySource::name`].
+    name: String,
     /// Stamps of the policy file and its list files as last read (see [`stamps`]).
     seen: Vec<Option<FileStamp>>,
 }
@@ -38,6 +40,7 @@ impl PolicyFile {
     /// The policy at `path`; nothing is read until [`PolicySource::load`].
     pub fn new(path: PathBuf) -> Self {
         Self {
+            name: path.display().to_string(),
             path,
             seen: Vec::new(),
         }
@@ -45,8 +48,8 @@ impl PolicyFile {
 }
 
 impl PolicySource for PolicyFile {
-    fn name(&self) -> String {
-        self.path.display().to_string()
+    fn name(&self) -> &str {
+        &self.name
     }
 
     fn load(&mut self, in_force: &Policy) -> Result<Checked, String> {

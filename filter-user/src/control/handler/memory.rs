@@ -1,8 +1,6 @@
 //! The daemon in memory: what the `control` fuzz target and the handler's tests run the
 //! request handler on, in place of p25d's maps and state file.
 
-use std::path::Path;
-
 use filter_common::abi::AllowValue;
 use ipnet::IpNet;
 
@@ -91,7 +89,7 @@ impl Host for MemoryHost {
             tables: &mut self.tables,
             runtime: &mut self.runtime,
             policy: &self.policy,
-            policy_path: Path::new("memory.yaml"),
+            policy_source: "memory.yaml",
             admin_group: "p25-admin",
             max_runtime_entries: self.max_runtime_entries,
             counts: &mut self.counts,
