@@ -103,6 +103,7 @@ pub async fn run(opts: RunArgs) -> Result<()> {
     maps.migrate(&layout, &mut dataplane, &checked.policy)?;
     let mut interfaces = Interfaces::new(dataplane, layout.clone());
     reload::apply(&mut maps, &mut interfaces, checked.policy, "start")?;
+    source.applied(Ok(()));
     let mut daemon = Daemon {
         offenders: OffenderWatch::new(opts.alert_threshold, opts.alert_window),
         event_counts: Arc::new(events::EventCounts::default()),
@@ -171,6 +172,7 @@ pub async fn run(opts: RunArgs) -> Result<()> {
                 let _ = reply.send(answer);
             }
             _ = hup.recv() => { let _ = daemon.reload("SIGHUP"); }
+            () = daemon.source.notified() => { let _ = daemon.reload("policy source changed"); }
             () = async {
                 match &links {
                     Some(watch) => watch.changed().await,

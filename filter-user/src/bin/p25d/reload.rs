@@ -335,16 +335,17 @@ pub fn reload(
         warn!(%warning, "policy warning");
     }
     maps.health.last_error = None;
-    match apply(maps, interfaces, checked.policy, reason) {
+    let result = apply(maps, interfaces, checked.policy, reason).map_err(|e| format!("{e:#}"));
+    source.applied(result.as_ref().copied().map_err(String::as_str));
+    match result {
         Ok(()) => {
             maps.health.reloads_ok += 1;
             Ok(ReloadView {
                 generation: maps.generation(),
             })
         }
-        Err(e) => {
+        Err(message) => {
             maps.health.reloads_failed += 1;
-            let message = format!("{e:#}");
             error!(reason, error = %message, "applying the policy failed");
             maps.health.last_error = Some(shorten(message.clone(), MAX_ERROR));
             Err(message)

@@ -4,8 +4,10 @@
 
 use std::{
     fs,
+    future::Future,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    pin::Pin,
     time::SystemTime,
 };
 
@@ -24,6 +26,16 @@ pub trait PolicySource {
     /// Whether the policy may have changed since the last [`PolicySource::load`]; asked
     /// every `--poll`, so it must be cheap.
     fn changed(&self, in_force: &Policy) -> bool;
+
+    /// Resolves when a source that is told of changes (rather than polled) has one to
+    /// load; the loop then reloads. A polled source never resolves.
+    fn notified(&mut self) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+        Box::pin(std::future::pending())
+    }
+
+    /// What became of the last loaded policy: put in force, or the error that kept it
+    /// out (a source that reports its state elsewhere records it here).
+    fn applied(&mut self, _result: Result<(), &str>) {}
 }
 
 /// The policy file and the list files it names.
