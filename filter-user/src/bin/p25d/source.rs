@@ -107,3 +107,56 @@ fn stamp(path: &Path) -> Option<FileStamp> {
         inode: meta.ino(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory of its own under the temp dir, removed when dropped.
+    struct Dir(PathBuf);
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn edits_of_the_policy_or_its_list_files_are_changes() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = Dir(std::env::temp_dir().join(format!("p25d-source-{}", std::process::id())));
+        fs::create_dir_all(&dir.0)?;
+        let path = dir.0.join("policy.yaml");
+        let allow = dir.0.join("allow.txt");
+        fs::write(&allow, "100.64.1.1/32\n")?;
+        fs::write(
+            &path,
+            "version: 1\nsubscribers:\n  - prefix: 100.64.0.0/16\nallow_files: [allow.txt]\n",
+        )?;
+        let mut source = PolicyFile::new(path.clone());
+        let in_force = source.load(&Policy::empty())?.policy;
+        assert_eq!(source.name(), path.display().to_string());
+        assert!(!source.changed(&in_force));
+        // A list file edit (another length: the stamp does not rely on the clock alone).
+        fs::write(&allow, "100.64.1.1/32\n100.64.1.2/32\n")?;
+        assert!(source.changed(&in_force));
+        let in_force = source.load(&in_force)?.policy;
+        assert!(!source.changed(&in_force));
+        // A broken policy is rejected, with its place; the list file of the policy in
+        // force is still watched.
+        fs::write(
+            &path,
+            "version: 1\nsubscribers:\n  - prefix: 100.64.0.0/33\n",
+        )?;
+        assert!(source.changed(&in_force));
+        let error = source
+            .load(&in_force)
+            .err()
+            .ok_or("a broken policy loaded")?;
+        assert!(error.contains("policy.yaml:3:"), "{error}");
+        assert!(!source.changed(&in_force));
+        fs::write(&allow, "100.64.1.3/32\n")?;
+        assert!(source.changed(&in_force));
+        Ok(())
+    }
+}
