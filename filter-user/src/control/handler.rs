@@ -107,10 +107,12 @@ pub trait Host {
 /// Handles one request line from `peer`; returns the whole answer (JSON lines).
 pub fn handle<H: Host>(host: &mut H, peer: &Peer, line: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    let request = admit(host, peer, line);
-    let Ok(request) = request else {
-        respond(&mut out, request.map(|_| ()));
-        return out;
+    let request = match admit(host, peer, line) {
+        Ok(request) => request,
+        Err(message) => {
+            respond::<()>(&mut out, Err(message));
+            return out;
+        }
     };
     match request {
         Request::Allow {
@@ -144,17 +146,21 @@ pub fn handle<H: Host>(host: &mut H, peer: &Peer, line: &[u8]) -> Vec<u8> {
         Request::Reload => {
             respond(&mut out, host.reload("p25ctl reload"));
         }
-        Request::Offenders { since_secs, limit } => {
-            let rows = host.offenders(since_secs, limit);
-            let head = rows.as_ref().map(|rows| OffendersHead {
-                offenders: rows.len(),
-            });
-            if respond(&mut out, head.map_err(Clone::clone)) {
-                for row in rows.iter().flatten() {
-                    encode(&mut out, row);
+        Request::Offenders { since_secs, limit } => match host.offenders(since_secs, limit) {
+            Ok(rows) => {
+                let head = OffendersHead {
+                    offenders: rows.len(),
+                };
+                if respond(&mut out, Ok(head)) {
+                    for row in &rows {
+                        encode(&mut out, row);
+                    }
                 }
             }
-        }
+            Err(message) => {
+                respond::<OffendersHead>(&mut out, Err(message));
+            }
+        },
     }
     out
 }
