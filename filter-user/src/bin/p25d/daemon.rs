@@ -64,6 +64,8 @@ pub struct Options {
     pub admin_group: String,
     /// Most runtime allowlist entries.
     pub max_runtime_entries: usize,
+    /// Follow the fleet policy in etcd (`--etcd`) instead of the policy file.
+    pub fleet: Option<crate::fleet::FleetOptions>,
 }
 
 /// Identifies a version of the policy file cheaply, to notice edits.

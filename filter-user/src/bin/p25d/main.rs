@@ -5,6 +5,7 @@
 //! /sys/fs/bpf/p25 and the next p25d adopts them. `p25d detach` removes everything.
 
 mod daemon;
+mod fleet;
 mod linkwatch;
 mod notify;
 mod observe;
@@ -131,6 +132,17 @@ struct RunArgs {
     /// Burst size of the drop-event rate limit.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     events_burst: u32,
+    /// Follow the fleet policy in etcd instead of --policy: endpoints, comma-separated
+    /// (http://host:port). See docs/fleet.md.
+    #[arg(long, env = "P25_ETCD")]
+    etcd: Option<String>,
+    /// The prefix of the fleet's keys in etcd.
+    #[arg(long, default_value = filter_user::fleet::keys::DEFAULT_PREFIX, requires = "etcd")]
+    etcd_prefix: String,
+    /// This router's name in the fleet (its registration and interface override keys).
+    /// Defaults to the hostname.
+    #[arg(long, requires = "etcd")]
+    router: Option<String>,
 }
 
 /// Parses a duration such as `1s` or `5m` that must not be zero: these flags are timer
@@ -222,6 +234,18 @@ fn run(command: Command) -> Result<ExitCode> {
             // directory 0750 in the socket group.
             // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
             unsafe { libc::umask(0o077) };
+            let fleet = args
+                .etcd
+                .as_deref()
+                .map(|etcd| {
+                    fleet::FleetOptions::new(
+                        etcd,
+                        &args.etcd_prefix,
+                        args.router.as_deref(),
+                        &args.state,
+                    )
+                })
+                .transpose()?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -255,6 +279,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 admin_group: args.admin_group,
                 max_runtime_entries: usize::try_from(args.max_runtime_entries)
                     .unwrap_or(usize::MAX),
+                fleet,
             }))?;
             Ok(ExitCode::SUCCESS)
         }
