@@ -66,13 +66,13 @@ pub enum Error {
         why: String,
     },
     /// An etcd request failed.
-    #[error("etcd: {what}: {source}")]
+    #[error("etcd: {what}: {message}")]
     Etcd {
         /// What was being done.
         what: &'static str,
-        /// Why it failed.
-        #[source]
-        source: etcd_client::Error,
+        /// Why it failed: the client error as text (its own display already holds its
+        /// causes, so it is not chained again).
+        message: String,
     },
     /// An etcd request took too long.
     #[error("etcd: {what}: no answer within {after:?}; is etcd running and reachable?")]

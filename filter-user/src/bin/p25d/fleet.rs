@@ -686,3 +686,43 @@ async fn watch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_and_the_snapshot_goes_beside_the_state() -> Result<()> {
+        let opts = FleetOptions::new(
+            "http://127.0.0.1:2379,127.0.0.2:2379",
+            "/fleet/",
+            Some("edge-1"),
+            Path::new("/var/lib/p25/runtime-allow.json"),
+        )?;
+        assert_eq!(opts.endpoints.len(), 2);
+        assert_eq!(opts.layout.prefix(), "/fleet");
+        assert_eq!(opts.snapshot, Path::new("/var/lib/p25/fleet-snapshot.json"));
+        // The hostname is the default name, and it is a valid one here.
+        let opts = FleetOptions::new("127.0.0.1:2379", "/p25", None, Path::new("s.json"))?;
+        assert_eq!(opts.router, hostname()?);
+        for (etcd, prefix, router) in [
+            ("", "/p25", "r1"),
+            ("127.0.0.1:2379", "p25", "r1"),
+            ("127.0.0.1:2379", "/p25", "r/1"),
+        ] {
+            assert!(
+                FleetOptions::new(etcd, prefix, Some(router), Path::new("s.json")).is_err(),
+                "{etcd:?} {prefix:?} {router:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
+        }
+    }
+}
