@@ -284,55 +284,42 @@ impl Composer {
     pub fn compose(&mut self, state: &State, now: SystemTime) -> Result<Composed, Vec<Problem>> {
         let mut problems = Vec::new();
         let policy_name = source_name(&self.layout.policy());
+        let fallback = if self.document.is_some() {
+            "the last good document stays in force"
+        } else {
+            "there is no policy to put in force"
+        };
         match &state.policy {
             None => problems.push(Problem {
                 reason: Reason::PolicyMissing,
                 message: format!(
-                    "{policy_name} does not exist; {} (store one with `p25ctl fleet push`)",
-                    if self.document.is_some() {
-                        "the last good document stays in force"
-                    } else {
-                        "there is no policy to put in force"
-                    }
+                    "{policy_name} does not exist; {fallback} (store one with `p25ctl fleet push`)"
                 ),
             }),
-            Some(text) if self.document.as_ref().is_some_and(|(t, _)| t == text) => {}
-            Some(text) => match check_document(text, &policy_name) {
-                Ok(checked) => self.document = Some((text.clone(), checked)),
-                Err(e) => problems.push(Problem {
-                    reason: Reason::PolicyInvalid,
-                    message: format!(
-                        "{e}\n{policy_name} rejected; {}",
-                        if self.document.is_some() {
-                            "the last good document stays in force"
-                        } else {
-                            "there is no policy to put in force"
-                        }
-                    ),
-                }),
-            },
+            Some(text) => problems.extend(keep_good(
+                &mut self.document,
+                text,
+                |t| check_document(t, &policy_name),
+                (Reason::PolicyInvalid, &policy_name, fallback),
+            )),
         }
         let Some((document_text, document)) = &self.document else {
             return Err(problems);
         };
         let interfaces_name = source_name(&self.layout.interfaces(&self.router));
+        let fallback = if self.interfaces.is_some() {
+            "the last good override stays in force"
+        } else {
+            "the policy's interfaces are in force"
+        };
         match &state.interfaces {
             None => self.interfaces = None,
-            Some(text) if self.interfaces.as_ref().is_some_and(|(t, _)| t == text) => {}
-            Some(text) => match check_interfaces(text, &interfaces_name) {
-                Ok(interfaces) => self.interfaces = Some((text.clone(), interfaces)),
-                Err(e) => problems.push(Problem {
-                    reason: Reason::InterfacesInvalid,
-                    message: format!(
-                        "{e}\n{interfaces_name} rejected; {}",
-                        if self.interfaces.is_some() {
-                            "the last good override stays in force"
-                        } else {
-                            "the policy's interfaces are in force"
-                        }
-                    ),
-                }),
-            },
+            Some(text) => problems.extend(keep_good(
+                &mut self.interfaces,
+                text,
+                |t| check_interfaces(t, &interfaces_name),
+                (Reason::InterfacesInvalid, &interfaces_name, fallback),
+            )),
         }
         let mut policy: Policy = document.policy.clone();
         if let Some((_, interfaces)) = &self.interfaces {
@@ -382,6 +369,29 @@ impl Composer {
             },
             fleet_allow,
         })
+    }
+}
+
+/// Takes `text` as the new `last` good value if `check` passes; otherwise `last` stays and
+/// the problem (`why`: the reason, the key's name, what stays in force) is returned.
+fn keep_good<T>(
+    last: &mut Option<(String, T)>,
+    text: &str,
+    check: impl FnOnce(&str) -> Result<T, PolicyError>,
+    (reason, name, fallback): (Reason, &str, &str),
+) -> Option<Problem> {
+    if last.as_ref().is_some_and(|(t, _)| t == text) {
+        return None;
+    }
+    match check(text) {
+        Ok(value) => {
+            *last = Some((text.to_owned(), value));
+            None
+        }
+        Err(e) => Some(Problem {
+            reason,
+            message: format!("{e}\n{name} rejected; {fallback}"),
+        }),
     }
 }
 

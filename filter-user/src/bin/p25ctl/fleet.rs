@@ -112,17 +112,15 @@ pub fn run(args: &FleetArgs) -> Result<()> {
             FleetCommand::Push { json, .. } => {
                 let (text, view) = pushed.context("the checked policy")?;
                 let view = push(&mut client, &layout, text, view).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                for warning in &view.warnings {
-                    println!("warning: {warning}");
-                }
-                println!(
-                    "pushed {} at revision {}: {} subscriber prefixes, {} allowlist entries",
-                    view.key, view.revision, view.subscribers, view.allow
-                );
-                Ok(())
+                show(*json, &view, |view| {
+                    for warning in &view.warnings {
+                        println!("warning: {warning}");
+                    }
+                    println!(
+                        "pushed {} at revision {}: {} subscriber prefixes, {} allowlist entries",
+                        view.key, view.revision, view.subscribers, view.allow
+                    );
+                })
             }
             FleetCommand::Allow {
                 prefix,
@@ -131,10 +129,7 @@ pub fn run(args: &FleetArgs) -> Result<()> {
                 json,
             } => {
                 let view = allow(&mut client, &layout, prefix, comment, expires.as_deref()).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                match &view.expires {
+                show(*json, &view, |view| match &view.expires {
                     Some(at) => println!(
                         "fleet: allowed {} until {at} (revision {})",
                         view.prefix, view.revision
@@ -143,38 +138,34 @@ pub fn run(args: &FleetArgs) -> Result<()> {
                         "fleet: allowed {} (revision {})",
                         view.prefix, view.revision
                     ),
-                }
-                Ok(())
+                })
             }
             FleetCommand::Deny { prefix, json } => {
                 let view = deny(&mut client, &layout, prefix).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                println!(
-                    "fleet: removed {} (revision {})",
-                    view.prefix, view.revision
-                );
-                Ok(())
+                show(*json, &view, |view| {
+                    println!(
+                        "fleet: removed {} (revision {})",
+                        view.prefix, view.revision
+                    );
+                })
             }
             FleetCommand::List { json } => {
-                let view = list(&mut client, &layout).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                print_list(&view);
-                Ok(())
+                show(*json, &list(&mut client, &layout).await?, print_list)
             }
             FleetCommand::Status { json } => {
-                let view = status(&mut client, &layout).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                print_status(&view);
-                Ok(())
+                show(*json, &status(&mut client, &layout).await?, print_status)
             }
         }
     })
+}
+
+/// Prints `view` as JSON, or for people with `print`.
+fn show<T: serde::Serialize>(json: bool, view: &T, print: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        return crate::print_json(view);
+    }
+    print(view);
+    Ok(())
 }
 
 /// Reads and checks a policy file exactly as p25d will check it in etcd: the same
