@@ -517,13 +517,18 @@ struct Lease {
     stream: LeaseKeepAliveStream,
 }
 
-/// Puts this router's status under its lease (granting one first if needed).
+/// Puts this router's status under its lease (granting one first if needed). Not before
+/// the daemon has put a state in force: a p25d that then fails to start (say, because
+/// another one holds the pin root) must not overwrite the running router's registration.
 async fn register(
     client: &mut Client,
     opts: &FleetOptions,
     lease: &mut Option<Lease>,
     applied: &Applied,
 ) -> Result<()> {
+    if applied.applied_at.is_empty() {
+        return Ok(());
+    }
     if lease.is_none() {
         let granted = within(
             "granting the registration lease",
