@@ -130,6 +130,8 @@ pub struct Source {
     notify: watch::Receiver<u64>,
     /// The sequence number last composed.
     seen: u64,
+    /// When the pending change is due (the first notice plus [`DEBOUNCE`]).
+    due: Option<tokio::time::Instant>,
     applied: watch::Sender<Applied>,
     composer: Composer,
     /// The snapshot of the last composition, saved once it is in force.
@@ -263,6 +265,7 @@ impl Source {
                 // Different from any sequence number: the first turn of the daemon's loop
                 // composes again and reports the state in force (registration, snapshot).
                 seen: seen.wrapping_sub(1),
+                due: None,
                 applied,
                 composer,
                 pending: None,
@@ -278,13 +281,18 @@ impl Source {
         ))
     }
 
-    /// Resolves when there is fleet state to compose (after [`DEBOUNCE`]). Cancel-safe:
-    /// what is pending stays pending until [`Source::compose`] takes it.
+    /// Resolves when there is fleet state to compose, [`DEBOUNCE`] after the first change
+    /// noticed. Cancel-safe: what is pending stays pending, and due when it was, until
+    /// [`Source::compose`] takes it (the daemon's loop drops this future whenever another
+    /// event comes first).
     pub async fn changed(&mut self) {
         loop {
             let current = *self.notify.borrow();
             if current != self.seen {
-                tokio::time::sleep(DEBOUNCE).await;
+                let due = *self
+                    .due
+                    .get_or_insert_with(|| tokio::time::Instant::now() + DEBOUNCE);
+                tokio::time::sleep_until(due).await;
                 return;
             }
             if self.notify.changed().await.is_err() {
@@ -298,6 +306,7 @@ impl Source {
     /// value keeps what was in force and is counted once, logged and shown in status.
     pub fn compose(&mut self) -> Result<Checked, String> {
         self.seen = *self.notify.borrow_and_update();
+        self.due = None;
         let state = lock(&self.shared).state.clone();
         let result = self.composer.compose(&state, SystemTime::now());
         let problems = match &result {
