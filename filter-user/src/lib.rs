@@ -8,6 +8,7 @@
 pub mod cli_docs;
 pub mod control;
 pub mod desired;
+pub mod fleet;
 pub mod loader;
 pub mod metrics;
 pub mod model;

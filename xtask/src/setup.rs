@@ -50,6 +50,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "lintian",
     "dpkg-dev",
     "man-db",
+    // Fleet mode (docs/fleet.md): the etcd server and etcdctl the fleet tests and
+    // `cargo xtask demo --fleet` run on loopback, and protoc, which the etcd-client crate's
+    // build script needs to compile etcd's gRPC definitions.
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
 ];
 
 /// cargo-deb builds the Debian package; this release builds with the workspace's stable
@@ -58,9 +64,9 @@ const CARGO_DEB_VERSION: &str = "3.8.0";
 
 /// Services that installing a package of [`DEBIAN_PACKAGES`] starts (package, service).
 /// Nothing of ours may be left running on the host: the tests start their own servers,
-/// and a system Prometheus would listen on :9090 and scrape on its own. Recommends (such
-/// as prometheus-node-exporter) are not installed at all.
-const SERVICES_TO_STOP: &[(&str, &str)] = &[("prometheus", "prometheus")];
+/// and a system Prometheus would listen on :9090 and scrape on its own (a system etcd on
+/// :2379 likewise). Recommends (such as prometheus-node-exporter) are not installed at all.
+const SERVICES_TO_STOP: &[(&str, &str)] = &[("prometheus", "prometheus"), ("etcd-server", "etcd")];
 
 /// LLVM major version bpf-linker is built against; must match the `llvm-NN` cargo feature
 /// and the LLVM that ships inside the nightly toolchain (rustc and bpf-linker have to agree

@@ -1,5 +1,10 @@
 //! p25ctl: operate a running p25d (allow, deny, reload) and inspect the filter (list,
 //! status, stats). Read commands work without the daemon by reading the pinned maps.
+//! `p25ctl fleet` manages the fleet's policy and allowlist in etcd (see fleet.rs).
+
+// A directory of its own, so that cargo does not take the module for another binary.
+#[path = "p25ctl/fleet.rs"]
+mod fleet;
 
 use std::{
     net::IpAddr,
@@ -129,6 +134,13 @@ enum Command {
         #[arg(long, conflicts_with = "format")]
         json: bool,
     },
+    /// Manage the policy and allowlist every router of a fleet follows from etcd.
+    #[command(
+        after_help = "Examples:\n  p25ctl fleet --etcd http://127.0.0.1:2379 push policy.yaml\n  \
+        p25ctl fleet --etcd http://127.0.0.1:2379 allow 192.0.2.25 --comment relay\n  \
+        P25_ETCD=http://127.0.0.1:2379 p25ctl fleet status --json"
+    )]
+    Fleet(fleet::FleetArgs),
 }
 
 /// Export format of `p25ctl offenders`.
@@ -284,6 +296,7 @@ fn run(cli: &Cli) -> Result<()> {
             }
             print!("{}", offenders_csv(&views));
         }
+        Command::Fleet(args) => fleet::run(args)?,
         Command::Stats { json } => {
             let view: StatsView =
                 match fallback(control::request(&cli.socket, &Request::Stats, TIMEOUT))? {
@@ -450,6 +463,7 @@ fn status_from_pins(layout: &PinLayout) -> Result<StatusView> {
         allow: tables.allowlist()?.len(),
         runtime_allow: 0,
         pins: layout.dir().display().to_string(),
+        source: None,
     })
 }
 
@@ -513,6 +527,11 @@ fn print_status(view: &StatusView) {
     }
     if let Some(e) = &view.last_error {
         println!("last reload: REJECTED: {e}");
+    }
+    if let Some(source) = &view.source
+        && source.kind != "file"
+    {
+        fleet::print_source(source);
     }
     println!(
         "maps:        {} subscriber prefixes, {} allowlist entries ({} runtime)",

@@ -66,16 +66,28 @@ fn settings(opts: &RunArgs, cpus: u32) -> desired::Settings {
     }
 }
 
-pub async fn run(opts: RunArgs) -> Result<()> {
+/// Runs p25d until SIGTERM or SIGINT. `fleet`: follow the fleet policy in etcd (`--etcd`)
+/// instead of the policy file.
+pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Result<()> {
     if ensure_bpffs().context("mounting bpffs")? {
         info!("mounted bpffs at /sys/fs/bpf");
     }
     reload::tune_allocator();
-    let mut source: Box<dyn PolicySource> = Box::new(PolicyFile::new(opts.policy.clone()));
-    let checked = source
-        .load(&Policy::empty())
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("the policy {} is not usable", source.name()))?;
+    let (mut source, checked): (Box<dyn PolicySource>, _) = match fleet {
+        // The fleet source starts from etcd, or from its snapshot while etcd is down.
+        Some(fleet) => {
+            let (source, checked) = crate::fleet::Source::start(fleet).await?;
+            (Box::new(source), checked)
+        }
+        None => {
+            let mut source = PolicyFile::new(opts.policy.clone());
+            let checked = source
+                .load(&Policy::empty())
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("the policy {} is not usable", source.name()))?;
+            (Box::new(source), checked)
+        }
+    };
     for warning in &checked.warnings {
         warn!(%warning, "policy warning");
     }
@@ -231,6 +243,7 @@ impl Daemon {
             allow: self.maps.allow_in_maps(),
             runtime_allow: self.maps.runtime.entries().len(),
             pins: self.layout.dir().display().to_string(),
+            source: Some(self.source.view()),
         })
     }
 }

@@ -26,6 +26,7 @@
 mod alerts;
 mod daemon;
 mod events;
+mod fleet;
 mod http;
 mod interfaces;
 mod linkwatch;
@@ -162,6 +163,17 @@ struct RunArgs {
     /// Burst size of the drop-event rate limit.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     events_burst: u32,
+    /// Follow the fleet policy in etcd instead of --policy: endpoints, comma-separated
+    /// (http://host:port). See docs/fleet.md.
+    #[arg(long, env = "P25_ETCD", conflicts_with = "policy")]
+    etcd: Option<String>,
+    /// The prefix of the fleet's keys in etcd.
+    #[arg(long, default_value = filter_user::fleet::keys::DEFAULT_PREFIX, requires = "etcd")]
+    etcd_prefix: String,
+    /// This router's name in the fleet (its registration and interface override keys).
+    /// Defaults to the hostname.
+    #[arg(long, requires = "etcd")]
+    router: Option<String>,
 }
 
 impl RunArgs {
@@ -289,11 +301,23 @@ fn run(command: Command) -> Result<ExitCode> {
             // directory 0750 in the socket group.
             // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
             unsafe { libc::umask(0o077) };
+            let fleet = args
+                .etcd
+                .as_deref()
+                .map(|etcd| {
+                    fleet::FleetOptions::new(
+                        etcd,
+                        &args.etcd_prefix,
+                        args.router.as_deref(),
+                        &args.state,
+                    )
+                })
+                .transpose()?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(*args))?;
+            runtime.block_on(daemon::run(*args, fleet))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -47,6 +47,7 @@ fn take(daemon: &Daemon) -> Result<Snapshot> {
     };
     let counts = maps.counts();
     let events = &daemon.event_counts;
+    let source = daemon.source.health();
     Ok(Snapshot {
         packets,
         parse: tables.counters()?.parse,
@@ -71,5 +72,8 @@ fn take(daemon: &Daemon) -> Result<Snapshot> {
             .map(|v| (v.name, v.hook, v.attached))
             .collect(),
         top_offenders,
+        policy_revision: source.revision,
+        policy_source_up: source.up,
+        policy_source_errors: source.errors,
     })
 }

@@ -11,7 +11,23 @@ use std::{
     time::SystemTime,
 };
 
-use filter_user::policy::{self, Checked, Policy};
+use std::collections::BTreeMap;
+
+use filter_user::{
+    fleet::{Reason, views::SourceView},
+    policy::{self, Checked, Policy},
+};
+
+/// A source's health, for the metrics.
+#[derive(Debug, Default)]
+pub struct SourceHealth {
+    /// The store revision in force (`p25_policy_revision`; 0 for a file).
+    pub revision: i64,
+    /// Whether the source is followed live (`p25_policy_source_up`).
+    pub up: bool,
+    /// Errors by reason since start (`p25_policy_source_errors_total`).
+    pub errors: BTreeMap<Reason, u64>,
+}
 
 /// A source of policy documents.
 pub trait PolicySource {
@@ -36,6 +52,25 @@ pub trait PolicySource {
     /// What became of the last loaded policy: put in force, or the error that kept it
     /// out (a source that reports its state elsewhere records it here).
     fn applied(&mut self, _result: Result<(), &str>) {}
+
+    /// The source part of `p25ctl status`. A file is always "up": it is read when it
+    /// changes, and a bad edit is a rejected reload, not a source failure.
+    fn view(&self) -> SourceView {
+        SourceView {
+            kind: "file".into(),
+            location: self.name().to_owned(),
+            up: true,
+            ..SourceView::default()
+        }
+    }
+
+    /// Revision, liveness and error counts for the metrics.
+    fn health(&self) -> SourceHealth {
+        SourceHealth {
+            up: true,
+            ..SourceHealth::default()
+        }
+    }
 }
 
 /// The policy file and the list files it names.
