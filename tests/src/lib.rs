@@ -26,6 +26,13 @@ pub mod traffic;
 pub mod veth_xdp;
 pub mod vlan_tag;
 
+/// The effective uid of this process: the one root check of the tests, the demo, chaos
+/// and bench binaries (xtask has its own, as it builds before anything that links aya).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Fails the calling test unless it runs as root.
 ///
 /// # Panics
@@ -33,13 +40,51 @@ pub mod vlan_tag;
 /// When not root: that is the point.
 #[track_caller]
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = effective_uid();
     assert!(
         euid == 0,
         "p25's tests load eBPF programs and create network namespaces, so they must run \
          as root (euid is {euid}); run `cargo xtask test` as root"
     );
+}
+
+/// Whether the mount table of this process has a BPF filesystem at `path` (the usual place
+/// is /sys/fs/bpf); false if the table cannot be read.
+pub fn bpffs_mounted(path: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|line| {
+            // device mountpoint fstype options ...
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next().map(std::path::Path::new) == Some(path) && fields.next() == Some("bpf")
+        })
+    })
+}
+
+/// The files in `dir` that `keep` accepts, sorted by path so that reports are stable.
+///
+/// # Errors
+///
+/// When `dir` cannot be listed; the message names it.
+pub fn files_in(
+    dir: &std::path::Path,
+    keep: impl Fn(&std::path::Path) -> bool,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use anyhow::Context as _;
+    let listing = || format!("listing {}", dir.display());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(listing)? {
+        let path = entry.with_context(listing)?.path();
+        if path.is_file() && keep(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Whether `path` ends in `.ext`.
+pub fn has_extension(path: &std::path::Path, ext: &str) -> bool {
+    path.extension().is_some_and(|e| e == ext)
 }
 
 /// Prints a summary line that stays visible in `cargo test` output even when the test
