@@ -57,28 +57,15 @@ pub const PROBE4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 4);
 /// The policy of every phase: the lab's subscriber space, [`SUB4_ALLOWED`] and [`PROBE4`]
 /// allowlisted, and a `MARKER` entry that tells valid policies apart (see
 /// [`valid_policy`]).
-const POLICY: &str = r"version: 1
-defaults:
-  mode: enforce
-  fragments: pass
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-  - prefix: 2001:db8:1::/64
-allow:
-  - prefix: 100.64.1.3/32
-    comment: business customer
-  - prefix: 100.64.1.4/32
+const POLICY: &str = crate::lab_policy!(
+    "defaults:\n  mode: enforce\n  fragments: pass\n",
+    crate::lab_allow_business!(),
+    "  - prefix: 100.64.1.4/32
     comment: chaos probe
   - prefix: MARKER/32
     comment: which valid policy is in force
-";
+",
+);
 
 /// Policies that p25d must reject; each breaks a different layer (YAML syntax, schema,
 /// semantics, encoding, emptiness). Reload `i` of the invalid ones uses `INVALID[i % len]`.

@@ -99,20 +99,18 @@ impl DaemonLab {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = std::env::temp_dir().join(&id);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self {
-            dir,
-            pin_root: PathBuf::from("/sys/fs/bpf").join(id),
-            netns_path: netns.path(),
-            child: None,
-            starts: 0,
-            args: Vec::new(),
-            wrapper: Vec::new(),
-            socket: None,
-            bin_dir: None,
-        })
+        Self::at(
+            netns,
+            std::env::temp_dir().join(&id),
+            PathBuf::from("/sys/fs/bpf").join(id),
+        )
+    }
+
+    /// Prepares (does not start) a daemon for the namespace `netns` with the policy `text`.
+    pub fn with_policy(netns: &Netns, text: &str) -> Result<Self> {
+        let lab = Self::new(netns)?;
+        lab.write_policy(text)?;
+        Ok(lab)
     }
 
     /// Prepares (does not start) a daemon for `netns` with a chosen scratch directory and

@@ -19,26 +19,11 @@ use p25_tests::{
     traffic::{SynCounters, SynSender},
 };
 
-const POLICY: &str = r"version: 1
-defaults:
-  mode: enforce
-  fragments: pass
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-  - prefix: 2001:db8:1::/64
-allow:
-  - prefix: 100.64.1.3/32
-    comment: business customer
-  - prefix: 2001:db8:1::3/128
-    comment: business customer
-";
+const POLICY: &str = p25_tests::lab_policy!(
+    "defaults:\n  mode: enforce\n  fragments: pass\n",
+    p25_tests::lab_allow_business!(),
+    "  - prefix: 2001:db8:1::3/128\n    comment: business customer\n",
+);
 
 /// A connect that should fail must not complete within this (the SYN is dropped).
 const BLOCKED: Duration = Duration::from_millis(1200);
@@ -74,8 +59,7 @@ fn generation(lab: &DaemonLab) -> Result<u32> {
 fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
 
     // Baseline: the policy's verdicts.
@@ -302,8 +286,7 @@ fn fifty_reloads_under_a_syn_stream_lose_and_leak_nothing() -> Result<()> {
     const PER_SOURCE: u16 = 1500;
     const RELOADS: usize = 50;
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     let counters = SynCounters::install(&topology.server, SMTP, &[SUB4, SUB4_ALLOWED])?;
     let allowed = SynSender::new(&topology.sub, SUB4_ALLOWED)?;
@@ -369,8 +352,7 @@ fn interface_attached(lab: &DaemonLab, name: &str) -> Result<bool> {
 fn flapped_and_recreated_interfaces_are_filtered_again() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
 
@@ -424,8 +406,7 @@ fn flapped_and_recreated_interfaces_are_filtered_again() -> Result<()> {
 #[test]
 fn sighup_reloads_the_policy() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     let before = lab.status()?.reloads_ok;
     let pid = lab.pid().context("daemon pid")?;
@@ -463,8 +444,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     let topology = Topology::build()?;
     // A CONFIG map whose value is twice the size this build uses.
     let config_size = (2 * size_of::<Config>()).to_string();
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let config = maps.join("CONFIG");
@@ -503,8 +483,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     );
 
     // The right type and sizes, but a capacity too small to hold what this build needs.
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let buckets = maps.join("SYN_BUCKETS");
@@ -536,8 +515,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     );
 
     // An ABI record of another version, with the right sizes everywhere.
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let abi = maps.join("ABI");
@@ -603,8 +581,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
 fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
     lab.kill9()?;
@@ -671,8 +648,7 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
 fn state_of_a_newer_abi_version_is_left_alone() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     lab.kill9()?;
     let newer = lab.pin_root.join(format!("v{}", ABI_VERSION + 1));
@@ -704,8 +680,7 @@ fn state_of_a_newer_abi_version_is_left_alone() -> Result<()> {
 #[test]
 fn unwritable_event_log_is_a_start_up_error() -> Result<()> {
     let netns = Netns::new("evt")?;
-    let mut lab = DaemonLab::new(&netns)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&netns, POLICY)?;
     let path = lab.dir.join("no-such-dir/events.jsonl");
     let path_arg = path.to_string_lossy().into_owned();
     lab.run_args(&["--events", &path_arg]);
