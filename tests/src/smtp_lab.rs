@@ -141,6 +141,25 @@ pub struct HostSpec {
     pub port25_passes: bool,
 }
 
+impl HostSpec {
+    /// The addresses this host sends from: its IPv4 address, then its IPv6 one if any.
+    pub fn sources(&self) -> Vec<IpAddr> {
+        let mut all = vec![IpAddr::V4(self.v4)];
+        all.extend(self.v6.map(|(addr, _)| IpAddr::V6(addr)));
+        all
+    }
+
+    /// What p25 must do to this host's mail on `port`: deliver it, unless it is port 25
+    /// and the host's port-25 mail does not pass.
+    pub fn expected(&self, port: u16) -> Outcome {
+        if port != SMTP || self.port25_passes {
+            Outcome::Delivered
+        } else {
+            Outcome::Blocked
+        }
+    }
+}
+
 const fn v6(a: u16, b: u16, c: u16, d: u16, host: u16) -> Ipv6Addr {
     Ipv6Addr::new(a, b, c, d, 0, 0, 0, host)
 }

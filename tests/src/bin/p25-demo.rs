@@ -181,19 +181,11 @@ fn print_topology() {
 }
 
 fn sources(role: Role) -> Result<Vec<IpAddr>> {
-    let host = spec(role).context("unknown role")?;
-    let mut all = vec![IpAddr::V4(host.v4)];
-    all.extend(host.v6.map(|(addr, _)| IpAddr::V6(addr)));
-    Ok(all)
+    Ok(spec(role).context("unknown role")?.sources())
 }
 
 fn expected(role: Role, port: u16) -> Result<Outcome> {
-    let passes = spec(role).context("unknown role")?.port25_passes;
-    Ok(if port != SMTP || passes {
-        Outcome::Delivered
-    } else {
-        Outcome::Blocked
-    })
+    Ok(spec(role).context("unknown role")?.expected(port))
 }
 
 fn label(role: Role) -> &'static str {
