@@ -1038,13 +1038,7 @@ fn concurrent_ctl(plan: &Plan, name: &str) -> Result<FaultReport> {
             }
             let elapsed = t0.elapsed();
             fault.recovery_ms.push(ms(elapsed));
-            let listed: BTreeSet<IpNet> = daemon
-                .list()?
-                .allow
-                .iter()
-                .filter(|e| e.source == filter_user::control::Source::Runtime)
-                .map(|e| e.prefix)
-                .collect();
+            let listed: BTreeSet<IpNet> = daemon.runtime_allow()?.into_iter().collect();
             let (_, in_kernel, _) = kernel_state(daemon)?;
             ensure!(
                 listed == expected,

@@ -331,6 +331,18 @@ impl DaemonLab {
         self.ctl_json(&["list", "--json"])
     }
 
+    /// The runtime allowlist (`p25ctl allow` entries) as `p25ctl list` shows it, in its
+    /// order.
+    pub fn runtime_allow(&self) -> Result<Vec<ipnet::IpNet>> {
+        Ok(self
+            .list()?
+            .allow
+            .iter()
+            .filter(|e| e.source == filter_user::control::Source::Runtime)
+            .map(|e| e.prefix)
+            .collect())
+    }
+
     /// `p25ctl stats --json`.
     pub fn stats(&self) -> Result<StatsView> {
         self.ctl_json(&["stats", "--json"])

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, ensure};
 use filter_common::abi::Origin;
 use filter_user::{
     KernelTables,
-    control::{AllowedView, DeniedView, ReloadView, Source},
+    control::{AllowedView, DeniedView, ReloadView},
     loader::PinLayout,
     runtime::MAX_LIFETIME_SECS,
 };
@@ -84,11 +84,9 @@ fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
         );
     }
     let runtime: Vec<String> = lab
-        .list()?
-        .allow
+        .runtime_allow()?
         .iter()
-        .filter(|e| e.source == Source::Runtime)
-        .map(|e| e.prefix.to_string())
+        .map(ToString::to_string)
         .collect();
     ensure!(
         runtime == vec!["100.64.1.2/32"],
@@ -122,12 +120,7 @@ fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
     // Restart: the state loads, list still works.
     lab.kill9()?;
     lab.start()?;
-    let runtime = lab
-        .list()?
-        .allow
-        .iter()
-        .filter(|e| e.source == Source::Runtime)
-        .count();
+    let runtime = lab.runtime_allow()?.len();
     ensure!(runtime == 2, "after restart: {runtime} runtime entries");
     ensure!(
         !lab.log().contains("panicked"),
