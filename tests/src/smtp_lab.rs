@@ -124,6 +124,16 @@ pub enum Role {
     Infra,
 }
 
+/// The subscribers whose mail both the demo's table and the e2e test send: every role
+/// but the monitor-mode pool (shown on its own) and the infrastructure host.
+pub const MAILING_SUBSCRIBERS: [Role; 5] = [
+    Role::Residential,
+    Role::Infected,
+    Role::Business,
+    Role::DualStack,
+    Role::Vlan,
+];
+
 /// One host of the lab: its addresses and where it is attached.
 #[derive(Clone, Copy, Debug)]
 pub struct HostSpec {

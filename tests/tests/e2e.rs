@@ -15,8 +15,8 @@ use anyhow::{Context as _, Result, ensure};
 use p25_tests::{
     netns::wait_until,
     smtp_lab::{
-        Attempt, DELIVERY_TIMEOUT, Naming, Outcome, PORTS, Role, SERVER4, SMTP, SUBMISSION,
-        SUBMISSIONS, SmtpLab, spec,
+        Attempt, DELIVERY_TIMEOUT, MAILING_SUBSCRIBERS, Naming, Outcome, PORTS, Role, SERVER4,
+        SMTP, SUBMISSION, SUBMISSIONS, SmtpLab, spec,
     },
     summary,
     traffic::{SynCounters, SynSender},
@@ -45,14 +45,7 @@ fn check(lab: &SmtpLab, role: Role, src: IpAddr, port: u16, want: &Outcome) -> R
 fn smtp_verdicts_over_ipv4_ipv6_and_vlan() -> Result<()> {
     let lab = SmtpLab::build(Naming::Test)?;
     let mut attempts = 0;
-    for role in [
-        Role::Residential,
-        Role::Infected,
-        Role::Business,
-        Role::DualStack,
-        Role::Vlan,
-        Role::Infra,
-    ] {
+    for role in MAILING_SUBSCRIBERS.into_iter().chain([Role::Infra]) {
         let host = spec(role).context("host")?;
         for src in host.sources() {
             for port in PORTS {

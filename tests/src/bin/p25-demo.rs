@@ -17,8 +17,8 @@ use p25_tests::{
     daemon::bin,
     exporter::{METRICS_ADDR, scrape},
     smtp_lab::{
-        self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS, Naming,
-        Outcome, PORTS, Role, SMTP, SmtpLab, spec,
+        self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS,
+        MAILING_SUBSCRIBERS, Naming, Outcome, PORTS, Role, SMTP, SmtpLab, spec,
     },
 };
 
@@ -210,13 +210,7 @@ fn mail_table(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
         "SUBSCRIBER", "SOURCE", "PORT", "RESULT"
     );
     let mut pending = Vec::new();
-    for role in [
-        Role::Residential,
-        Role::Infected,
-        Role::Business,
-        Role::DualStack,
-        Role::Vlan,
-    ] {
+    for role in MAILING_SUBSCRIBERS {
         for src in sources(role)? {
             for port in PORTS {
                 let timeout = expected(role, port)?.timeout();
