@@ -3,12 +3,19 @@
 //! - [`harness`]: load the real programs and run them with BPF_PROG_TEST_RUN.
 //! - [`packet`]: build frames (VLAN, QinQ, PPPoE, IPv4 options, IPv6 extension headers).
 //! - [`netns`]: network namespaces with cleanup on drop, for real-traffic tests.
+//! - [`lab`]: the shared topology (subscriber, router, server) and its policy
+//!   ([`lab_policy!`]); [`daemon`]: a real p25d and p25ctl per test; [`traffic`]: bounded
+//!   SYN streams counted at the receiver; [`exporter`], [`prometheus`]: `/metrics` and a
+//!   real Prometheus.
 //! - [`chaos`]: the reliability suite of `cargo xtask chaos` (faults under a SYN stream).
 //! - [`smtp_lab`]: the SMTP lab (real swaks, aiosmtpd and p25d) of the e2e tests and the
 //!   demo.
 //! - [`vlan_tag`], [`veth_xdp`]: lab plumbing: an 802.1Q-tagged veth link without the 8021q
 //!   module, and the XDP program a veth peer needs to receive XDP_TX'd frames (reject
 //!   mode's RSTs).
+//!
+//! Small shared helpers live here: [`require_root`] and [`effective_uid`],
+//! [`bpffs_mounted`], [`files_in`], [`summary!`].
 //!
 //! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
 //! message saying so: they never skip, because a skipped kernel test proves nothing.
