@@ -1,9 +1,20 @@
 //! p25 userspace library: the embedded eBPF object, loading and attaching it, typed access
-//! to its maps, and the host-side instance of the shared classifier (the reference model).
+//! to its maps, the policy and how it reaches the maps, and the host-side instance of the
+//! shared classifier (the reference model). `docs/architecture.md` draws the data flow.
 //!
-//! - [`loader`]: load and verify the programs, attach them.
+//! - [`loader`]: load and verify the programs, pin and attach them, adopt pinned state.
 //! - [`tables`]: the kernel's policy and counter maps, typed and validated.
+//! - [`policy`]: the YAML policy and its list files, checked with located diagnostics.
+//! - [`runtime`]: the `p25ctl allow` entries and their state file.
+//! - [`desired`]: policy and runtime entries as the entries the maps should hold.
+//! - [`sync`]: the difference between two states, applied in the safe order.
+//! - [`control`]: the p25ctl ↔ p25d socket protocol and its request handler.
+//! - [`metrics`], [`offenders`]: the Prometheus exposition, the abuse-desk views.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
+//! - [`cli_docs`]: man pages and completions from the binaries' clap definitions.
+//!
+//! [`parse_prefix`] reads a prefix as an operator writes it (the policy checker, p25ctl);
+//! [`check_prefix`] refuses host bits and IPv4-mapped prefixes wherever one comes from.
 
 pub mod cli_docs;
 pub mod control;

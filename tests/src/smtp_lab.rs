@@ -539,7 +539,7 @@ impl SmtpLab {
         })
     }
 
-    /// Waits for a swaks run (killing it past [`SWAKS_LIMIT`]) and judges the outcome.
+    /// Waits for a swaks run (killing it past `SWAKS_LIMIT`) and judges the outcome.
     pub fn finish(&self, mut pending: PendingAttempt) -> Result<Attempt> {
         let mut status = None;
         wait_until(SWAKS_LIMIT, Duration::from_millis(20), || {
