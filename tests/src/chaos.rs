@@ -25,7 +25,6 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -34,7 +33,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use filter_common::abi::Origin;
 use filter_user::{KernelTables, loader::PinLayout};
 use ipnet::IpNet;
@@ -1070,67 +1069,29 @@ fn concurrent_ctl(plan: &Plan, name: &str) -> Result<FaultReport> {
     )
 }
 
-/// A p25d started in a private mount namespace without bpffs: it must mount its own.
-/// Killed (and with it the namespace and its bpffs) on drop.
-struct PrivateMountDaemon {
-    child: Child,
-}
-
-impl PrivateMountDaemon {
-    fn spawn(daemon: &DaemonLab, netns: &Netns) -> Result<Self> {
-        // In the new mount namespace (private propagation: nothing leaks back to the
-        // host's mounts), unmount every bpffs stacked on /sys/fs/bpf, check it is gone,
-        // then become p25d in the router's network namespace.
-        let script = r#"
-            for _ in 1 2 3 4 5 6 7 8; do
-                mountpoint -q /sys/fs/bpf || break
-                umount /sys/fs/bpf || exit 97
-            done
-            mountpoint -q /sys/fs/bpf && exit 98
-            grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && exit 99
-            exec nsenter --net="$@"
-        "#;
-        let log = fs::File::create(daemon.dir.join("p25d-private-mount.log"))?;
-        let child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
-            .arg(netns.path())
-            .arg(bin("p25d")?)
-            .args(["run", "--poll", "100ms", "--resync", "2s", "--policy"])
-            .arg(daemon.policy_path())
-            .arg("--state")
-            .arg(daemon.dir.join("state.json"))
-            .arg("--socket")
-            .arg(daemon.socket())
-            .arg("--pin-root")
-            .arg(&daemon.pin_root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning unshare")?;
-        Ok(Self { child })
-    }
-
-    fn log(daemon: &DaemonLab) -> String {
-        fs::read_to_string(daemon.dir.join("p25d-private-mount.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PrivateMountDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// What p25d runs under in the "bpffs unmounted" phase: a private mount namespace
+/// (private propagation: nothing leaks back to the host's mounts) in which every bpffs
+/// stacked on /sys/fs/bpf is unmounted and checked gone before p25d starts; it must mount
+/// its own. The namespace, and its bpffs, die with p25d.
+const WITHOUT_BPFFS: &[&str] = &[
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    "sh",
+    "-c",
+    r#"
+        for _ in 1 2 3 4 5 6 7 8; do
+            mountpoint -q /sys/fs/bpf || break
+            umount /sys/fs/bpf || exit 97
+        done
+        mountpoint -q /sys/fs/bpf && exit 98
+        grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && exit 99
+        exec "$@"
+    "#,
+    "sh",
+];
 
 fn host_has_bpffs() -> bool {
     crate::bpffs_mounted(Path::new("/sys/fs/bpf"))
@@ -1143,30 +1104,17 @@ fn bpffs_unmounted(plan: &Plan, name: &str) -> Result<FaultReport> {
         "the host has no bpffs at /sys/fs/bpf to begin with"
     );
     let lab = Lab::build()?;
-    let daemon = lab.daemon()?;
+    let mut daemon = lab.daemon()?;
+    daemon.wrap(WITHOUT_BPFFS);
     let counting = Counting::install(&lab.topology.server)?;
     let t0 = Instant::now();
-    let mut private = PrivateMountDaemon::spawn(&daemon, &lab.topology.router)?;
-    let ready = wait_until(RECOVERY_LIMIT, Duration::from_millis(20), || {
-        if let Some(status) = private.child.try_wait()? {
-            bail!(
-                "p25d exited ({status}):\n{}",
-                PrivateMountDaemon::log(&daemon)
-            );
-        }
-        Ok(daemon.status().is_ok_and(|s| s.daemon))
-    })?;
-    ensure!(
-        ready,
-        "p25d did not answer:\n{}",
-        PrivateMountDaemon::log(&daemon)
-    );
+    daemon.start()?;
     fault.ready_ms.push(ms(t0.elapsed()));
     let recovered = lab
         .until_probe_connects(t0)?
         .context("no probe connected")?;
     fault.recovery_ms.push(ms(recovered));
-    let log = PrivateMountDaemon::log(&daemon);
+    let log = daemon.log();
     if !log.contains("mounted bpffs") {
         fault.fail(format!("p25d did not say it mounted bpffs:\n{log}"));
     }
@@ -1190,6 +1138,6 @@ fn bpffs_unmounted(plan: &Plan, name: &str) -> Result<FaultReport> {
          the host's bpffs untouched; recovery = spawn → status answered and a probe connects"
             .to_owned(),
     );
-    drop(private);
+    drop(daemon);
     Ok(fault)
 }

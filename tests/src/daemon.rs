@@ -152,6 +152,12 @@ impl DaemonLab {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
     }
 
+    /// Runs every later `p25d run` of this lab under `wrapper`, a command that ends by
+    /// executing its arguments (the p25d command line), inside the lab's network namespace.
+    pub fn wrap(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|a| (*a).to_owned()).collect();
+    }
+
     /// Runs every later `p25d run` of this lab as user and group `id` (no supplementary
     /// groups) holding exactly the capabilities `caps` (setpriv names such as `bpf`), as the
     /// systemd unit does. The lab's directory is handed to that user; the pin root is left
