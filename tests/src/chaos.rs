@@ -104,7 +104,7 @@ const STREAM_LIMIT: Duration = Duration::from_secs(100);
 const DEAD_TIME: Duration = Duration::from_millis(300);
 
 /// How much of each fault to inject.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     /// Policy reloads, alternating valid (even) and invalid (odd).
     pub reloads: usize,
@@ -117,6 +117,7 @@ pub struct Plan {
     /// allow/deny commands per client.
     pub ops_per_client: usize,
     /// Pause between two rounds of the SYN stream (three SYNs per round).
+    #[serde(rename = "interval_ms", serialize_with = "as_ms")]
     pub interval: Duration,
 }
 
@@ -165,7 +166,7 @@ pub struct Kept {
 }
 
 /// The figures of one fault.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct FaultReport {
     /// Which fault.
     pub fault: String,
@@ -259,64 +260,32 @@ impl FaultReport {
     /// The fault's figures as `p25-chaos --out` writes them.
     fn record(&self) -> FaultRecord<'_> {
         FaultRecord {
-            fault: &self.fault,
-            iterations: self.iterations,
-            allowed_25: self.allowed_25,
-            sub_587: self.sub_587,
-            blocked_25: self.blocked_25,
+            report: self,
             lost: self.lost(),
             leaked: self.leaked(),
-            old_policy_kept: self.old_policy_kept,
-            recovery_ms: &self.recovery_ms,
             recovery_ms_max: max(&self.recovery_ms),
             recovery_ms_median: median(&self.recovery_ms),
-            ready_ms: &self.ready_ms,
-            paused_ms: self.paused_ms,
-            unfiltered_ms: &self.unfiltered_ms,
-            notes: &self.notes,
-            failures: &self.failures,
             passed: self.passed(),
         }
     }
 }
 
-/// One fault in the JSON: the report's fields plus the figures derived from them.
+/// One fault in the JSON: the report's fields, then the figures derived from them.
 #[derive(Debug, Serialize)]
 pub struct FaultRecord<'a> {
-    fault: &'a str,
-    iterations: usize,
-    allowed_25: Tally,
-    sub_587: Tally,
-    blocked_25: Tally,
+    #[serde(flatten)]
+    report: &'a FaultReport,
     lost: u64,
     leaked: u64,
-    old_policy_kept: Option<Kept>,
-    recovery_ms: &'a [f64],
     recovery_ms_max: f64,
     recovery_ms_median: f64,
-    ready_ms: &'a [f64],
-    paused_ms: f64,
-    unfiltered_ms: &'a [f64],
-    notes: &'a [String],
-    failures: &'a [String],
     passed: bool,
-}
-
-/// The plan in the JSON.
-#[derive(Debug, Serialize)]
-pub struct PlanRecord {
-    reloads: usize,
-    kills: usize,
-    flaps: usize,
-    clients: usize,
-    ops_per_client: usize,
-    interval_ms: f64,
 }
 
 /// The whole run as `p25-chaos --out` writes it.
 #[derive(Debug, Serialize)]
 pub struct RunRecord<'a> {
-    plan: PlanRecord,
+    plan: &'a Plan,
     seconds: f64,
     passed: bool,
     faults: Vec<FaultRecord<'a>>,
@@ -338,16 +307,9 @@ impl Report {
     }
 
     /// The report as `p25-chaos --out` writes it (serialize it with serde_json).
-    pub fn record(&self, plan: &Plan) -> RunRecord<'_> {
+    pub fn record<'a>(&'a self, plan: &'a Plan) -> RunRecord<'a> {
         RunRecord {
-            plan: PlanRecord {
-                reloads: plan.reloads,
-                kills: plan.kills,
-                flaps: plan.flaps,
-                clients: plan.clients,
-                ops_per_client: plan.ops_per_client,
-                interval_ms: plan.interval.as_secs_f64() * 1e3,
-            },
+            plan,
             seconds: self.seconds,
             passed: self.passed(),
             faults: self.faults.iter().map(FaultReport::record).collect(),
@@ -422,6 +384,11 @@ fn median(values: &[f64]) -> f64 {
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// A duration in (fractional) milliseconds, for the JSON.
+fn as_ms<S: serde::Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
 /// One phase of the suite: its fault's name (the table's row, the JSON's `fault`) and the
@@ -1140,4 +1107,80 @@ fn bpffs_unmounted(plan: &Plan, name: &str) -> Result<FaultReport> {
     );
     drop(daemon);
     Ok(fault)
+}
+
+#[cfg(test)]
+#[expect(clippy::indexing_slicing, reason = "tests: a panic is a failure")]
+mod tests {
+    use super::*;
+
+    /// The JSON keeps the fields and derived figures that `p25-chaos --out` always wrote.
+    #[test]
+    fn the_json_record_has_every_figure() -> Result<()> {
+        let mut fault = FaultReport::new("a fault", 2);
+        fault.blocked_25 = Tally {
+            sent: 3,
+            received: 1,
+        };
+        fault.old_policy_kept = Some(Kept { kept: 4, of: 5 });
+        fault.recovery_ms = vec![1.0, 3.0, 2.0];
+        let report = Report {
+            faults: vec![fault],
+            seconds: 1.5,
+        };
+        let json = serde_json::to_value(report.record(&Plan::reduced()))?;
+        let keys = |value: &serde_json::Value| -> Vec<String> {
+            let mut keys: Vec<String> = value
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(&json), ["faults", "passed", "plan", "seconds"]);
+        assert_eq!(
+            keys(&json["plan"]),
+            [
+                "clients",
+                "flaps",
+                "interval_ms",
+                "kills",
+                "ops_per_client",
+                "reloads"
+            ]
+        );
+        let fault = &json["faults"][0];
+        assert_eq!(
+            keys(fault),
+            [
+                "allowed_25",
+                "blocked_25",
+                "failures",
+                "fault",
+                "iterations",
+                "leaked",
+                "lost",
+                "notes",
+                "old_policy_kept",
+                "passed",
+                "paused_ms",
+                "ready_ms",
+                "recovery_ms",
+                "recovery_ms_max",
+                "recovery_ms_median",
+                "sub_587",
+                "unfiltered_ms",
+            ]
+        );
+        assert_eq!(json["plan"]["interval_ms"], 4.0);
+        assert_eq!(fault["fault"], "a fault");
+        assert_eq!(fault["leaked"], 1);
+        assert_eq!(fault["blocked_25"]["sent"], 3);
+        assert_eq!(fault["old_policy_kept"]["kept"], 4);
+        assert_eq!(fault["old_policy_kept"]["of"], 5);
+        assert_eq!(fault["recovery_ms_median"], 2.0);
+        assert_eq!(fault["recovery_ms_max"], 3.0);
+        assert_eq!(fault["passed"], true);
+        Ok(())
+    }
 }
