@@ -83,13 +83,9 @@ fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
             "no warning naming the file, {prefix} and {reason}:\n{log}"
         );
     }
-    let runtime: Vec<String> = lab
-        .runtime_allow()?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let runtime = lab.runtime_allow()?;
     ensure!(
-        runtime == vec!["100.64.1.2/32"],
+        runtime == ["100.64.1.2/32".parse::<IpNet>()?],
         "runtime entries {runtime:?}"
     );
 

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use filter_common::abi::{ABI_VERSION, Config};
 use filter_user::control::Source;
+use ipnet::IpNet;
 use p25_tests::{
     daemon::DaemonLab,
     lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
@@ -104,13 +105,9 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     // p25ctl allow / deny change the verdict for a real connection.
     lab.ctl_ok(&["allow", &SUB4.to_string(), "--comment", "ticket 7"])?;
     expect(sub, SUB4.into(), smtp4(), true, "after p25ctl allow")?;
-    let runtime: Vec<String> = lab
-        .runtime_allow()?
-        .iter()
-        .map(ToString::to_string)
-        .collect();
+    let runtime = lab.runtime_allow()?;
     ensure!(
-        runtime == vec!["100.64.1.2/32"],
+        runtime == [IpNet::from(IpAddr::from(SUB4))],
         "runtime entries shown apart: {runtime:?}"
     );
     lab.ctl_ok(&["deny", &SUB4.to_string()])?;
