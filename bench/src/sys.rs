@@ -6,8 +6,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 /// Fails unless running as root (the benchmarks load BPF programs and create netns).
 pub fn require_root() -> Result<()> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = p25_tests::effective_uid();
     ensure!(
         euid == 0,
         "p25-bench loads eBPF programs and creates network namespaces: run it as root \

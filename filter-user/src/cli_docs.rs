@@ -1,7 +1,7 @@
 //! Man pages and shell completions generated from the binaries' clap definitions.
 //!
 //! The CLI structs stay in the binaries (p25d, p25ctl); `p25d __generate-docs DIR` (same for
-//! p25ctl) hands the binary's `clap::Command` to [`write`] through [`generate_if_asked`].
+//! p25ctl) hands the binary's `clap::Command` to [`write`](fn@write) through [`generate_if_asked`].
 //! It is deliberately not a clap subcommand, so that it appears neither in `--help` nor in
 //! the completions. `cargo xtask package` runs both and ships the result, so the pages can
 //! never disagree with `--help`.

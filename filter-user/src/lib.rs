@@ -1,9 +1,20 @@
 //! p25 userspace library: the embedded eBPF object, loading and attaching it, typed access
-//! to its maps, and the host-side instance of the shared classifier (the reference model).
+//! to its maps, the policy and how it reaches the maps, and the host-side instance of the
+//! shared classifier (the reference model). `docs/architecture.md` draws the data flow.
 //!
-//! - [`loader`]: load and verify the programs, attach them.
+//! - [`loader`]: load and verify the programs, pin and attach them, adopt pinned state.
 //! - [`tables`]: the kernel's policy and counter maps, typed and validated.
+//! - [`policy`]: the YAML policy and its list files, checked with located diagnostics.
+//! - [`runtime`]: the `p25ctl allow` entries and their state file.
+//! - [`desired`]: policy and runtime entries as the entries the maps should hold.
+//! - [`sync`]: the difference between two states, applied in the safe order.
+//! - [`control`]: the p25ctl ↔ p25d socket protocol and its request handler.
+//! - [`metrics`], [`offenders`]: the Prometheus exposition, the abuse-desk views.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
+//! - [`cli_docs`]: man pages and completions from the binaries' clap definitions.
+//!
+//! [`parse_prefix`] reads a prefix as an operator writes it (the policy checker, p25ctl);
+//! [`check_prefix`] refuses host bits and IPv4-mapped prefixes wherever one comes from.
 
 pub mod cli_docs;
 pub mod control;
@@ -20,6 +31,8 @@ pub mod tables;
 
 pub use loader::Dataplane;
 pub use tables::{CounterSnapshot, KernelTables};
+
+use std::{net::IpAddr, str::FromStr as _};
 
 use ipnet::IpNet;
 
@@ -123,6 +136,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// Text that is neither an address nor a prefix in CIDR notation.
+    #[error("invalid prefix {text:?}: {why}")]
+    InvalidPrefix {
+        /// The text as written.
+        text: String,
+        /// Which part is wrong.
+        why: String,
+    },
     /// A prefix with bits set past its length: almost always a typo, and ambiguous.
     #[error("{net} has host bits set; the network is {}", net.trunc())]
     HostBits {
@@ -142,6 +163,57 @@ pub enum Error {
         /// The IPv4 prefix it stands for.
         v4: ipnet::Ipv4Net,
     },
+}
+
+/// Parses a prefix as written: CIDR, or a bare address meaning a host route. Errors say
+/// which part is wrong, since "invalid IP address syntax" alone leaves the operator to
+/// guess. Host bits are accepted here (the policy checker words that error its own way);
+/// [`check_prefix`] refuses them.
+pub fn parse_prefix(text: &str) -> Result<IpNet, Error> {
+    // The common case through std's address parsers, which are several times faster than
+    // ipnet's; anything else (and every error) through ipnet, for its exact judgement.
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (text, None),
+    };
+    let fast = match (IpAddr::from_str(addr), len) {
+        (Ok(addr), None) => Some(IpNet::from(addr)),
+        (Ok(addr), Some(len))
+            if (1..=3).contains(&len.len()) && len.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            len.parse::<u8>()
+                .ok()
+                .and_then(|len| IpNet::new(addr, len).ok())
+        }
+        _ => None,
+    };
+    if let Some(net) = fast {
+        return Ok(net);
+    }
+    if let Ok(net) = IpNet::from_str(text) {
+        return Ok(net);
+    }
+    let invalid = |why: String| Error::InvalidPrefix {
+        text: text.to_owned(),
+        why,
+    };
+    let Some((addr, len)) = text.split_once('/') else {
+        return IpAddr::from_str(text)
+            .map(IpNet::from)
+            .map_err(|_| invalid("not an IPv4 or IPv6 address or prefix".to_owned()));
+    };
+    let Ok(addr) = IpAddr::from_str(addr) else {
+        return Err(invalid(format!("{addr:?} is not an IPv4 or IPv6 address")));
+    };
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let digits = !len.is_empty() && len.bytes().all(|b| b.is_ascii_digit());
+    Err(invalid(match len.parse::<u32>() {
+        Ok(len) if digits && len > max => format!(
+            "prefix length {len} is longer than {max}, the most an {} prefix can have",
+            if addr.is_ipv4() { "IPv4" } else { "IPv6" }
+        ),
+        _ => format!("prefix length {len:?} is not a number from 0 to {max}"),
+    }))
 }
 
 /// Checks that `net` has no host bits set (the kernel would silently ignore them, which
@@ -170,6 +242,53 @@ pub fn ipv4_mapped(net: IpNet) -> Option<ipnet::Ipv4Net> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_errors_name_the_problem() {
+        let cases = [
+            ("10.0.0.0/33", "prefix length 33 is longer than 32"),
+            ("::/200", "prefix length 200 is longer than 128"),
+            (
+                "10.0.0.0/x",
+                "prefix length \"x\" is not a number from 0 to 32",
+            ),
+            (
+                "10.0.0.0/",
+                "prefix length \"\" is not a number from 0 to 32",
+            ),
+            ("10.0.0.0/-1", "prefix length \"-1\" is not a number"),
+            ("10.0.0/8", "\"10.0.0\" is not an IPv4 or IPv6 address"),
+            ("mail.example", "not an IPv4 or IPv6 address or prefix"),
+            ("300.1.1.1", "not an IPv4 or IPv6 address or prefix"),
+        ];
+        for (text, want) in cases {
+            let got = parse_prefix(text).err().map(|e| e.to_string());
+            assert!(
+                got.as_ref()
+                    .is_some_and(|got| got.starts_with(&format!("invalid prefix {text:?}: "))
+                        && got.contains(want)),
+                "{text}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bare_addresses_are_host_prefixes_and_host_bits_are_left_to_check_prefix() {
+        for (text, want) in [
+            ("192.0.2.1", "192.0.2.1/32"),
+            ("2001:db8::1", "2001:db8::1/128"),
+            ("100.64.1.0/24", "100.64.1.0/24"),
+            ("100.64.1.1/24", "100.64.1.1/24"),
+        ] {
+            assert_eq!(
+                parse_prefix(text).map(|n| n.to_string()).ok().as_deref(),
+                Some(want),
+                "{text}"
+            );
+        }
+        let host_bits = parse_prefix("100.64.1.1/24").and_then(check_prefix);
+        assert!(matches!(host_bits, Err(Error::HostBits { .. })));
+    }
 
     #[test]
     fn ipv4_mapped_prefixes_are_refused_with_the_ipv4_form()

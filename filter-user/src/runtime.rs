@@ -22,11 +22,9 @@ use filter_common::abi::{AllowValue, MAX_SYN_PER_MINUTE, Origin};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, check_prefix};
+use crate::{Error, check_prefix, policy::MAX_TEXT_BYTES};
 
 const STATE_VERSION: u32 = 1;
-/// Longest comment accepted, like the policy file's limit.
-pub const MAX_COMMENT: usize = 256;
 /// Longest lifetime of a runtime entry: ten years (of 365.25 days). Longer is a typo
 /// (`8000y` for `8000s`) or a permanent entry in disguise: leave the expiry out for that.
 pub const MAX_LIFETIME_SECS: u64 = 10 * 36_525 * 86_400 / 100;
@@ -79,10 +77,10 @@ impl RuntimeEntry {
     pub fn validate(&self, now_unix: u64) -> Result<(), String> {
         check_prefix(self.prefix).map_err(|e| e.to_string())?;
         if let Some(comment) = &self.comment
-            && comment.len() > MAX_COMMENT
+            && comment.len() > MAX_TEXT_BYTES
         {
             return Err(format!(
-                "comment is {} bytes, longer than {MAX_COMMENT}",
+                "comment is {} bytes, longer than {MAX_TEXT_BYTES}",
                 comment.len()
             ));
         }

@@ -21,10 +21,13 @@
 //! A full allowlist map (the kernel refuses an insert with E2BIG or ENOSPC) does not stop
 //! the rest: the subscriber changes, CONFIG and the removals still apply, the refused
 //! inserts are tried again once the removals made room, and what still does not fit is
-//! counted in [`SyncReport::allow_not_inserted`] for the caller to report. The steps use the kernel's batch commands where it has them (the LPM trie's
-//! generic batch operations still apply one entry at a time, under the same per-entry
-//! atomicity), which turns a million-entry reconcile from millions of syscalls into
-//! hundreds.
+//! counted in [`SyncReport::allow_not_inserted`] for the caller to report.
+//!
+//! The steps use the kernel's batch commands where it has them (the LPM trie's generic
+//! batch operations still apply one entry at a time, under the same per-entry atomicity),
+//! which turns a million-entry reconcile from millions of syscalls into hundreds. A
+//! reconcile reads the allowlist maps back (the IPv4 and IPv6 ones in parallel), diffs and
+//! drops that copy before it reads the subscriber maps, so it never holds both read-backs.
 
 use std::io;
 

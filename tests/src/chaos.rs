@@ -25,7 +25,6 @@ use std::{
     fs,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -34,11 +33,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
 use filter_common::abi::Origin;
 use filter_user::{KernelTables, loader::PinLayout};
 use ipnet::IpNet;
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use crate::{
     daemon::{DaemonLab, bin},
@@ -57,28 +56,15 @@ pub const PROBE4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 4);
 /// The policy of every phase: the lab's subscriber space, [`SUB4_ALLOWED`] and [`PROBE4`]
 /// allowlisted, and a `MARKER` entry that tells valid policies apart (see
 /// [`valid_policy`]).
-const POLICY: &str = r"version: 1
-defaults:
-  mode: enforce
-  fragments: pass
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-  - prefix: 2001:db8:1::/64
-allow:
-  - prefix: 100.64.1.3/32
-    comment: business customer
-  - prefix: 100.64.1.4/32
+const POLICY: &str = crate::lab_policy!(
+    "defaults:\n  mode: enforce\n  fragments: pass\n",
+    crate::lab_allow_business!(),
+    "  - prefix: 100.64.1.4/32
     comment: chaos probe
   - prefix: MARKER/32
     comment: which valid policy is in force
-";
+",
+);
 
 /// Policies that p25d must reject; each breaks a different layer (YAML syntax, schema,
 /// semantics, encoding, emptiness). Reload `i` of the invalid ones uses `INVALID[i % len]`.
@@ -118,7 +104,7 @@ const STREAM_LIMIT: Duration = Duration::from_secs(100);
 const DEAD_TIME: Duration = Duration::from_millis(300);
 
 /// How much of each fault to inject.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Plan {
     /// Policy reloads, alternating valid (even) and invalid (odd).
     pub reloads: usize,
@@ -131,6 +117,7 @@ pub struct Plan {
     /// allow/deny commands per client.
     pub ops_per_client: usize,
     /// Pause between two rounds of the SYN stream (three SYNs per round).
+    #[serde(rename = "interval_ms", serialize_with = "as_ms")]
     pub interval: Duration,
 }
 
@@ -161,7 +148,7 @@ impl Plan {
 }
 
 /// Sent and received SYNs of one class.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Tally {
     /// SYNs the sender handed to the kernel.
     pub sent: u64,
@@ -169,14 +156,17 @@ pub struct Tally {
     pub received: u64,
 }
 
-impl Tally {
-    fn to_json(self) -> Value {
-        json!({ "sent": self.sent, "received": self.received })
-    }
+/// Invalid reloads after which the previous policy was verifiably in force, of all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Kept {
+    /// Reloads that left the previous policy in force.
+    pub kept: usize,
+    /// Invalid reloads in all.
+    pub of: usize,
 }
 
 /// The figures of one fault.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct FaultReport {
     /// Which fault.
     pub fault: String,
@@ -190,7 +180,7 @@ pub struct FaultReport {
     pub blocked_25: Tally,
     /// Invalid reloads after which the previous policy was verifiably in force, of all
     /// invalid reloads (reload phase only).
-    pub old_policy_kept: Option<(usize, usize)>,
+    pub old_policy_kept: Option<Kept>,
     /// Recovery time after each injection, in milliseconds.
     pub recovery_ms: Vec<f64>,
     /// Time from each injection to p25d answering `p25ctl status` again (restarts only), in
@@ -267,27 +257,38 @@ impl FaultReport {
         }
     }
 
-    fn to_json(&self) -> Value {
-        json!({
-            "fault": self.fault,
-            "iterations": self.iterations,
-            "allowed_25": self.allowed_25.to_json(),
-            "sub_587": self.sub_587.to_json(),
-            "blocked_25": self.blocked_25.to_json(),
-            "lost": self.lost(),
-            "leaked": self.leaked(),
-            "old_policy_kept": self.old_policy_kept.map(|(kept, of)| json!({ "kept": kept, "of": of })),
-            "recovery_ms": self.recovery_ms,
-            "recovery_ms_max": max(&self.recovery_ms),
-            "recovery_ms_median": median(&self.recovery_ms),
-            "ready_ms": self.ready_ms,
-            "paused_ms": self.paused_ms,
-            "unfiltered_ms": self.unfiltered_ms,
-            "notes": self.notes,
-            "failures": self.failures,
-            "passed": self.passed(),
-        })
+    /// The fault's figures as `p25-chaos --out` writes them.
+    fn record(&self) -> FaultRecord<'_> {
+        FaultRecord {
+            report: self,
+            lost: self.lost(),
+            leaked: self.leaked(),
+            recovery_ms_max: max(&self.recovery_ms),
+            recovery_ms_median: median(&self.recovery_ms),
+            passed: self.passed(),
+        }
     }
+}
+
+/// One fault in the JSON: the report's fields, then the figures derived from them.
+#[derive(Debug, Serialize)]
+pub struct FaultRecord<'a> {
+    #[serde(flatten)]
+    report: &'a FaultReport,
+    lost: u64,
+    leaked: u64,
+    recovery_ms_max: f64,
+    recovery_ms_median: f64,
+    passed: bool,
+}
+
+/// The whole run as `p25-chaos --out` writes it.
+#[derive(Debug, Serialize)]
+pub struct RunRecord<'a> {
+    plan: &'a Plan,
+    seconds: f64,
+    passed: bool,
+    faults: Vec<FaultRecord<'a>>,
 }
 
 /// The whole run.
@@ -305,21 +306,14 @@ impl Report {
         self.faults.iter().all(FaultReport::passed)
     }
 
-    /// The report as JSON (what `p25-chaos --out` writes).
-    pub fn to_json(&self, plan: &Plan) -> Value {
-        json!({
-            "plan": {
-                "reloads": plan.reloads,
-                "kills": plan.kills,
-                "flaps": plan.flaps,
-                "clients": plan.clients,
-                "ops_per_client": plan.ops_per_client,
-                "interval_ms": plan.interval.as_secs_f64() * 1e3,
-            },
-            "seconds": self.seconds,
-            "passed": self.passed(),
-            "faults": self.faults.iter().map(FaultReport::to_json).collect::<Vec<_>>(),
-        })
+    /// The report as `p25-chaos --out` writes it (serialize it with serde_json).
+    pub fn record<'a>(&'a self, plan: &'a Plan) -> RunRecord<'a> {
+        RunRecord {
+            plan,
+            seconds: self.seconds,
+            passed: self.passed(),
+            faults: self.faults.iter().map(FaultReport::record).collect(),
+        }
     }
 
     /// A table of the figures, one row per fault, then the failures if any.
@@ -346,7 +340,7 @@ impl Report {
                 format!("{}/{}", f.sub_587.received, f.sub_587.sent),
                 format!("{}/{}", f.blocked_25.received, f.blocked_25.sent),
                 f.old_policy_kept
-                    .map_or("-".to_owned(), |(k, of)| format!("{k}/{of}")),
+                    .map_or("-".to_owned(), |k| format!("{}/{}", k.kept, k.of)),
                 recovery,
                 if f.passed() { "ok" } else { "FAILED" }
             ));
@@ -392,6 +386,25 @@ fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e4).round() / 10.0
 }
 
+/// A duration in (fractional) milliseconds, for the JSON.
+fn as_ms<S: serde::Serializer>(d: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// One phase of the suite: its fault's name (the table's row, the JSON's `fault`) and the
+/// function that injects it, given the plan and that name.
+type Phase = (&'static str, fn(&Plan, &str) -> Result<FaultReport>);
+
+/// Every phase, in the order run; the names are written here only.
+const PHASES: &[Phase] = &[
+    ("start with bpffs unmounted", bpffs_unmounted),
+    ("policy reloads (valid/invalid)", reloads),
+    ("kill -9 and restart p25d", kills),
+    ("r-sub down/up", flaps_down_up),
+    ("r-sub delete/recreate", flaps_recreate),
+    ("concurrent p25ctl allow/deny", concurrent_ctl),
+];
+
 /// Runs every fault of `plan`, printing each phase's row as it completes (through
 /// `progress`). Errors are for a lab that could not be built; a broken invariant is a
 /// failure in the report instead, so the other faults still run.
@@ -402,17 +415,8 @@ pub fn run(plan: &Plan, progress: &mut dyn FnMut(&FaultReport)) -> Result<Report
     bin("p25ctl")?;
     let start = Instant::now();
     let mut report = Report::default();
-    type Phase = fn(&Plan) -> Result<FaultReport>;
-    let phases: [(&str, Phase); 6] = [
-        ("start with bpffs unmounted", bpffs_unmounted),
-        ("policy reloads (valid/invalid)", reloads),
-        ("kill -9 and restart p25d", kills),
-        ("r-sub down/up", flaps_down_up),
-        ("r-sub delete/recreate", flaps_recreate),
-        ("concurrent p25ctl allow/deny", concurrent_ctl),
-    ];
-    for (name, phase) in phases {
-        let fault = phase(plan).unwrap_or_else(|e| {
+    for &(name, phase) in PHASES {
+        let fault = phase(plan, name).unwrap_or_else(|e| {
             let mut fault = FaultReport::new(name, 0);
             fault.fail(format!("the phase could not run: {e:#}"));
             fault
@@ -717,129 +721,119 @@ fn expected_allow(n: usize) -> Result<BTreeSet<IpNet>> {
     .collect()
 }
 
-fn reloads(plan: &Plan) -> Result<FaultReport> {
-    under_stream(
-        plan,
-        "policy reloads (valid/invalid)",
-        plan.reloads,
-        |_lab, daemon, _stream, fault| {
-            let only_v4 = |set: BTreeSet<IpNet>| -> BTreeSet<IpNet> {
-                set.into_iter()
-                    .filter(|n| matches!(n, IpNet::V4(_)))
-                    .collect()
-            };
-            let mut good = 0; // the valid policy in force
-            let (mut kept, mut invalid) = (0, 0);
-            for i in 0..plan.reloads {
-                // A short gap, so that the reloads are spread over the stream and p25d's
-                // own file watcher (100 ms poll) races some of them.
-                thread::sleep(Duration::from_millis(20));
-                let t0 = Instant::now();
-                if i % 2 == 0 {
-                    good = i / 2 + 1;
-                    let before = generation(daemon)?;
-                    daemon.write_policy(&valid_policy(good))?;
-                    daemon.ctl_ok(&["reload"])?;
-                    let after = generation(daemon)?;
-                    let (allow, _, generation) = kernel_state(daemon)?;
-                    fault.recovery_ms.push(ms(t0.elapsed()));
-                    ensure!(
-                        after > before,
-                        "reload {i}: the generation did not move ({before} → {after})"
-                    );
-                    ensure!(
-                        only_v4(allow.clone()) == expected_allow(good)?
-                            && u64::from(generation) == after,
-                        "reload {i}: the kernel has {allow:?} at generation {generation}, \
-                         expected policy {good} at generation {after}"
-                    );
-                } else {
-                    invalid += 1;
-                    let (what, text) = INVALID
-                        .get(invalid % INVALID.len())
-                        .copied()
-                        .unwrap_or(("empty file", ""));
-                    let generation = generation(daemon)?;
-                    let failed = daemon.status()?.reloads_failed;
-                    daemon.write_policy(text)?;
-                    let out = daemon.ctl(&["reload"])?;
-                    let rejected = !out.status.success()
-                        && !String::from_utf8_lossy(&out.stderr).trim().is_empty();
-                    let status = daemon.status()?;
-                    let (allow, _, in_kernel) = kernel_state(daemon)?;
-                    fault.recovery_ms.push(ms(t0.elapsed()));
-                    let old_in_force = rejected
-                        && u64::from(status.generation) == generation
-                        && status.reloads_failed > failed
-                        && u64::from(in_kernel) == generation
-                        && only_v4(allow.clone()) == expected_allow(good)?;
-                    if old_in_force {
-                        kept += 1;
-                    } else {
-                        fault.fail(format!(
-                            "invalid reload {i} ({what}): rejected={rejected}, status {status:?}, \
-                             kernel {allow:?} at generation {in_kernel}; expected policy {good} \
-                             at generation {generation}"
-                        ));
-                    }
-                }
-            }
-            fault.old_policy_kept = Some((kept, invalid));
-            fault.notes.push(format!(
-                "recovery = reload round trip: write, `p25ctl reload`, status and pinned maps \
-                 checked; {} kinds of invalid policy",
-                INVALID.len()
-            ));
-            Ok(())
-        },
-    )
-}
-
-fn kills(plan: &Plan) -> Result<FaultReport> {
-    under_stream(
-        plan,
-        "kill -9 and restart p25d",
-        plan.kills,
-        |lab, daemon, _stream, fault| {
-            let mut adopted = 0;
-            for i in 0..plan.kills {
+fn reloads(plan: &Plan, name: &str) -> Result<FaultReport> {
+    under_stream(plan, name, plan.reloads, |_lab, daemon, _stream, fault| {
+        let only_v4 = |set: BTreeSet<IpNet>| -> BTreeSet<IpNet> {
+            set.into_iter()
+                .filter(|n| matches!(n, IpNet::V4(_)))
+                .collect()
+        };
+        let mut good = 0; // the valid policy in force
+        let (mut kept, mut invalid) = (0, 0);
+        for i in 0..plan.reloads {
+            // A short gap, so that the reloads are spread over the stream and p25d's
+            // own file watcher (100 ms poll) races some of them.
+            thread::sleep(Duration::from_millis(20));
+            let t0 = Instant::now();
+            if i % 2 == 0 {
+                good = i / 2 + 1;
                 let before = generation(daemon)?;
-                let t0 = Instant::now();
-                daemon.kill9()?;
-                // Filtering goes on from the pins while nobody runs: the stream checks it.
-                thread::sleep(DEAD_TIME);
-                ensure!(
-                    !daemon.status()?.daemon,
-                    "kill {i}: status should come from the pins"
-                );
-                daemon.start()?;
-                fault.ready_ms.push(ms(t0.elapsed()));
-                let recovered = lab
-                    .until_probe_connects(t0)?
-                    .with_context(|| format!("kill {i}: no probe connected"))?;
-                fault.recovery_ms.push(ms(recovered));
+                daemon.write_policy(&valid_policy(good))?;
+                daemon.ctl_ok(&["reload"])?;
                 let after = generation(daemon)?;
+                let (allow, _, generation) = kernel_state(daemon)?;
+                fault.recovery_ms.push(ms(t0.elapsed()));
                 ensure!(
                     after > before,
-                    "kill {i}: the generation went {before} → {after}"
+                    "reload {i}: the generation did not move ({before} → {after})"
                 );
-                if daemon.log().contains("adopted=true") {
-                    adopted += 1;
+                ensure!(
+                    only_v4(allow.clone()) == expected_allow(good)?
+                        && u64::from(generation) == after,
+                    "reload {i}: the kernel has {allow:?} at generation {generation}, \
+                         expected policy {good} at generation {after}"
+                );
+            } else {
+                invalid += 1;
+                let (what, text) = INVALID
+                    .get(invalid % INVALID.len())
+                    .copied()
+                    .unwrap_or(("empty file", ""));
+                let generation = generation(daemon)?;
+                let failed = daemon.status()?.reloads_failed;
+                daemon.write_policy(text)?;
+                let out = daemon.ctl(&["reload"])?;
+                let rejected = !out.status.success()
+                    && !String::from_utf8_lossy(&out.stderr).trim().is_empty();
+                let status = daemon.status()?;
+                let (allow, _, in_kernel) = kernel_state(daemon)?;
+                fault.recovery_ms.push(ms(t0.elapsed()));
+                let old_in_force = rejected
+                    && u64::from(status.generation) == generation
+                    && status.reloads_failed > failed
+                    && u64::from(in_kernel) == generation
+                    && only_v4(allow.clone()) == expected_allow(good)?;
+                if old_in_force {
+                    kept += 1;
+                } else {
+                    fault.fail(format!(
+                        "invalid reload {i} ({what}): rejected={rejected}, status {status:?}, \
+                             kernel {allow:?} at generation {in_kernel}; expected policy {good} \
+                             at generation {generation}"
+                    ));
                 }
             }
+        }
+        fault.old_policy_kept = Some(Kept { kept, of: invalid });
+        fault.notes.push(format!(
+            "recovery = reload round trip: write, `p25ctl reload`, status and pinned maps \
+                 checked; {} kinds of invalid policy",
+            INVALID.len()
+        ));
+        Ok(())
+    })
+}
+
+fn kills(plan: &Plan, name: &str) -> Result<FaultReport> {
+    under_stream(plan, name, plan.kills, |lab, daemon, _stream, fault| {
+        let mut adopted = 0;
+        for i in 0..plan.kills {
+            let before = generation(daemon)?;
+            let t0 = Instant::now();
+            daemon.kill9()?;
+            // Filtering goes on from the pins while nobody runs: the stream checks it.
+            thread::sleep(DEAD_TIME);
             ensure!(
-                adopted == plan.kills,
-                "only {adopted} of {} restarts adopted the pinned links",
-                plan.kills
+                !daemon.status()?.daemon,
+                "kill {i}: status should come from the pins"
             );
-            fault.notes.push(format!(
-                "recovery = kill → daemon answering `p25ctl status` and a probe connecting, \
+            daemon.start()?;
+            fault.ready_ms.push(ms(t0.elapsed()));
+            let recovered = lab
+                .until_probe_connects(t0)?
+                .with_context(|| format!("kill {i}: no probe connected"))?;
+            fault.recovery_ms.push(ms(recovered));
+            let after = generation(daemon)?;
+            ensure!(
+                after > before,
+                "kill {i}: the generation went {before} → {after}"
+            );
+            if daemon.log().contains("adopted=true") {
+                adopted += 1;
+            }
+        }
+        ensure!(
+            adopted == plan.kills,
+            "only {adopted} of {} restarts adopted the pinned links",
+            plan.kills
+        );
+        fault.notes.push(format!(
+            "recovery = kill → daemon answering `p25ctl status` and a probe connecting, \
                  including {} ms dead on purpose",
-                DEAD_TIME.as_millis()
-            ));
-            Ok(())
-        },
-    )
+            DEAD_TIME.as_millis()
+        ));
+        Ok(())
+    })
 }
 
 fn interface_attached(daemon: &DaemonLab, name: &str) -> Result<bool> {
@@ -857,42 +851,37 @@ fn link_up(netns: &Netns, dev: &str) -> Result<bool> {
         .is_ok_and(|out| out.contains("state UP")))
 }
 
-fn flaps_down_up(plan: &Plan) -> Result<FaultReport> {
-    under_stream(
-        plan,
-        "r-sub down/up",
-        plan.flaps,
-        |lab, daemon, stream, fault| {
-            let router = &lab.topology.router;
-            for i in 0..plan.flaps {
-                let paused = stream.pause()?;
-                let t0 = Instant::now();
-                router.ip(&["link", "set", "r-sub", "down"])?;
-                thread::sleep(Duration::from_millis(200));
-                router.ip(&["link", "set", "r-sub", "up"])?;
-                let up = wait_until(RECOVERY_LIMIT, Duration::from_millis(10), || {
-                    Ok(link_up(router, "r-sub")? && link_up(&lab.topology.sub, "s0")?)
-                })?;
-                ensure!(up, "flap {i}: the link did not come up");
-                stream.resume(paused);
-                let recovered = lab
-                    .until_probe_connects(t0)?
-                    .with_context(|| format!("flap {i}: no probe connected"))?;
-                fault.recovery_ms.push(ms(recovered));
-                ensure!(
-                    interface_attached(daemon, "r-sub")?,
-                    "flap {i}: r-sub not attached:\n{}",
-                    daemon.log()
-                );
-            }
-            fault.notes.push(
-                "stream paused from just before `down` until both ends are up again; \
-                 recovery = down → a probe connects (includes 200 ms down on purpose)"
-                    .to_owned(),
+fn flaps_down_up(plan: &Plan, name: &str) -> Result<FaultReport> {
+    under_stream(plan, name, plan.flaps, |lab, daemon, stream, fault| {
+        let router = &lab.topology.router;
+        for i in 0..plan.flaps {
+            let paused = stream.pause()?;
+            let t0 = Instant::now();
+            router.ip(&["link", "set", "r-sub", "down"])?;
+            thread::sleep(Duration::from_millis(200));
+            router.ip(&["link", "set", "r-sub", "up"])?;
+            let up = wait_until(RECOVERY_LIMIT, Duration::from_millis(10), || {
+                Ok(link_up(router, "r-sub")? && link_up(&lab.topology.sub, "s0")?)
+            })?;
+            ensure!(up, "flap {i}: the link did not come up");
+            stream.resume(paused);
+            let recovered = lab
+                .until_probe_connects(t0)?
+                .with_context(|| format!("flap {i}: no probe connected"))?;
+            fault.recovery_ms.push(ms(recovered));
+            ensure!(
+                interface_attached(daemon, "r-sub")?,
+                "flap {i}: r-sub not attached:\n{}",
+                daemon.log()
             );
-            Ok(())
-        },
-    )
+        }
+        fault.notes.push(
+            "stream paused from just before `down` until both ends are up again; \
+                 recovery = down → a probe connects (includes 200 ms down on purpose)"
+                .to_owned(),
+        );
+        Ok(())
+    })
 }
 
 /// [`Topology::recreate_subscriber_link`], plus the probe address, returning when the new
@@ -920,34 +909,30 @@ fn recreate_subscriber_link(topology: &Topology) -> Result<Instant> {
     Ok(created)
 }
 
-fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
-    under_stream(
-        plan,
-        "r-sub delete/recreate",
-        plan.flaps,
-        |lab, daemon, stream, fault| {
-            for i in 0..plan.flaps {
-                let paused = stream.pause()?;
-                let t0 = Instant::now();
-                let created = recreate_subscriber_link(&lab.topology)?;
-                // The new interface has no program until p25d notices it: that window is
-                // unfiltered, so the stream only resumes once p25d reports it attached.
-                let attached = wait_until(RECOVERY_LIMIT, Duration::from_millis(5), || {
-                    interface_attached(daemon, "r-sub")
-                })?;
-                ensure!(
-                    attached,
-                    "recreate {i}: r-sub not re-attached:\n{}",
-                    daemon.log()
-                );
-                fault.unfiltered_ms.push(ms(created.elapsed()));
-                stream.resume(paused);
-                let recovered = lab
-                    .until_probe_connects(t0)?
-                    .with_context(|| format!("recreate {i}: no probe connected"))?;
-                fault.recovery_ms.push(ms(recovered));
-            }
-            fault.notes.push(format!(
+fn flaps_recreate(plan: &Plan, name: &str) -> Result<FaultReport> {
+    under_stream(plan, name, plan.flaps, |lab, daemon, stream, fault| {
+        for i in 0..plan.flaps {
+            let paused = stream.pause()?;
+            let t0 = Instant::now();
+            let created = recreate_subscriber_link(&lab.topology)?;
+            // The new interface has no program until p25d notices it: that window is
+            // unfiltered, so the stream only resumes once p25d reports it attached.
+            let attached = wait_until(RECOVERY_LIMIT, Duration::from_millis(5), || {
+                interface_attached(daemon, "r-sub")
+            })?;
+            ensure!(
+                attached,
+                "recreate {i}: r-sub not re-attached:\n{}",
+                daemon.log()
+            );
+            fault.unfiltered_ms.push(ms(created.elapsed()));
+            stream.resume(paused);
+            let recovered = lab
+                .until_probe_connects(t0)?
+                .with_context(|| format!("recreate {i}: no probe connected"))?;
+            fault.recovery_ms.push(ms(recovered));
+        }
+        fault.notes.push(format!(
                 "stream paused while the link is absent and until p25d re-attached it; \
                  the new interface was unfiltered for {:.0}-{:.0} ms (veth created → p25d \
                  reports it attached, polled through p25ctl status; p25d re-attaches on rtnetlink link \
@@ -959,15 +944,14 @@ fn flaps_recreate(plan: &Plan) -> Result<FaultReport> {
                     .fold(f64::INFINITY, f64::min),
                 max(&fault.unfiltered_ms)
             ));
-            Ok(())
-        },
-    )
+        Ok(())
+    })
 }
 
-fn concurrent_ctl(plan: &Plan) -> Result<FaultReport> {
+fn concurrent_ctl(plan: &Plan, name: &str) -> Result<FaultReport> {
     under_stream(
         plan,
-        "concurrent p25ctl allow/deny",
+        name,
         plan.clients * plan.ops_per_client,
         |_lab, daemon, _stream, fault| {
             let daemon = &*daemon;
@@ -1020,13 +1004,7 @@ fn concurrent_ctl(plan: &Plan) -> Result<FaultReport> {
             }
             let elapsed = t0.elapsed();
             fault.recovery_ms.push(ms(elapsed));
-            let listed: BTreeSet<IpNet> = daemon
-                .list()?
-                .allow
-                .iter()
-                .filter(|e| e.source == filter_user::control::Source::Runtime)
-                .map(|e| e.prefix)
-                .collect();
+            let listed: BTreeSet<IpNet> = daemon.runtime_allow()?.into_iter().collect();
             let (_, in_kernel, _) = kernel_state(daemon)?;
             ensure!(
                 listed == expected,
@@ -1058,104 +1036,52 @@ fn concurrent_ctl(plan: &Plan) -> Result<FaultReport> {
     )
 }
 
-/// A p25d started in a private mount namespace without bpffs: it must mount its own.
-/// Killed (and with it the namespace and its bpffs) on drop.
-struct PrivateMountDaemon {
-    child: Child,
-}
-
-impl PrivateMountDaemon {
-    fn spawn(daemon: &DaemonLab, netns: &Netns) -> Result<Self> {
-        // In the new mount namespace (private propagation: nothing leaks back to the
-        // host's mounts), unmount every bpffs stacked on /sys/fs/bpf, check it is gone,
-        // then become p25d in the router's network namespace.
-        let script = r#"
-            for _ in 1 2 3 4 5 6 7 8; do
-                mountpoint -q /sys/fs/bpf || break
-                umount /sys/fs/bpf || exit 97
-            done
-            mountpoint -q /sys/fs/bpf && exit 98
-            grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && exit 99
-            exec nsenter --net="$@"
-        "#;
-        let log = fs::File::create(daemon.dir.join("p25d-private-mount.log"))?;
-        let child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
-            .arg(netns.path())
-            .arg(bin("p25d")?)
-            .args(["run", "--poll", "100ms", "--resync", "2s", "--policy"])
-            .arg(daemon.policy_path())
-            .arg("--state")
-            .arg(daemon.dir.join("state.json"))
-            .arg("--socket")
-            .arg(daemon.socket())
-            .arg("--pin-root")
-            .arg(&daemon.pin_root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning unshare")?;
-        Ok(Self { child })
-    }
-
-    fn log(daemon: &DaemonLab) -> String {
-        fs::read_to_string(daemon.dir.join("p25d-private-mount.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for PrivateMountDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// What p25d runs under in the "bpffs unmounted" phase: a private mount namespace
+/// (private propagation: nothing leaks back to the host's mounts) in which every bpffs
+/// stacked on /sys/fs/bpf is unmounted and checked gone before p25d starts; it must mount
+/// its own. The namespace, and its bpffs, die with p25d.
+const WITHOUT_BPFFS: &[&str] = &[
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "--",
+    "sh",
+    "-c",
+    r#"
+        for _ in 1 2 3 4 5 6 7 8; do
+            mountpoint -q /sys/fs/bpf || break
+            umount /sys/fs/bpf || exit 97
+        done
+        mountpoint -q /sys/fs/bpf && exit 98
+        grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts && exit 99
+        exec "$@"
+    "#,
+    "sh",
+];
 
 fn host_has_bpffs() -> bool {
-    fs::read_to_string("/proc/self/mounts")
-        .is_ok_and(|m| m.lines().any(|l| l.contains(" /sys/fs/bpf bpf ")))
+    crate::bpffs_mounted(Path::new("/sys/fs/bpf"))
 }
 
-fn bpffs_unmounted(plan: &Plan) -> Result<FaultReport> {
-    let mut fault = FaultReport::new("start with bpffs unmounted", 1);
+fn bpffs_unmounted(plan: &Plan, name: &str) -> Result<FaultReport> {
+    let mut fault = FaultReport::new(name, 1);
     ensure!(
         host_has_bpffs(),
         "the host has no bpffs at /sys/fs/bpf to begin with"
     );
     let lab = Lab::build()?;
-    let daemon = lab.daemon()?;
+    let mut daemon = lab.daemon()?;
+    daemon.wrap(WITHOUT_BPFFS);
     let counting = Counting::install(&lab.topology.server)?;
     let t0 = Instant::now();
-    let mut private = PrivateMountDaemon::spawn(&daemon, &lab.topology.router)?;
-    let ready = wait_until(RECOVERY_LIMIT, Duration::from_millis(20), || {
-        if let Some(status) = private.child.try_wait()? {
-            bail!(
-                "p25d exited ({status}):\n{}",
-                PrivateMountDaemon::log(&daemon)
-            );
-        }
-        Ok(daemon.status().is_ok_and(|s| s.daemon))
-    })?;
-    ensure!(
-        ready,
-        "p25d did not answer:\n{}",
-        PrivateMountDaemon::log(&daemon)
-    );
+    daemon.start()?;
     fault.ready_ms.push(ms(t0.elapsed()));
     let recovered = lab
         .until_probe_connects(t0)?
         .context("no probe connected")?;
     fault.recovery_ms.push(ms(recovered));
-    let log = PrivateMountDaemon::log(&daemon);
+    let log = daemon.log();
     if !log.contains("mounted bpffs") {
         fault.fail(format!("p25d did not say it mounted bpffs:\n{log}"));
     }
@@ -1179,6 +1105,82 @@ fn bpffs_unmounted(plan: &Plan) -> Result<FaultReport> {
          the host's bpffs untouched; recovery = spawn → status answered and a probe connects"
             .to_owned(),
     );
-    drop(private);
+    drop(daemon);
     Ok(fault)
+}
+
+#[cfg(test)]
+#[expect(clippy::indexing_slicing, reason = "tests: a panic is a failure")]
+mod tests {
+    use super::*;
+
+    /// The JSON keeps the fields and derived figures that `p25-chaos --out` always wrote.
+    #[test]
+    fn the_json_record_has_every_figure() -> Result<()> {
+        let mut fault = FaultReport::new("a fault", 2);
+        fault.blocked_25 = Tally {
+            sent: 3,
+            received: 1,
+        };
+        fault.old_policy_kept = Some(Kept { kept: 4, of: 5 });
+        fault.recovery_ms = vec![1.0, 3.0, 2.0];
+        let report = Report {
+            faults: vec![fault],
+            seconds: 1.5,
+        };
+        let json = serde_json::to_value(report.record(&Plan::reduced()))?;
+        let keys = |value: &serde_json::Value| -> Vec<String> {
+            let mut keys: Vec<String> = value
+                .as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(&json), ["faults", "passed", "plan", "seconds"]);
+        assert_eq!(
+            keys(&json["plan"]),
+            [
+                "clients",
+                "flaps",
+                "interval_ms",
+                "kills",
+                "ops_per_client",
+                "reloads"
+            ]
+        );
+        let fault = &json["faults"][0];
+        assert_eq!(
+            keys(fault),
+            [
+                "allowed_25",
+                "blocked_25",
+                "failures",
+                "fault",
+                "iterations",
+                "leaked",
+                "lost",
+                "notes",
+                "old_policy_kept",
+                "passed",
+                "paused_ms",
+                "ready_ms",
+                "recovery_ms",
+                "recovery_ms_max",
+                "recovery_ms_median",
+                "sub_587",
+                "unfiltered_ms",
+            ]
+        );
+        assert_eq!(json["plan"]["interval_ms"], 4.0);
+        assert_eq!(fault["fault"], "a fault");
+        assert_eq!(fault["leaked"], 1);
+        assert_eq!(fault["blocked_25"]["sent"], 3);
+        assert_eq!(fault["old_policy_kept"]["kept"], 4);
+        assert_eq!(fault["old_policy_kept"]["of"], 5);
+        assert_eq!(fault["recovery_ms_median"], 2.0);
+        assert_eq!(fault["recovery_ms_max"], 3.0);
+        assert_eq!(fault["passed"], true);
+        Ok(())
+    }
 }

@@ -99,20 +99,18 @@ impl DaemonLab {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let dir = std::env::temp_dir().join(&id);
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        Ok(Self {
-            dir,
-            pin_root: PathBuf::from("/sys/fs/bpf").join(id),
-            netns_path: netns.path(),
-            child: None,
-            starts: 0,
-            args: Vec::new(),
-            wrapper: Vec::new(),
-            socket: None,
-            bin_dir: None,
-        })
+        Self::at(
+            netns,
+            std::env::temp_dir().join(&id),
+            PathBuf::from("/sys/fs/bpf").join(id),
+        )
+    }
+
+    /// Prepares (does not start) a daemon for the namespace `netns` with the policy `text`.
+    pub fn with_policy(netns: &Netns, text: &str) -> Result<Self> {
+        let lab = Self::new(netns)?;
+        lab.write_policy(text)?;
+        Ok(lab)
     }
 
     /// Prepares (does not start) a daemon for `netns` with a chosen scratch directory and
@@ -152,6 +150,12 @@ impl DaemonLab {
     /// Adds arguments to every later `p25d run` of this lab.
     pub fn run_args(&mut self, args: &[&str]) {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
+    }
+
+    /// Runs every later `p25d run` of this lab under `wrapper`, a command that ends by
+    /// executing its arguments (the p25d command line), inside the lab's network namespace.
+    pub fn wrap(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|a| (*a).to_owned()).collect();
     }
 
     /// Runs every later `p25d run` of this lab as user and group `id` (no supplementary
@@ -331,6 +335,18 @@ impl DaemonLab {
     /// `p25ctl list --json`.
     pub fn list(&self) -> Result<ListView> {
         self.ctl_json(&["list", "--json"])
+    }
+
+    /// The runtime allowlist (`p25ctl allow` entries) as `p25ctl list` shows it, in its
+    /// order.
+    pub fn runtime_allow(&self) -> Result<Vec<ipnet::IpNet>> {
+        Ok(self
+            .list()?
+            .allow
+            .iter()
+            .filter(|e| e.source == filter_user::control::Source::Runtime)
+            .map(|e| e.prefix)
+            .collect())
     }
 
     /// `p25ctl stats --json`.

@@ -30,9 +30,12 @@ pub const SUBMISSIONS: u16 = 465;
 /// What the subscriber listens on, for the inbound rule.
 pub const SUB_PORT: u16 = 2525;
 
-/// The start of a policy for this topology: version and interfaces (native XDP on the
-/// subscriber side, TC upstream). Tests append their `subscribers:` and `allow:`.
-pub const POLICY_HEAD: &str = "version: 1
+/// [`POLICY_HEAD`] as a literal, for [`lab_policy!`](crate::lab_policy).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __lab_policy_head {
+    () => {
+        "version: 1
 interfaces:
   - name: r-sub
     role: subscriber
@@ -40,7 +43,38 @@ interfaces:
   - name: r-up
     role: upstream
     attach: tc
-";
+"
+    };
+}
+
+/// A whole policy for this topology, as a `&'static str`: [`POLICY_HEAD`], the lab's
+/// subscriber space (100.64.1.0/24 and 2001:db8:1::/64), then the given sections
+/// (literals: `defaults:`, `allow:`, in that order if both), so that the test files do not
+/// each spell out the same policy.
+#[macro_export]
+macro_rules! lab_policy {
+    ($($section:expr),* $(,)?) => {
+        concat!(
+            $crate::__lab_policy_head!(),
+            "subscribers:\n  - prefix: 100.64.1.0/24\n  - prefix: 2001:db8:1::/64\n",
+            $($section),*
+        )
+    };
+}
+
+/// The start of a policy for this topology: version and interfaces (native XDP on the
+/// subscriber side, TC upstream). Tests append their `subscribers:` and `allow:`, or use
+/// [`lab_policy!`](crate::lab_policy) for the usual subscriber space.
+pub const POLICY_HEAD: &str = __lab_policy_head!();
+
+/// The `allow:` section most lab policies start with: [`SUB4_ALLOWED`], a business
+/// customer. A literal, for [`lab_policy!`](crate::lab_policy).
+#[macro_export]
+macro_rules! lab_allow_business {
+    () => {
+        "allow:\n  - prefix: 100.64.1.3/32\n    comment: business customer\n"
+    };
+}
 
 // Subscriber side.
 pub const SUB4: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 2);

@@ -3,12 +3,19 @@
 //! - [`harness`]: load the real programs and run them with BPF_PROG_TEST_RUN.
 //! - [`packet`]: build frames (VLAN, QinQ, PPPoE, IPv4 options, IPv6 extension headers).
 //! - [`netns`]: network namespaces with cleanup on drop, for real-traffic tests.
+//! - [`lab`]: the shared topology (subscriber, router, server) and its policy
+//!   ([`lab_policy!`]); [`daemon`]: a real p25d and p25ctl per test; [`traffic`]: bounded
+//!   SYN streams counted at the receiver; [`exporter`], [`prometheus`]: `/metrics` and a
+//!   real Prometheus.
 //! - [`chaos`]: the reliability suite of `cargo xtask chaos` (faults under a SYN stream).
 //! - [`smtp_lab`]: the SMTP lab (real swaks, aiosmtpd and p25d) of the e2e tests and the
 //!   demo.
 //! - [`vlan_tag`], [`veth_xdp`]: lab plumbing: an 802.1Q-tagged veth link without the 8021q
 //!   module, and the XDP program a veth peer needs to receive XDP_TX'd frames (reject
 //!   mode's RSTs).
+//!
+//! Small shared helpers live here: [`require_root`] and [`effective_uid`],
+//! [`bpffs_mounted`], [`files_in`], [`summary!`].
 //!
 //! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
 //! message saying so: they never skip, because a skipped kernel test proves nothing.
@@ -26,6 +33,13 @@ pub mod traffic;
 pub mod veth_xdp;
 pub mod vlan_tag;
 
+/// The effective uid of this process: the one root check of the tests, the demo, chaos
+/// and bench binaries (xtask has its own, as it builds before anything that links aya).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Fails the calling test unless it runs as root.
 ///
 /// # Panics
@@ -33,13 +47,51 @@ pub mod vlan_tag;
 /// When not root: that is the point.
 #[track_caller]
 pub fn require_root() {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = effective_uid();
     assert!(
         euid == 0,
         "p25's tests load eBPF programs and create network namespaces, so they must run \
          as root (euid is {euid}); run `cargo xtask test` as root"
     );
+}
+
+/// Whether the mount table of this process has a BPF filesystem at `path` (the usual place
+/// is /sys/fs/bpf); false if the table cannot be read.
+pub fn bpffs_mounted(path: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
+        mounts.lines().any(|line| {
+            // device mountpoint fstype options ...
+            let mut fields = line.split_whitespace().skip(1);
+            fields.next().map(std::path::Path::new) == Some(path) && fields.next() == Some("bpf")
+        })
+    })
+}
+
+/// The files in `dir` that `keep` accepts, sorted by path so that reports are stable.
+///
+/// # Errors
+///
+/// When `dir` cannot be listed; the message names it.
+pub fn files_in(
+    dir: &std::path::Path,
+    keep: impl Fn(&std::path::Path) -> bool,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    use anyhow::Context as _;
+    let listing = || format!("listing {}", dir.display());
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(listing)? {
+        let path = entry.with_context(listing)?.path();
+        if path.is_file() && keep(&path) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Whether `path` ends in `.ext`.
+pub fn has_extension(path: &std::path::Path, ext: &str) -> bool {
+    path.extension().is_some_and(|e| e == ext)
 }
 
 /// Prints a summary line that stays visible in `cargo test` output even when the test

@@ -124,6 +124,16 @@ pub enum Role {
     Infra,
 }
 
+/// The subscribers whose mail both the demo's table and the e2e test send: every role
+/// but the monitor-mode pool (shown on its own) and the infrastructure host.
+pub const MAILING_SUBSCRIBERS: [Role; 5] = [
+    Role::Residential,
+    Role::Infected,
+    Role::Business,
+    Role::DualStack,
+    Role::Vlan,
+];
+
 /// One host of the lab: its addresses and where it is attached.
 #[derive(Clone, Copy, Debug)]
 pub struct HostSpec {
@@ -139,6 +149,25 @@ pub struct HostSpec {
     /// Whether p25 should let its port-25 mail through (policy allowlist, monitor mode,
     /// or outside subscriber space).
     pub port25_passes: bool,
+}
+
+impl HostSpec {
+    /// The addresses this host sends from: its IPv4 address, then its IPv6 one if any.
+    pub fn sources(&self) -> Vec<IpAddr> {
+        let mut all = vec![IpAddr::V4(self.v4)];
+        all.extend(self.v6.map(|(addr, _)| IpAddr::V6(addr)));
+        all
+    }
+
+    /// What p25 must do to this host's mail on `port`: deliver it, unless it is port 25
+    /// and the host's port-25 mail does not pass.
+    pub fn expected(&self, port: u16) -> Outcome {
+        if port != SMTP || self.port25_passes {
+            Outcome::Delivered
+        } else {
+            Outcome::Blocked
+        }
+    }
 }
 
 const fn v6(a: u16, b: u16, c: u16, d: u16, host: u16) -> Ipv6Addr {
@@ -510,7 +539,7 @@ impl SmtpLab {
         })
     }
 
-    /// Waits for a swaks run (killing it past [`SWAKS_LIMIT`]) and judges the outcome.
+    /// Waits for a swaks run (killing it past `SWAKS_LIMIT`) and judges the outcome.
     pub fn finish(&self, mut pending: PendingAttempt) -> Result<Attempt> {
         let mut status = None;
         wait_until(SWAKS_LIMIT, Duration::from_millis(20), || {

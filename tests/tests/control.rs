@@ -15,28 +15,14 @@ use anyhow::{Context as _, Result, ensure};
 use filter_common::abi::Origin;
 use filter_user::{
     KernelTables,
-    control::{AllowedView, DeniedView, ReloadView, Source},
+    control::{AllowedView, DeniedView, ReloadView},
     loader::PinLayout,
     runtime::MAX_LIFETIME_SECS,
 };
 use ipnet::IpNet;
 use p25_tests::{daemon::DaemonLab, exporter, lab::Topology, netns::wait_until};
 
-const POLICY: &str = r"version: 1
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-  - prefix: 2001:db8:1::/64
-allow:
-  - prefix: 100.64.1.3/32
-    comment: business customer
-";
+const POLICY: &str = p25_tests::lab_policy!(p25_tests::lab_allow_business!());
 
 /// 8000 years of 365.25 days, in seconds: what `--expires 8000y` used to send.
 const YEARS_8000: u64 = 8000 * 31_557_600;
@@ -65,8 +51,7 @@ fn stderr_of(lab: &DaemonLab, args: &[&str]) -> Result<String> {
 #[test]
 fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     // A state file as an older p25d left it after `p25ctl allow ... --expires 8000y`, plus
     // an overflowing expiry, host bits and a hand edit gone wrong.
     let now = now_unix();
@@ -98,15 +83,9 @@ fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
             "no warning naming the file, {prefix} and {reason}:\n{log}"
         );
     }
-    let runtime: Vec<String> = lab
-        .list()?
-        .allow
-        .iter()
-        .filter(|e| e.source == Source::Runtime)
-        .map(|e| e.prefix.to_string())
-        .collect();
+    let runtime = lab.runtime_allow()?;
     ensure!(
-        runtime == vec!["100.64.1.2/32"],
+        runtime == ["100.64.1.2/32".parse::<IpNet>()?],
         "runtime entries {runtime:?}"
     );
 
@@ -137,12 +116,7 @@ fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
     // Restart: the state loads, list still works.
     lab.kill9()?;
     lab.start()?;
-    let runtime = lab
-        .list()?
-        .allow
-        .iter()
-        .filter(|e| e.source == Source::Runtime)
-        .count();
+    let runtime = lab.runtime_allow()?.len();
     ensure!(runtime == 2, "after restart: {runtime} runtime entries");
     ensure!(
         !lab.log().contains("panicked"),
@@ -155,8 +129,7 @@ fn far_expiries_and_bad_state_entries_never_crash_p25d() -> Result<()> {
 #[test]
 fn wide_prefixes_need_force_and_runtime_entries_are_capped() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.run_args(&["--max-runtime-entries", "2"]);
     lab.start()?;
     for prefix in ["0.0.0.0/0", "::/0", "100.64.0.0/16", "2001:db8::/32"] {
@@ -190,8 +163,7 @@ fn wide_prefixes_need_force_and_runtime_entries_are_capped() -> Result<()> {
 #[test]
 fn runtime_syn_limits_reach_the_map_and_survive_a_restart() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     let err = stderr_of(&lab, &["allow", "100.64.1.2", "--syn-burst", "5"])?;
     ensure!(err.contains("max-syn-per-minute"), "{err}");
@@ -281,8 +253,7 @@ fn public_ctl(lab: &DaemonLab) -> Result<std::path::PathBuf> {
 #[test]
 fn changes_need_root_or_the_admin_group_and_are_logged_with_the_peer() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     // Socket group `daemon`; `nogroup` stands in for p25-admin (it exists everywhere).
     lab.run_args(&["--socket-group", "daemon", "--admin-group", "nogroup"]);
     lab.start()?;
@@ -439,8 +410,7 @@ impl Drop for IdleFlood {
 fn idle_connection_floods_do_not_stop_reloads_allows_or_scrapes() -> Result<()> {
     const IDLE: usize = 1100;
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.run_args(&["--socket-group", "daemon"]);
     lab.start()?;
     let pid = lab.pid().context("p25d pid")?;

@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use filter_common::abi::{ABI_VERSION, Config};
 use filter_user::control::Source;
+use ipnet::IpNet;
 use p25_tests::{
     daemon::DaemonLab,
     lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
@@ -19,26 +20,11 @@ use p25_tests::{
     traffic::{SynCounters, SynSender},
 };
 
-const POLICY: &str = r"version: 1
-defaults:
-  mode: enforce
-  fragments: pass
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-  - prefix: 2001:db8:1::/64
-allow:
-  - prefix: 100.64.1.3/32
-    comment: business customer
-  - prefix: 2001:db8:1::3/128
-    comment: business customer
-";
+const POLICY: &str = p25_tests::lab_policy!(
+    "defaults:\n  mode: enforce\n  fragments: pass\n",
+    p25_tests::lab_allow_business!(),
+    "  - prefix: 2001:db8:1::3/128\n    comment: business customer\n",
+);
 
 /// A connect that should fail must not complete within this (the SYN is dropped).
 const BLOCKED: Duration = Duration::from_millis(1200);
@@ -62,6 +48,24 @@ fn expect(sub: &Netns, src: IpAddr, dst: SocketAddr, want: bool, what: &str) -> 
     Ok(())
 }
 
+/// The lab policy is in force: port 25 blocked for [`SUB4`], open for [`SUB4_ALLOWED`].
+fn expect_policy(sub: &Netns, when: &str) -> Result<()> {
+    expect(
+        sub,
+        SUB4.into(),
+        smtp4(),
+        false,
+        &format!("subscriber {when}"),
+    )?;
+    expect(
+        sub,
+        SUB4_ALLOWED.into(),
+        smtp4(),
+        true,
+        &format!("allowlisted {when}"),
+    )
+}
+
 fn smtp4() -> SocketAddr {
     SocketAddr::new(SERVER4.into(), SMTP)
 }
@@ -74,19 +78,11 @@ fn generation(lab: &DaemonLab) -> Result<u32> {
 fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
 
     // Baseline: the policy's verdicts.
-    expect(sub, SUB4.into(), smtp4(), false, "subscriber, baseline")?;
-    expect(
-        sub,
-        SUB4_ALLOWED.into(),
-        smtp4(),
-        true,
-        "allowlisted, baseline",
-    )?;
+    expect_policy(sub, "baseline")?;
     expect(
         sub,
         SUB4.into(),
@@ -109,15 +105,9 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     // p25ctl allow / deny change the verdict for a real connection.
     lab.ctl_ok(&["allow", &SUB4.to_string(), "--comment", "ticket 7"])?;
     expect(sub, SUB4.into(), smtp4(), true, "after p25ctl allow")?;
-    let list = lab.list()?;
-    let runtime: Vec<_> = list
-        .allow
-        .iter()
-        .filter(|e| e.source == Source::Runtime)
-        .map(|e| e.prefix.to_string())
-        .collect();
+    let runtime = lab.runtime_allow()?;
     ensure!(
-        runtime == vec!["100.64.1.2/32"],
+        runtime == [IpNet::from(IpAddr::from(SUB4))],
         "runtime entries shown apart: {runtime:?}"
     );
     lab.ctl_ok(&["deny", &SUB4.to_string()])?;
@@ -202,20 +192,7 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
         generation(&lab)? == g1,
         "a rejected policy must not change the generation"
     );
-    expect(
-        sub,
-        SUB4.into(),
-        smtp4(),
-        false,
-        "subscriber under a broken policy",
-    )?;
-    expect(
-        sub,
-        SUB4_ALLOWED.into(),
-        smtp4(),
-        true,
-        "allowlisted under a broken policy",
-    )?;
+    expect_policy(sub, "under a broken policy")?;
     lab.write_policy(POLICY)?;
 
     // A runtime allow (IPv6 this time) that must survive a crash and a restart.
@@ -232,20 +209,7 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
     // kill -9: filtering continues from the pins, read commands fall back to them.
     let g2 = generation(&lab)?;
     lab.kill9()?;
-    expect(
-        sub,
-        SUB4.into(),
-        smtp4(),
-        false,
-        "subscriber with the daemon dead",
-    )?;
-    expect(
-        sub,
-        SUB4_ALLOWED.into(),
-        smtp4(),
-        true,
-        "allowlisted with the daemon dead",
-    )?;
+    expect_policy(sub, "with the daemon dead")?;
     expect(
         sub,
         SUB6.into(),
@@ -279,14 +243,7 @@ fn allow_deny_reload_broken_policy_and_kill9_restart() -> Result<()> {
         lab.log()
     );
     expect(sub, SUB6.into(), smtp6, true, "runtime entry after restart")?;
-    expect(sub, SUB4.into(), smtp4(), false, "subscriber after restart")?;
-    expect(
-        sub,
-        SUB4_ALLOWED.into(),
-        smtp4(),
-        true,
-        "allowlisted after restart",
-    )?;
+    expect_policy(sub, "after restart")?;
     let list = lab.list()?;
     ensure!(
         list.allow
@@ -302,8 +259,7 @@ fn fifty_reloads_under_a_syn_stream_lose_and_leak_nothing() -> Result<()> {
     const PER_SOURCE: u16 = 1500;
     const RELOADS: usize = 50;
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     let counters = SynCounters::install(&topology.server, SMTP, &[SUB4, SUB4_ALLOWED])?;
     let allowed = SynSender::new(&topology.sub, SUB4_ALLOWED)?;
@@ -369,8 +325,7 @@ fn interface_attached(lab: &DaemonLab, name: &str) -> Result<bool> {
 fn flapped_and_recreated_interfaces_are_filtered_again() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
 
@@ -404,28 +359,14 @@ fn flapped_and_recreated_interfaces_are_filtered_again() -> Result<()> {
         true,
         "587 on the new link",
     )?;
-    expect(
-        sub,
-        SUB4.into(),
-        smtp4(),
-        false,
-        "subscriber on the recreated link",
-    )?;
-    expect(
-        sub,
-        SUB4_ALLOWED.into(),
-        smtp4(),
-        true,
-        "allowlisted on the recreated link",
-    )?;
+    expect_policy(sub, "on the recreated link")?;
     Ok(())
 }
 
 #[test]
 fn sighup_reloads_the_policy() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     let before = lab.status()?.reloads_ok;
     let pid = lab.pid().context("daemon pid")?;
@@ -463,8 +404,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     let topology = Topology::build()?;
     // A CONFIG map whose value is twice the size this build uses.
     let config_size = (2 * size_of::<Config>()).to_string();
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let config = maps.join("CONFIG");
@@ -503,8 +443,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     );
 
     // The right type and sizes, but a capacity too small to hold what this build needs.
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let buckets = maps.join("SYN_BUCKETS");
@@ -536,8 +475,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     );
 
     // An ABI record of another version, with the right sizes everywhere.
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let maps = lab.pin_root.join(format!("v{ABI_VERSION}/maps"));
     std::fs::create_dir_all(&maps)?;
     let abi = maps.join("ABI");
@@ -603,8 +541,7 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
 fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
     lab.kill9()?;
@@ -648,20 +585,7 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
             lab.log()
         );
     }
-    expect(
-        sub,
-        SUB4.into(),
-        smtp4(),
-        false,
-        "subscriber after migration",
-    )?;
-    expect(
-        sub,
-        SUB4_ALLOWED.into(),
-        smtp4(),
-        true,
-        "allowlisted after migration",
-    )?;
+    expect_policy(sub, "after migration")?;
     Ok(())
 }
 
@@ -671,8 +595,7 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
 fn state_of_a_newer_abi_version_is_left_alone() -> Result<()> {
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.start()?;
     lab.kill9()?;
     let newer = lab.pin_root.join(format!("v{}", ABI_VERSION + 1));
@@ -704,8 +627,7 @@ fn state_of_a_newer_abi_version_is_left_alone() -> Result<()> {
 #[test]
 fn unwritable_event_log_is_a_start_up_error() -> Result<()> {
     let netns = Netns::new("evt")?;
-    let mut lab = DaemonLab::new(&netns)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&netns, POLICY)?;
     let path = lab.dir.join("no-such-dir/events.jsonl");
     let path_arg = path.to_string_lossy().into_owned();
     lab.run_args(&["--events", &path_arg]);

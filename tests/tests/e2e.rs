@@ -15,8 +15,8 @@ use anyhow::{Context as _, Result, ensure};
 use p25_tests::{
     netns::wait_until,
     smtp_lab::{
-        Attempt, DELIVERY_TIMEOUT, Naming, Outcome, PORTS, Role, SERVER4, SMTP, SUBMISSION,
-        SUBMISSIONS, SmtpLab, spec,
+        Attempt, DELIVERY_TIMEOUT, MAILING_SUBSCRIBERS, Naming, Outcome, PORTS, Role, SERVER4,
+        SMTP, SUBMISSION, SUBMISSIONS, SmtpLab, spec,
     },
     summary,
     traffic::{SynCounters, SynSender},
@@ -38,16 +38,6 @@ fn check(lab: &SmtpLab, role: Role, src: IpAddr, port: u16, want: &Outcome) -> R
     Ok(attempt)
 }
 
-/// What p25 must do to mail from `src` of `role` on `port`.
-fn expected(role: Role, port: u16) -> Result<Outcome> {
-    let passes = spec(role).context("role without a host")?.port25_passes;
-    Ok(if port != SMTP || passes {
-        Outcome::Delivered
-    } else {
-        Outcome::Blocked
-    })
-}
-
 /// 25 blocked for subscribers, delivered for the allowlisted business customer and for
 /// non-subscriber space; 587 and 465 always delivered. IPv4, IPv6 and the VLAN-tagged
 /// link, every host with every address it has.
@@ -55,20 +45,11 @@ fn expected(role: Role, port: u16) -> Result<Outcome> {
 fn smtp_verdicts_over_ipv4_ipv6_and_vlan() -> Result<()> {
     let lab = SmtpLab::build(Naming::Test)?;
     let mut attempts = 0;
-    for role in [
-        Role::Residential,
-        Role::Infected,
-        Role::Business,
-        Role::DualStack,
-        Role::Vlan,
-        Role::Infra,
-    ] {
+    for role in MAILING_SUBSCRIBERS.into_iter().chain([Role::Infra]) {
         let host = spec(role).context("host")?;
-        let mut sources = vec![IpAddr::V4(host.v4)];
-        sources.extend(host.v6.map(|(addr, _)| IpAddr::V6(addr)));
-        for src in sources {
+        for src in host.sources() {
             for port in PORTS {
-                check(&lab, role, src, port, &expected(role, port)?)?;
+                check(&lab, role, src, port, &host.expected(port))?;
                 attempts += 1;
             }
         }

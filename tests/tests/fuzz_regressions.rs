@@ -21,19 +21,12 @@ fn replay(target: &str, check: fn(&[u8])) -> Result<()> {
     let mut files: Vec<PathBuf> = Vec::new();
     for kind in ["regressions", "seeds"] {
         let dir = fuzz.join(kind).join(target);
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry
-                .with_context(|| format!("listing {}", dir.display()))?
-                .path();
-            if path.is_file() && path.file_name().is_some_and(|n| n != "README.md") {
-                files.push(path);
-            }
+        if dir.is_dir() {
+            files.extend(p25_tests::files_in(&dir, |path| {
+                path.file_name().is_some_and(|n| n != "README.md")
+            })?);
         }
     }
-    files.sort();
     ensure!(
         !files.is_empty(),
         "no inputs for {target} under {}",

@@ -181,36 +181,41 @@ fn run(plan: &Plan) -> Result<()> {
     let sub_ip = plan.subscriber;
     let allowed_ip = plan.allowed;
     let outsider_ip = plan.outsider;
-    at_least(
-        &counters,
-        CounterKey::new(Direction::EGRESS, f, Verdict::DROPPED),
-        &format!("the SYNs of {sub_ip} → {smtp} were dropped by XDP"),
-    )?;
-    at_least(
-        &counters,
-        CounterKey::new(Direction::EGRESS, f, Verdict::ALLOWLISTED),
-        &format!("{allowed_ip} → {smtp} passed as allowlisted"),
-    )?;
-    at_least(
-        &counters,
-        CounterKey::new(Direction::EGRESS, f, Verdict::PASSED),
-        &format!("{outsider_ip} → {smtp} passed as a non-subscriber"),
-    )?;
-    at_least(
-        &counters,
-        CounterKey::new(Direction::INBOUND, f, Verdict::DROPPED),
-        &format!("the SYNs of {smtp} → {to_subscriber} were dropped by TC"),
-    )?;
-    at_least(
-        &counters,
-        CounterKey::new(Direction::INBOUND, f, Verdict::ALLOWLISTED),
-        &format!("{smtp} → {to_allowed} passed as allowlisted"),
-    )?;
-    at_least(
-        &counters,
-        CounterKey::new(Direction::INBOUND, f, Verdict::PASSED),
-        &format!("the SYN-ACKs of {smtp} → {outsider_ip} passed as a non-subscriber"),
-    )?;
+    let expected = [
+        (
+            Direction::EGRESS,
+            Verdict::DROPPED,
+            format!("the SYNs of {sub_ip} → {smtp} were dropped by XDP"),
+        ),
+        (
+            Direction::EGRESS,
+            Verdict::ALLOWLISTED,
+            format!("{allowed_ip} → {smtp} passed as allowlisted"),
+        ),
+        (
+            Direction::EGRESS,
+            Verdict::PASSED,
+            format!("{outsider_ip} → {smtp} passed as a non-subscriber"),
+        ),
+        (
+            Direction::INBOUND,
+            Verdict::DROPPED,
+            format!("the SYNs of {smtp} → {to_subscriber} were dropped by TC"),
+        ),
+        (
+            Direction::INBOUND,
+            Verdict::ALLOWLISTED,
+            format!("{smtp} → {to_allowed} passed as allowlisted"),
+        ),
+        (
+            Direction::INBOUND,
+            Verdict::PASSED,
+            format!("the SYN-ACKs of {smtp} → {outsider_ip} passed as a non-subscriber"),
+        ),
+    ];
+    for (direction, verdict, what) in &expected {
+        at_least(&counters, CounterKey::new(*direction, f, *verdict), what)?;
+    }
     // Nothing ran in monitor mode, and no packet of the other family was on port 25.
     let other = if f == Family::IPV4 {
         Family::IPV6

@@ -22,6 +22,9 @@ use p25_tests::{
 };
 use serde_json::Value;
 
+/// Not `lab_policy!`: the IPv6 subscriber prefix is a /48, wider than the /64 an offender
+/// is grouped by, so that [`ipv6_rotation_inside_one_64_is_one_offender`] tells the two
+/// apart.
 const POLICY: &str = r"version: 1
 interfaces:
   - name: r-sub
@@ -97,8 +100,7 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
     const OUTSIDE: u16 = 30;
 
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let events = lab.dir.join("events.jsonl");
     let events_arg = events.to_string_lossy().into_owned();
     lab.run_args(&["--events", &events_arg, "--offender-scan", "200ms"]);
@@ -264,8 +266,7 @@ fn a_150_syn_burst_is_counted_exactly_everywhere_and_alerts_once() -> Result<()>
 #[test]
 fn ipv6_rotation_inside_one_64_is_one_offender() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     lab.run_args(&["--offender-scan", "200ms"]);
     lab.start()?;
     let sub = &topology.sub;
@@ -313,8 +314,7 @@ fn drop_events_are_rate_limited_in_the_kernel() -> Result<()> {
     const RATE: f64 = 10.0;
     const BURST: f64 = 10.0;
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let events = lab.dir.join("events.jsonl");
     let events_arg = events.to_string_lossy().into_owned();
     lab.run_args(&[

@@ -225,10 +225,7 @@ fn repackage(out: &Path, revision: &str) -> Result<PathBuf> {
 }
 
 fn only_deb(dir: &Path) -> Result<PathBuf> {
-    let debs: Vec<PathBuf> = fs::read_dir(dir)?
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "deb"))
-        .collect();
+    let debs = p25_tests::files_in(dir, |path| p25_tests::has_extension(path, "deb"))?;
     match debs.as_slice() {
         [one] => Ok(one.clone()),
         other => bail!("expected one .deb in {}, found {other:?}", dir.display()),

@@ -25,15 +25,7 @@ fn crate_dir() -> &'static Path {
 
 /// The `.yaml` files in `dir`, sorted so that the report is stable.
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
-    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|ext| ext == "yaml") {
-            files.push(path);
-        }
-    }
-    files.sort();
-    Ok(files)
+    p25_tests::files_in(dir, |path| p25_tests::has_extension(path, "yaml"))
 }
 
 fn name_of(path: &Path) -> String {

@@ -20,17 +20,7 @@ use p25_tests::{
     traffic::SynSender,
 };
 
-const POLICY: &str = r"version: 1
-interfaces:
-  - name: r-sub
-    role: subscriber
-    attach: xdp
-  - name: r-up
-    role: upstream
-    attach: tc
-subscribers:
-  - prefix: 100.64.1.0/24
-";
+const POLICY: &str = p25_tests::lab_policy!();
 
 /// Interfaces that do not exist in a bare namespace are reported and skipped; enough for
 /// tests that need a running daemon but no traffic.
@@ -191,8 +181,7 @@ fn send_syns(sender: &SynSender, first_port: u16, count: u16) -> Result<()> {
 #[test]
 fn sighup_reopens_the_event_log() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     let events = lab.dir.join("events.jsonl");
     let events_arg = events.to_string_lossy().into_owned();
     lab.run_args(&["--events", &events_arg]);
@@ -266,8 +255,7 @@ fn uid_and_caps(pid: u32) -> Result<(u32, u64)> {
 #[test]
 fn p25d_filters_as_an_unprivileged_user_with_three_capabilities() -> Result<()> {
     let topology = Topology::build()?;
-    let mut lab = DaemonLab::new(&topology.router)?;
-    lab.write_policy(POLICY)?;
+    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
     fs::set_permissions(
         lab.policy_path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o644),

@@ -140,19 +140,21 @@ fn run(task: Task) -> Result<()> {
     }
 }
 
+/// Every host crate of the workspace: filter-ebpf and bench-ebpf only build for the BPF
+/// target (filter-user's and bench's build scripts build them), so build, clippy and test
+/// leave them out.
+const HOST_CRATES: [&str; 5] = [
+    "--workspace",
+    "--exclude",
+    "filter-ebpf",
+    "--exclude",
+    "bench-ebpf",
+];
+
 fn build(release: bool) -> Result<()> {
     setup::run()?;
     let mut cargo = cmd::cargo()?;
-    // filter-ebpf only builds for the BPF target; filter-user's build script builds it.
-    cargo.args([
-        "build",
-        "--workspace",
-        "--exclude",
-        "filter-ebpf",
-        "--exclude",
-        "bench-ebpf",
-        "--all-targets",
-    ]);
+    cargo.arg("build").args(HOST_CRATES).arg("--all-targets");
     if release {
         cargo.arg("--release");
     }
@@ -167,15 +169,9 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     let mut cargo = cmd::cargo()?;
     cargo
         // --no-fail-fast: one failing test binary must not hide failures in the others.
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "filter-ebpf",
-            "--exclude",
-            "bench-ebpf",
-            "--no-fail-fast",
-        ])
+        .arg("test")
+        .args(HOST_CRATES)
+        .arg("--no-fail-fast")
         // The privileged tests never skip: without root they fail with a message saying
         // so, because a skipped kernel test proves nothing.
         .args(cargo_test_args);
@@ -197,13 +193,7 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
 fn lint() -> Result<()> {
     cmd::run(cmd::cargo()?.args(["fmt", "--all", "--", "--check"]))
         .context("formatting check failed; run `cargo fmt --all` to fix it")?;
-    cmd::run(cmd::cargo()?.args([
-        "clippy",
-        "--workspace",
-        "--exclude",
-        "filter-ebpf",
-        "--exclude",
-        "bench-ebpf",
+    cmd::run(cmd::cargo()?.arg("clippy").args(HOST_CRATES).args([
         "--all-targets",
         "--",
         "-D",

@@ -89,6 +89,11 @@ pub fn run() -> Result<()> {
 }
 
 /// Fails early, with the reason, unless we run as root.
+///
+/// This check and [`bpffs_mounted`] are xtask's own copies of what the library offers
+/// (`p25_tests::effective_uid`, `p25_tests::bpffs_mounted`): xtask must build on a fresh
+/// machine before bpf-linker exists, and filter-user (which p25-tests depends on) builds
+/// the eBPF object in its build script, so xtask cannot depend on either.
 fn check_root() -> Result<()> {
     // SAFETY: geteuid has no preconditions, cannot fail and touches no memory of ours.
     let euid = unsafe { libc::geteuid() };

@@ -78,7 +78,7 @@ fn run(args: &Args) -> Result<bool> {
     }
     fs::write(
         &args.out,
-        serde_json::to_string_pretty(&report.to_json(&plan))?,
+        serde_json::to_string_pretty(&report.record(&plan))?,
     )
     .with_context(|| format!("writing {}", args.out.display()))?;
     println!("figures written to {}", args.out.display());

@@ -17,8 +17,8 @@ use p25_tests::{
     daemon::bin,
     exporter::{METRICS_ADDR, scrape},
     smtp_lab::{
-        self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS, Naming,
-        Outcome, PORTS, Role, SMTP, SmtpLab, spec,
+        self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS,
+        MAILING_SUBSCRIBERS, Naming, Outcome, PORTS, Role, SMTP, SmtpLab, spec,
     },
 };
 
@@ -181,19 +181,11 @@ fn print_topology() {
 }
 
 fn sources(role: Role) -> Result<Vec<IpAddr>> {
-    let host = spec(role).context("unknown role")?;
-    let mut all = vec![IpAddr::V4(host.v4)];
-    all.extend(host.v6.map(|(addr, _)| IpAddr::V6(addr)));
-    Ok(all)
+    Ok(spec(role).context("unknown role")?.sources())
 }
 
 fn expected(role: Role, port: u16) -> Result<Outcome> {
-    let passes = spec(role).context("unknown role")?.port25_passes;
-    Ok(if port != SMTP || passes {
-        Outcome::Delivered
-    } else {
-        Outcome::Blocked
-    })
+    Ok(spec(role).context("unknown role")?.expected(port))
 }
 
 fn label(role: Role) -> &'static str {
@@ -218,13 +210,7 @@ fn mail_table(lab: &SmtpLab, checks: &mut Checks) -> Result<()> {
         "SUBSCRIBER", "SOURCE", "PORT", "RESULT"
     );
     let mut pending = Vec::new();
-    for role in [
-        Role::Residential,
-        Role::Infected,
-        Role::Business,
-        Role::DualStack,
-        Role::Vlan,
-    ] {
+    for role in MAILING_SUBSCRIBERS {
         for src in sources(role)? {
             for port in PORTS {
                 let timeout = expected(role, port)?.timeout();
