@@ -421,7 +421,7 @@ impl Dataplane {
         if found == AbiRecord::default() {
             abi.set(CONFIG_INDEX, AbiRecord::CURRENT, 0)
                 .map_err(|source| Error::Map { name, source })
-        } else if found == AbiRecord::CURRENT {
+        } else if found.is_compatible() {
             Ok(())
         } else {
             Err(Error::AbiMismatch {
@@ -848,7 +848,7 @@ pub(crate) fn check_pinned_maps(layout: &PinLayout) -> Result<(), Error> {
             name: map_names::ABI,
             source,
         })?;
-        if found != AbiRecord::default() && found != AbiRecord::CURRENT {
+        if found != AbiRecord::default() && !found.is_compatible() {
             return Err(Error::AbiMismatch {
                 found,
                 expected: AbiRecord::CURRENT,
