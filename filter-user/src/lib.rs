@@ -4,6 +4,8 @@
 //! - [`loader`]: load and verify the programs, attach them.
 //! - [`tables`]: the kernel's policy and counter maps, typed and validated.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
+//! - [`sys`]: every operating-system interface beyond std and aya (bpf(2) batches, locks,
+//!   groups, interface names, bpffs, clocks, netlink), and nearly all of the `unsafe`.
 
 pub mod cli_docs;
 pub mod control;
@@ -15,6 +17,7 @@ pub mod offenders;
 pub mod policy;
 pub mod runtime;
 pub mod sync;
+pub mod sys;
 pub mod tables;
 
 pub use loader::Dataplane;

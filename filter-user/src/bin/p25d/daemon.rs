@@ -148,7 +148,7 @@ pub async fn run(opts: Options) -> Result<()> {
     if ensure_bpffs().context("mounting bpffs")? {
         info!("mounted bpffs at /sys/fs/bpf");
     }
-    tune_allocator();
+    filter_user::sys::tune_allocator();
     let checked = policy::load(&opts.policy)
         .with_context(|| format!("the policy {} is not usable", opts.policy.display()))?;
     for warning in &checked.warnings {
@@ -207,7 +207,9 @@ pub async fn run(opts: Options) -> Result<()> {
 
     let listener = bind_socket(&daemon.opts.socket, daemon.opts.socket_group.as_deref())?;
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    let admin_gid = group_id(&daemon.opts.admin_group);
+    let admin_gid = filter_user::sys::group_id(&daemon.opts.admin_group)
+        .ok()
+        .flatten();
     if admin_gid.is_none() {
         warn!(group = %daemon.opts.admin_group, "the admin group does not exist: only root may change the filter (allow, deny, reload)");
     }
@@ -331,7 +333,9 @@ fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
-    if !try_flock(&file) {
+    if !filter_user::sys::try_lock_exclusive(&file)
+        .with_context(|| format!("locking {}", path.display()))?
+    {
         bail!(
             "another p25d holds {} and serves the socket {}: give this one another --socket",
             path.display(),
@@ -339,13 +343,6 @@ fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
         );
     }
     Ok(file)
-}
-
-/// An exclusive, non-blocking flock; false if someone else holds it.
-fn try_flock(file: &fs::File) -> bool {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a valid fd we own.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// What holds a pin root's lock when it is taken, for the error message.
@@ -415,7 +412,9 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
             if attempt > 0 {
                 std::thread::sleep(DETACH_LOCK_PAUSE);
             }
-            if try_flock(&dir) {
+            if filter_user::sys::try_lock_exclusive(&dir)
+                .with_context(|| format!("locking the pin root {}", root.display()))?
+            {
                 locked = true;
                 break;
             }
@@ -478,7 +477,9 @@ fn set_mode_and_group(path: &Path, mode: u32, group: Option<u32>) -> Result<()> 
 /// The gid of `--socket-group`, if given.
 fn socket_gid(group: Option<&str>) -> Result<Option<u32>> {
     group
-        .map(|group| group_id(group).with_context(|| format!("unknown group {group:?}")))
+        .map(|group| {
+            filter_user::sys::group_id(group)?.with_context(|| format!("unknown group {group:?}"))
+        })
         .transpose()
 }
 
@@ -497,15 +498,6 @@ fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     set_mode_and_group(path, 0o660, gid)?;
     Ok(listener)
-}
-
-fn group_id(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam returns a pointer into static storage or NULL; we copy the gid out
-    // immediately and the daemon is single-threaded here.
-    let group = unsafe { libc::getgrnam(name.as_ptr()) };
-    // SAFETY: checked for NULL first.
-    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
 /// Control connections served at once from users other than root. Root is never turned
@@ -567,39 +559,15 @@ impl Drop for UidSlot {
     }
 }
 
-/// The supplementary groups of the peer as the kernel recorded them at connect time
-/// (SO_PEERGROUPS); empty if the kernel cannot tell.
-fn peer_groups(stream: &UnixStream) -> Vec<u32> {
-    use std::os::fd::AsRawFd as _;
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
-        .unwrap_or(libc::socklen_t::MAX);
-    // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many,
-    // and updates `len` to the bytes written; the fd is the stream's, open while borrowed.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Vec::new();
-    }
-    let count = usize::try_from(len).unwrap_or(0) / size_of::<libc::gid_t>();
-    groups.truncate(count);
-    groups
-}
-
 /// Who is on the other end: SO_PEERCRED for uid, gid and pid, SO_PEERGROUPS for the
 /// supplementary groups. An administrator is root or a member of `admin_gid`.
 fn peer(stream: &UnixStream, admin_gid: Option<u32>) -> std::io::Result<Peer> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let admin = uid == 0
-        || admin_gid.is_some_and(|gid| cred.gid() == gid || peer_groups(stream).contains(&gid));
+        || admin_gid.is_some_and(|gid| {
+            cred.gid() == gid || filter_user::sys::peer_groups(stream).contains(&gid)
+        });
     Ok(Peer {
         uid,
         pid: cred.pid(),
@@ -770,7 +738,7 @@ impl Daemon {
         self.policy_expiries.sort_unstable();
         // The old policy goes only now: it was the "before" of the difference.
         self.policy = policy;
-        release_free_memory();
+        filter_user::sys::release_free_memory();
         info!(
             reason,
             generation,
@@ -1350,31 +1318,6 @@ impl Host for Daemon {
         limit: Option<usize>,
     ) -> Result<Vec<OffenderView>, String> {
         self.offender_views(since_secs, limit)
-    }
-}
-
-/// Makes every allocation of 1 MiB or more a mapping of its own, returned to the system
-/// when freed. glibc's default raises that threshold to the largest block freed so far
-/// (up to 32 MiB), after which the per-reload scratch lists of a million-entry policy
-/// (tens of MiB each) land in the heap and stay in the daemon's resident set.
-fn tune_allocator() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters; called before any large
-    // allocation.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
-/// Hands the heap memory freed by a reload (the previous policy, the check's scratch
-/// lists) back to the system, so that the daemon's idle footprint is the policy in force
-/// rather than the peak of the last reload.
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no
-    // memory the program holds.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

@@ -220,8 +220,7 @@ fn run(command: Command) -> Result<ExitCode> {
             // Everything p25d creates (pins, state file, event log, directories) is private
             // unless it says otherwise: the socket gets an explicit 0660 and the runtime
             // directory 0750 in the socket group.
-            // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
-            unsafe { libc::umask(0o077) };
+            filter_user::sys::set_umask(0o077);
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
