@@ -476,8 +476,9 @@ impl KernelTables {
         Ok(removed)
     }
 
-    /// All allowlist prefixes, IPv4 then IPv6, read with batched lookups.
-    pub fn allowlist_batched(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
+    /// All allowlist prefixes, IPv4 then IPv6 (host entries after the wider ones), read
+    /// with batched lookups (entry by entry where the kernel cannot batch).
+    pub fn allowlist(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
         let (mut out, v6) = both(
             PARALLEL_MIN,
             || {
@@ -503,8 +504,9 @@ impl KernelTables {
         Ok(out)
     }
 
-    /// All subscriber prefixes, IPv4 then IPv6, read with batched lookups.
-    pub fn subscribers_batched(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
+    /// All subscriber prefixes, IPv4 then IPv6, read with batched lookups (entry by entry
+    /// where the kernel cannot batch).
+    pub fn subscribers(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
         let mut out = read_all(map_names::SUBSCRIBERS_V4, &self.subscribers_v4, v4_net)?;
         out.extend(read_all(
             map_names::SUBSCRIBERS_V6,
