@@ -61,8 +61,19 @@ fn invalid(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, what)
 }
 
-/// Checks that `map` stores `K` keys and `V` values, one value per key (not per CPU).
-fn check_layout<K: Pod, V: Pod>(map: &MapData) -> io::Result<()> {
+/// Checks that `map` stores `K` keys and `V` values, one value per key (not per CPU), and
+/// that the caller passes as many values as keys (`values`: `None` for a delete).
+fn check_layout<K: Pod, V: Pod>(
+    map: &MapData,
+    keys: usize,
+    values: Option<usize>,
+) -> io::Result<()> {
+    if values.is_some_and(|values| values != keys) {
+        return Err(invalid(format!(
+            "{keys} keys but {} values",
+            values.unwrap_or_default()
+        )));
+    }
     let info = map
         .info()
         .map_err(|e| io::Error::other(format!("reading the map's info: {e}")))?;
@@ -120,15 +131,8 @@ impl Batch {
 
 /// `BPF_MAP_UPDATE_BATCH`: inserts or replaces `keys[i] → values[i]`.
 pub fn map_update_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> Batch {
-    if let Err(e) = check_layout::<K, V>(map) {
+    if let Err(e) = check_layout::<K, V>(map, keys.len(), Some(values.len())) {
         return Batch::failed(e);
-    }
-    if keys.len() != values.len() {
-        return Batch::failed(invalid(format!(
-            "{} keys but {} values",
-            keys.len(),
-            values.len()
-        )));
     }
     let mut attr = zeroed_attr();
     attr.batch.keys = keys.as_ptr() as u64;
@@ -141,7 +145,7 @@ pub fn map_update_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V])
 /// `BPF_MAP_DELETE_BATCH`: deletes `keys`. The kernel stops at the first missing key
 /// (`ENOENT`), with `count` the keys deleted before it.
 pub fn map_delete_batch<K: Pod, V: Pod>(map: &MapData, keys: &[K]) -> Batch {
-    if let Err(e) = check_layout::<K, V>(map) {
+    if let Err(e) = check_layout::<K, V>(map, keys.len(), None) {
         return Batch::failed(e);
     }
     let mut attr = zeroed_attr();
@@ -161,15 +165,8 @@ pub fn map_lookup_batch<K: Pod, V: Pod>(
     keys: &mut [K],
     values: &mut [V],
 ) -> Batch {
-    if let Err(e) = check_layout::<K, V>(map) {
+    if let Err(e) = check_layout::<K, V>(map, keys.len(), Some(values.len())) {
         return Batch::failed(e);
-    }
-    if keys.len() != values.len() {
-        return Batch::failed(invalid(format!(
-            "room for {} keys but {} values",
-            keys.len(),
-            values.len()
-        )));
     }
     // A hash map's batch position is a `u32` bucket index, a trie's or an array's a key.
     if size_of::<K>() < size_of::<u32>() {
