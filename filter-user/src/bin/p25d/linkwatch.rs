@@ -41,8 +41,8 @@ impl LinkWatch {
             // Bounded: a socket buffer holds a finite number of messages; stop early anyway
             // so that a storm of events cannot starve the other tasks.
             for _ in 0..256 {
+                // Any datagram, even an empty one, means the socket had something to say.
                 let err = match filter_user::sys::recv_nonblocking(self.fd.get_ref(), &mut buf) {
-                    Ok(0) => io::Error::from(io::ErrorKind::UnexpectedEof),
                     Ok(_) => {
                         got = true;
                         continue;
