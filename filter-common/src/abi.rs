@@ -4,12 +4,20 @@
 //! explicit `_pad` fields (the kernel compares key bytes, so padding must be zeroed and
 //! visible), and a `const` size assertion. Enumerations are `u8` newtypes with associated
 //! constants rather than Rust `enum`s, because a map can hold any byte and reading an
-//! out-of-range discriminant into a Rust enum would be undefined behaviour.
+//! out-of-range discriminant into a Rust enum would be undefined behaviour. They are
+//! declared with `abi_enum!` (abi/macros.rs), which writes the constants, `name()`,
+//! `COUNT` and `ALL` from one list; a new one also goes into `layout_fingerprint()`.
 //!
 //! Changing any layout here, or the meaning of a field, requires bumping [`ABI_VERSION`]:
-//! pinned maps outlive the programs that created them.
+//! pinned maps outlive the programs that created them. [`LAYOUT_FINGERPRINT`] hashes the
+//! size and field offsets of every map type and the value of every enumeration constant,
+//! and a unit test pins it, so a change that forgets the bump fails the tests.
 
-use core::mem::size_of;
+use core::mem::{offset_of, size_of};
+
+// `abi_enum!` and `layout_of!`, used below.
+#[macro_use]
+mod macros;
 
 /// Version of the map layouts below. Recorded next to the pinned maps so that a newer
 /// daemon never misreads maps pinned by an older one.
@@ -116,8 +124,13 @@ pub const ALLOW_HOST_MAX_ENTRIES: u32 = 1 << 21;
 /// is evicted.
 pub const OFFENDERS_MAX_ENTRIES: u32 = 1 << 16;
 /// Size of the event ring buffer in bytes (a power-of-two multiple of the page size):
-/// about 4,600 events, which the daemon drains many times a second.
+/// [`EVENTS_RING_EVENTS`] (4,096) events, which the daemon drains many times a second.
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Events the ring buffer holds when full: each record is an [`Event`] behind the
+/// kernel's 8-byte record header (`BPF_RINGBUF_HDR_SZ`), rounded up to 8 bytes.
+pub const EVENTS_RING_EVENTS: u32 =
+    EVENTS_RING_BYTES / (size_of::<Event>() as u32 + 8).next_multiple_of(8);
+const _: () = assert!(EVENTS_RING_EVENTS == 4096);
 /// Default capacity of the SYN_BUCKETS LRU: how many sources of rate-limited allowlist
 /// entries have a live bucket. An evicted source starts again with a full bucket, so the
 /// table only needs to hold the sources active within one refill period.
@@ -163,28 +176,20 @@ impl From<Ipv6Key> for core::net::Ipv6Addr {
     }
 }
 
-/// Enforcement mode. `DEFAULT` only makes sense on a prefix: it defers to the global mode.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Mode(pub u8);
+abi_enum! {
+    /// Enforcement mode. `DEFAULT` only makes sense on a prefix: it defers to the global
+    /// mode. An unknown value is labelled `enforce`, as [`Mode::effective`] treats it.
+    pub struct Mode(u8), dense, unknown "enforce" {
+        /// On a prefix: use the global mode. As the global mode: enforce.
+        DEFAULT = 0 => "default",
+        /// Drop what matches.
+        ENFORCE = 1 => "enforce",
+        /// Count what would have been dropped, but pass it (safe roll-out).
+        MONITOR = 2 => "monitor",
+    }
+}
 
 impl Mode {
-    /// Label for tools: `default` (defer to the global mode), `monitor`, or `enforce`
-    /// (anything else enforces, like [`Mode::effective`]).
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "default",
-            2 => "monitor",
-            _ => "enforce",
-        }
-    }
-    /// On a prefix: use the global mode. As the global mode: enforce.
-    pub const DEFAULT: Self = Self(0);
-    /// Drop what matches.
-    pub const ENFORCE: Self = Self(1);
-    /// Count what would have been dropped, but pass it (safe roll-out).
-    pub const MONITOR: Self = Self(2);
-
     /// The mode in force for a prefix whose own mode is `self` under global mode `global`.
     /// A prefix's explicit mode overrides the global default; anything unknown enforces,
     /// because a filter that silently stops filtering is the worse failure.
@@ -203,88 +208,62 @@ impl Mode {
     }
 }
 
-/// What to do with a TCP fragment whose ports cannot be seen (a non-first fragment, or a
-/// first fragment too short to hold them) when it touches subscriber space.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct FragmentPolicy(pub u8);
-
-impl FragmentPolicy {
-    /// Label for tools: `drop` (fail closed) or `pass`.
-    pub const fn name(self) -> &'static str {
-        if self.0 == Self::DROP.0 {
-            "drop"
-        } else {
-            "pass"
-        }
+abi_enum! {
+    /// What to do with a TCP fragment whose ports cannot be seen (a non-first fragment, or
+    /// a first fragment too short to hold them) when it touches subscriber space. Anything
+    /// but `DROP` passes, so an unknown value is labelled `pass`.
+    pub struct FragmentPolicy(u8), dense, unknown "pass" {
+        /// Fail open: pass it (counted as a parse outcome only).
+        PASS = 0 => "pass",
+        /// Fail closed: treat it as a port-25 match of both rules (drop, or would-drop in
+        /// monitor mode), unless the subscriber address is allowlisted.
+        DROP = 1 => "drop",
     }
-    /// Fail open: pass it (counted as a parse outcome only).
-    pub const PASS: Self = Self(0);
-    /// Fail closed: treat it as a port-25 match of both rules (drop, or would-drop in
-    /// monitor mode), unless the subscriber address is allowlisted.
-    pub const DROP: Self = Self(1);
 }
 
-/// What to do with TCP from a subscriber source whose ports cannot be read because of its
-/// headers: an IPv6 extension header chain longer than
-/// [`crate::classify::MAX_IPV6_EXT_HEADERS`], or a first fragment whose header chain runs
-/// past its end (RFC 7112 requires the whole chain in the first fragment).
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct UnreadableTcp(pub u8);
-
-impl UnreadableTcp {
-    /// Label for tools: `port25` (fail closed) or `pass`.
-    pub const fn name(self) -> &'static str {
-        if self.0 == Self::PASS.0 {
-            "pass"
-        } else {
-            "port25"
-        }
+abi_enum! {
+    /// What to do with TCP from a subscriber source whose ports cannot be read because of
+    /// its headers: an IPv6 extension header chain longer than
+    /// [`crate::classify::MAX_IPV6_EXT_HEADERS`], or a first fragment whose header chain
+    /// runs past its end (RFC 7112 requires the whole chain in the first fragment).
+    /// Anything but `PASS` fails closed, so an unknown value is labelled `port25`.
+    pub struct UnreadableTcp(u8), dense, unknown "port25" {
+        /// Fail closed (the default, and what a zeroed CONFIG means): treat it as TCP to
+        /// port 25 under the egress rule, so a non-allowlisted subscriber source is dropped.
+        PORT25 = 0 => "port25",
+        /// Fail open: pass it (counted as a parse outcome only).
+        PASS = 1 => "pass",
     }
-    /// Fail closed (the default, and what a zeroed CONFIG means): treat it as TCP to port
-    /// 25 under the egress rule, so a non-allowlisted subscriber source is dropped.
-    pub const PORT25: Self = Self(0);
-    /// Fail open: pass it (counted as a parse outcome only).
-    pub const PASS: Self = Self(1);
 }
 
-/// Where an allowlist entry came from, so that tools reading the pinned maps directly can
-/// tell policy entries from runtime (`p25ctl allow`) entries.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Origin(pub u8);
-
-impl Origin {
-    /// From the policy file.
-    pub const POLICY: Self = Self(1);
-    /// Added at run time by an operator.
-    pub const RUNTIME: Self = Self(2);
+abi_enum! {
+    /// Where an allowlist entry came from, so that tools reading the pinned maps directly
+    /// can tell policy entries from runtime (`p25ctl allow`) entries. Starts at 1, so a
+    /// zeroed value is `unknown`.
+    pub struct Origin(u8), sparse, unknown "unknown" {
+        /// From the policy file.
+        POLICY = 1 => "policy",
+        /// Added at run time by an operator.
+        RUNTIME = 2 => "runtime",
+    }
 }
 
-/// What an enforced egress block does with the packet. `DEFAULT` only makes sense on a
-/// prefix: it defers to [`Config::action`].
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct BlockAction(pub u8);
+abi_enum! {
+    /// What an enforced egress block does with the packet. `DEFAULT` only makes sense on a
+    /// prefix: it defers to [`Config::action`]. An unknown value is labelled `drop`, as
+    /// [`BlockAction::effective`] treats it.
+    pub struct BlockAction(u8), dense, unknown "drop" {
+        /// On a prefix: use the global action. As the global action: drop.
+        DEFAULT = 0 => "default",
+        /// Drop silently.
+        DROP = 1 => "drop",
+        /// Drop, and answer a connection attempt (a SYN) with a TCP RST where the hook can
+        /// (XDP_TX), so that the client fails at once instead of timing out.
+        REJECT = 2 => "reject",
+    }
+}
 
 impl BlockAction {
-    /// Label for tools: `default` (defer to the global action), `reject`, or `drop`.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "default",
-            2 => "reject",
-            _ => "drop",
-        }
-    }
-    /// On a prefix: use the global action. As the global action: drop.
-    pub const DEFAULT: Self = Self(0);
-    /// Drop silently.
-    pub const DROP: Self = Self(1);
-    /// Drop, and answer a connection attempt (a SYN) with a TCP RST where the hook can
-    /// (XDP_TX), so that the client fails at once instead of timing out.
-    pub const REJECT: Self = Self(2);
-
     /// The action in force for a prefix whose own action is `self` under global action
     /// `global`. Anything unknown drops: a reject is a courtesy, a drop is always safe.
     #[inline(always)]
@@ -448,7 +427,8 @@ pub const CONFIG_INDEX: u32 = 0;
 /// The value of the ABI map: which layout the pinned maps were created with.
 ///
 /// The version alone relies on every layout change bumping it; the fingerprint catches a
-/// forgotten bump, because it is computed from the sizes of every key and value type.
+/// forgotten bump, because it is computed from the sizes and field offsets of every key
+/// and value type and from every enumeration constant.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct AbiRecord {
@@ -465,132 +445,204 @@ impl AbiRecord {
         version: ABI_VERSION,
         fingerprint: LAYOUT_FINGERPRINT,
     };
+
+    /// Records that earlier builds wrote for exactly this layout: builds of ABI v4 before
+    /// the fingerprint covered offsets and constant values hashed sizes and counts only
+    /// (FNV-1a, `0x608b_1cc3`; a unit test recomputes it from the current types). A v4
+    /// router upgraded to this build keeps its pinned maps instead of being refused.
+    /// Entries of an older version never match once [`ABI_VERSION`] is bumped (each
+    /// version pins under its own directory, and the version is compared too), so they
+    /// can go with the next bump.
+    pub const SAME_LAYOUT: [Self; 1] = [Self {
+        version: 4,
+        fingerprint: 0x608b_1cc3,
+    }];
+
+    /// Whether maps carrying this record can be used by this build: the current record,
+    /// or an earlier build's record of the same layout.
+    pub fn is_compatible(self) -> bool {
+        self == Self::CURRENT
+            || Self::SAME_LAYOUT
+                .iter()
+                .any(|same| same.version == ABI_VERSION && *same == self)
+    }
 }
 
-/// FNV-1a over the sizes and counts that define the map layouts.
-pub const LAYOUT_FINGERPRINT: u32 = {
-    let parts = [
-        size_of::<Ipv4Key>() as u32,
-        size_of::<Ipv6Key>() as u32,
-        size_of::<SubscriberValue>() as u32,
-        size_of::<AllowValue>() as u32,
-        size_of::<Config>() as u32,
-        size_of::<Counter>() as u32,
-        size_of::<CounterKey>() as u32,
-        size_of::<AbiRecord>() as u32,
-        size_of::<OffenderKey>() as u32,
-        size_of::<OffenderValue>() as u32,
-        size_of::<Event>() as u32,
-        size_of::<Bucket>() as u32,
-        COUNTER_SLOTS,
-        IFACE_SLOTS,
-        EventStat::COUNT as u32,
-        ParseOutcome::COUNT as u32,
-        size_of::<BlockAction>() as u32,
-        RejectFallback::COUNT as u32,
-        Verdict::COUNT as u32,
-    ];
-    let mut hash: u32 = 0x811c_9dc5;
-    let mut i = 0;
-    while i < parts.len() {
-        // Constant-evaluated: a bad index is a compile error, not a panic.
-        #[expect(
-            clippy::indexing_slicing,
-            reason = "const context, bounded by the loop"
-        )]
-        let part = parts[i];
+/// FNV-1a over a sequence of `u32` layout facts (sizes, offsets, counts, constant values),
+/// each hashed as its four little-endian bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint(u32);
+
+impl Fingerprint {
+    const EMPTY: Self = Self(0x811c_9dc5);
+
+    const fn part(self, part: u32) -> Self {
+        let mut hash = self.0;
         let mut byte = 0;
         while byte < 4 {
             hash ^= (part >> (byte * 8)) & 0xff;
             hash = hash.wrapping_mul(0x0100_0193);
             byte += 1;
         }
-        i += 1;
+        Self(hash)
     }
-    hash
-};
 
-/// Which rule a verdict counter belongs to.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Direction(pub u8);
-
-impl Direction {
-    /// Traffic to TCP port 25 (the egress rule: subscriber source).
-    pub const EGRESS: Self = Self(0);
-    /// Traffic from TCP port 25 (the inbound rule, MAAWG practice 6: subscriber
-    /// destination).
-    pub const INBOUND: Self = Self(1);
-    /// Number of directions.
-    pub const COUNT: u8 = 2;
-    /// Label for metrics and tools.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "egress",
-            1 => "inbound",
-            _ => "unknown",
+    const fn parts(mut self, parts: &[u32]) -> Self {
+        let mut rest = parts;
+        while let [first, tail @ ..] = rest {
+            self = self.part(*first);
+            rest = tail;
         }
+        self
     }
 }
 
-/// Address family of a verdict counter.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Family(pub u8);
+/// The layout this build's maps have: every map type's size and field offsets, every
+/// enumeration's values, and the constants that size or index the maps. Stored in the
+/// ABI map (see [`AbiRecord`]).
+pub const LAYOUT_FINGERPRINT: u32 = layout_fingerprint().0;
 
-impl Family {
-    /// IPv4.
-    pub const IPV4: Self = Self(0);
-    /// IPv6.
-    pub const IPV6: Self = Self(1);
-    /// Number of families.
-    pub const COUNT: u8 = 2;
-    /// Label for metrics and tools.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "ipv4",
-            1 => "ipv6",
-            _ => "unknown",
-        }
+const fn layout_fingerprint() -> Fingerprint {
+    let fp = Fingerprint::EMPTY
+        .parts(&layout_of!(Ipv4Key { 0 }))
+        .parts(&layout_of!(Ipv6Key { 0 }))
+        .parts(&layout_of!(SubscriberValue { mode, action, _pad }))
+        .parts(&layout_of!(SubscriberLengths {
+            v4,
+            v6,
+            v4_count,
+            v6_count,
+            v4_hash,
+            v6_hash,
+            _pad
+        }))
+        .parts(&layout_of!(AllowValue {
+            origin,
+            _pad,
+            syn_per_minute,
+            syn_burst
+        }))
+        .parts(&layout_of!(Config {
+            mode,
+            fragments,
+            offender_v6_prefix,
+            action,
+            generation,
+            event_rate,
+            event_burst,
+            rst_rate,
+            rst_burst,
+            unreadable_tcp,
+            _pad
+        }))
+        .parts(&layout_of!(Counter { packets, bytes }))
+        .parts(&layout_of!(CounterKey {
+            direction,
+            family,
+            verdict,
+            _pad
+        }))
+        .parts(&layout_of!(AbiRecord {
+            version,
+            fingerprint
+        }))
+        .parts(&layout_of!(OffenderKey {
+            family,
+            prefix_len,
+            _pad,
+            addr
+        }))
+        .parts(&layout_of!(OffenderValue {
+            attempts,
+            first_seen_ns,
+            last_seen_ns,
+            last_dst,
+            last_dport,
+            last_verdict,
+            _pad
+        }))
+        .parts(&layout_of!(Event {
+            ts_ns,
+            ifindex,
+            direction,
+            family,
+            verdict,
+            hook,
+            src,
+            dst,
+            sport,
+            dport,
+            tcp_flags,
+            _pad
+        }))
+        .parts(&layout_of!(Bucket {
+            nano_tokens,
+            last_ns
+        }))
+        .parts(&[
+            COUNTER_SLOTS,
+            IFACE_SLOTS,
+            CONFIG_INDEX,
+            MAX_SUBSCRIBER_LENGTHS as u32,
+            DEFAULT_OFFENDER_V6_PREFIX as u32,
+        ]);
+    let fp = Mode::fingerprint(fp);
+    let fp = FragmentPolicy::fingerprint(fp);
+    let fp = UnreadableTcp::fingerprint(fp);
+    let fp = Origin::fingerprint(fp);
+    let fp = BlockAction::fingerprint(fp);
+    let fp = Direction::fingerprint(fp);
+    let fp = Family::fingerprint(fp);
+    let fp = Verdict::fingerprint(fp);
+    let fp = ParseOutcome::fingerprint(fp);
+    let fp = HookKind::fingerprint(fp);
+    let fp = EventStat::fingerprint(fp);
+    RejectFallback::fingerprint(fp)
+}
+
+abi_enum! {
+    /// Which rule a verdict counter belongs to.
+    pub struct Direction(u8), dense, unknown "unknown" {
+        /// Traffic to TCP port 25 (the egress rule: subscriber source).
+        EGRESS = 0 => "egress",
+        /// Traffic from TCP port 25 (the inbound rule, MAAWG practice 6: subscriber
+        /// destination).
+        INBOUND = 1 => "inbound",
     }
 }
 
-/// What happened to a packet that one of the rules looked at.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Verdict(pub u8);
+abi_enum! {
+    /// Address family of a verdict counter.
+    pub struct Family(u8), dense, unknown "unknown" {
+        /// IPv4.
+        IPV4 = 0 => "ipv4",
+        /// IPv6.
+        IPV6 = 1 => "ipv6",
+    }
+}
+
+abi_enum! {
+    /// What happened to a packet that one of the rules looked at.
+    pub struct Verdict(u8), dense, unknown "unknown" {
+        /// The rule's port matched but the subscriber address is not in subscriber space.
+        PASSED = 0 => "passed",
+        /// Dropped.
+        DROPPED = 1 => "dropped",
+        /// Would have been dropped, passed because of monitor mode.
+        WOULD_DROP = 2 => "would_drop",
+        /// Would have been dropped, passed because the address is allowlisted (and, for a
+        /// rate-limited entry, within its SYN limit).
+        ALLOWLISTED = 3 => "allowlisted",
+        /// Dropped, and answered with a TCP RST (reject mode, XDP only, egress SYNs).
+        REJECTED = 4 => "rejected",
+        /// An allowlisted source's egress SYN over its `max_syn_per_minute`: dropped.
+        RATE_LIMITED = 5 => "rate_limited",
+        /// As [`Verdict::RATE_LIMITED`], but passed because of monitor mode.
+        WOULD_RATE_LIMIT = 6 => "would_rate_limit",
+    }
+}
 
 impl Verdict {
-    /// The rule's port matched but the subscriber address is not in subscriber space.
-    pub const PASSED: Self = Self(0);
-    /// Dropped.
-    pub const DROPPED: Self = Self(1);
-    /// Would have been dropped, passed because of monitor mode.
-    pub const WOULD_DROP: Self = Self(2);
-    /// Would have been dropped, passed because the address is allowlisted (and, for a
-    /// rate-limited entry, within its SYN limit).
-    pub const ALLOWLISTED: Self = Self(3);
-    /// Dropped, and answered with a TCP RST (reject mode, XDP only, egress SYNs).
-    pub const REJECTED: Self = Self(4);
-    /// An allowlisted source's egress SYN over its `max_syn_per_minute`: dropped.
-    pub const RATE_LIMITED: Self = Self(5);
-    /// As [`Verdict::RATE_LIMITED`], but passed because of monitor mode.
-    pub const WOULD_RATE_LIMIT: Self = Self(6);
-    /// Number of verdicts.
-    pub const COUNT: u8 = 7;
-    /// Label for metrics and tools.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "passed",
-            1 => "dropped",
-            2 => "would_drop",
-            3 => "allowlisted",
-            4 => "rejected",
-            5 => "rate_limited",
-            6 => "would_rate_limit",
-            _ => "unknown",
-        }
-    }
     /// Whether the rule matched (a drop or a monitor-mode would-drop). The classifier
     /// decides only these; the hooks may turn them into the later verdicts.
     #[inline(always)]
@@ -689,59 +741,33 @@ impl CounterKey {
     }
 }
 
-/// How far the parser got with a packet. Exactly one parse counter is bumped per packet.
-///
-/// Everything except [`ParseOutcome::TCP`] and the two fragment outcomes fails open: the
-/// packet passes, because a filter must drop only on a positive port-25 match.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ParseOutcome(pub u8);
-
-impl ParseOutcome {
-    /// Parsed down to the TCP ports.
-    pub const TCP: Self = Self(0);
-    /// Not IPv4 or IPv6 (ARP, LLDP, PPPoE discovery, ...).
-    pub const NOT_IP: Self = Self(1);
-    /// IP, but not TCP (UDP, ICMP, ESP, ...).
-    pub const NOT_TCP: Self = Self(2);
-    /// A header was cut short by the end of the frame.
-    pub const TRUNCATED: Self = Self(3);
-    /// More than [`crate::classify::MAX_VLAN_TAGS`] VLAN tags.
-    pub const VLAN_TOO_DEEP: Self = Self(4);
-    /// A PPPoE session frame carrying something other than IPv4/IPv6 (LCP, IPCP, ...).
-    pub const PPPOE_NOT_IP: Self = Self(5);
-    /// IP version field disagrees with the ethertype, or an IPv4 IHL below 5.
-    pub const BAD_IP_HEADER: Self = Self(6);
-    /// More than [`crate::classify::MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
-    pub const EXT_CHAIN_TOO_LONG: Self = Self(7);
-    /// A TCP fragment with a non-zero offset: it carries no ports.
-    pub const NON_FIRST_FRAGMENT: Self = Self(8);
-    /// A first TCP fragment too short to hold the ports.
-    pub const SHORT_FIRST_FRAGMENT: Self = Self(9);
-    /// Number of outcomes: the size of the PARSE_COUNTERS map.
-    pub const COUNT: u8 = 10;
-
-    /// Label for metrics and tools.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "tcp",
-            1 => "not_ip",
-            2 => "not_tcp",
-            3 => "truncated",
-            4 => "vlan_too_deep",
-            5 => "pppoe_not_ip",
-            6 => "bad_ip_header",
-            7 => "ext_chain_too_long",
-            8 => "non_first_fragment",
-            9 => "short_first_fragment",
-            _ => "unknown",
-        }
-    }
-
-    /// Index into the PARSE_COUNTERS map.
-    #[inline(always)]
-    pub const fn index(self) -> u32 {
-        self.0 as u32
+abi_enum! {
+    /// How far the parser got with a packet. Exactly one parse counter is bumped per
+    /// packet; `COUNT` is the size of the PARSE_COUNTERS map.
+    ///
+    /// Everything except [`ParseOutcome::TCP`] and the two fragment outcomes fails open:
+    /// the packet passes, because a filter must drop only on a positive port-25 match.
+    pub struct ParseOutcome(u8), dense, unknown "unknown" {
+        /// Parsed down to the TCP ports.
+        TCP = 0 => "tcp",
+        /// Not IPv4 or IPv6 (ARP, LLDP, PPPoE discovery, ...).
+        NOT_IP = 1 => "not_ip",
+        /// IP, but not TCP (UDP, ICMP, ESP, ...).
+        NOT_TCP = 2 => "not_tcp",
+        /// A header was cut short by the end of the frame.
+        TRUNCATED = 3 => "truncated",
+        /// More than [`crate::classify::MAX_VLAN_TAGS`] VLAN tags.
+        VLAN_TOO_DEEP = 4 => "vlan_too_deep",
+        /// A PPPoE session frame carrying something other than IPv4/IPv6 (LCP, IPCP, ...).
+        PPPOE_NOT_IP = 5 => "pppoe_not_ip",
+        /// IP version field disagrees with the ethertype, or an IPv4 IHL below 5.
+        BAD_IP_HEADER = 6 => "bad_ip_header",
+        /// More than [`crate::classify::MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
+        EXT_CHAIN_TOO_LONG = 7 => "ext_chain_too_long",
+        /// A TCP fragment with a non-zero offset: it carries no ports.
+        NON_FIRST_FRAGMENT = 8 => "non_first_fragment",
+        /// A first TCP fragment too short to hold the ports.
+        SHORT_FIRST_FRAGMENT = 9 => "short_first_fragment",
     }
 }
 
@@ -800,23 +826,13 @@ pub struct OffenderValue {
 }
 const _: () = assert!(size_of::<OffenderValue>() == 48);
 
-/// Which hook produced an [`Event`].
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct HookKind(pub u8);
-
-impl HookKind {
-    /// The XDP program.
-    pub const XDP: Self = Self(0);
-    /// The TC classifier.
-    pub const TC: Self = Self(1);
-    /// Label for tools.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "xdp",
-            1 => "tc",
-            _ => "unknown",
-        }
+abi_enum! {
+    /// Which hook produced an [`Event`].
+    pub struct HookKind(u8), dense, unknown "unknown" {
+        /// The XDP program.
+        XDP = 0 => "xdp",
+        /// The TC classifier.
+        TC = 1 => "tc",
     }
 }
 
@@ -854,75 +870,38 @@ pub struct Bucket {
 }
 const _: () = assert!(size_of::<Bucket>() == 16);
 
-/// What happened to one would-be event: the index into EVENT_STATS.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EventStat(pub u8);
-
-impl EventStat {
-    /// Written to the ring buffer.
-    pub const EMITTED: Self = Self(0);
-    /// Suppressed by the rate limit.
-    pub const RATE_LIMITED: Self = Self(1);
-    /// Lost because the ring buffer was full (userspace too slow).
-    pub const RING_FULL: Self = Self(2);
-    /// Number of stats.
-    pub const COUNT: u8 = 3;
-    /// Label for metrics.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "emitted",
-            1 => "rate_limited",
-            2 => "ring_full",
-            _ => "unknown",
-        }
-    }
-    /// Index into EVENT_STATS.
-    #[inline(always)]
-    pub const fn index(self) -> u32 {
-        self.0 as u32
+abi_enum! {
+    /// What happened to one would-be event: the index into EVENT_STATS.
+    pub struct EventStat(u8), dense, unknown "unknown" {
+        /// Written to the ring buffer.
+        EMITTED = 0 => "emitted",
+        /// Suppressed by the rate limit.
+        RATE_LIMITED = 1 => "rate_limited",
+        /// Lost because the ring buffer was full (userspace too slow).
+        RING_FULL = 2 => "ring_full",
     }
 }
 
-/// Why reject mode dropped a SYN silently instead of answering it with an RST: the index
-/// into REJECT_FALLBACKS. A fallback always drops, so reject mode never blocks less than
-/// drop mode.
-#[repr(transparent)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RejectFallback(pub u8);
-
-impl RejectFallback {
-    /// The TC hook saw it: a classifier cannot transmit a reply (only XDP has XDP_TX).
-    pub const TC_HOOK: Self = Self(0);
-    /// The per-CPU RST bucket was empty (`Config::rst_rate`): the router must not become a
-    /// reflector for spoofed SYNs.
-    pub const RATE_LIMITED: Self = Self(1);
-    /// Not a connection attempt (anything but a SYN without ACK/RST/FIN): RSTs answer
-    /// SYNs only, and a fragment without visible TCP header gets none.
-    pub const NOT_SYN: Self = Self(2);
-    /// A header layout the RST writer does not build: IPv4 options or fragments, IPv6
-    /// extension headers, a TCP header cut short.
-    pub const UNSUPPORTED: Self = Self(3);
-    /// Shrinking or rewriting the frame failed in the kernel.
-    pub const TX_FAILED: Self = Self(4);
-    /// Number of reasons: the size of the REJECT_FALLBACKS map.
-    pub const COUNT: u8 = 5;
-
-    /// Label for metrics.
-    pub const fn name(self) -> &'static str {
-        match self.0 {
-            0 => "tc_hook",
-            1 => "rate_limited",
-            2 => "not_syn",
-            3 => "unsupported_header",
-            4 => "tx_failed",
-            _ => "unknown",
-        }
-    }
-
-    /// Index into REJECT_FALLBACKS.
-    #[inline(always)]
-    pub const fn index(self) -> u32 {
-        self.0 as u32
+abi_enum! {
+    /// Why reject mode dropped a SYN silently instead of answering it with an RST: the
+    /// index into REJECT_FALLBACKS (`COUNT` is its size). A fallback always drops, so
+    /// reject mode never blocks less than drop mode.
+    pub struct RejectFallback(u8), dense, unknown "unknown" {
+        /// The TC hook saw it: a classifier cannot transmit a reply (only XDP has XDP_TX).
+        TC_HOOK = 0 => "tc_hook",
+        /// The per-CPU RST bucket was empty (`Config::rst_rate`): the router must not
+        /// become a reflector for spoofed SYNs.
+        RATE_LIMITED = 1 => "rate_limited",
+        /// Not a connection attempt (anything but a SYN without ACK/RST/FIN): RSTs answer
+        /// SYNs only, and a fragment without visible TCP header gets none.
+        NOT_SYN = 2 => "not_syn",
+        /// A header layout the RST writer does not build: IPv4 options or fragments, IPv6
+        /// extension headers, a TCP header cut short.
+        UNSUPPORTED = 3 => "unsupported_header",
+        /// Shrinking or rewriting the frame failed in the kernel.
+        TX_FAILED = 4 => "tx_failed",
     }
 }
+
+#[cfg(test)]
+mod tests;

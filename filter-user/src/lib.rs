@@ -12,6 +12,8 @@
 //! - [`metrics`], [`offenders`]: the Prometheus exposition, the abuse-desk views.
 //! - [`model`]: the same classifier on the host, over plain Rust tables.
 //! - [`cli_docs`]: man pages and completions from the binaries' clap definitions.
+//! - [`sys`]: every operating-system interface beyond std and aya (bpf(2) batches, locks,
+//!   groups, interface names, bpffs, clocks, netlink), and nearly all of the `unsafe`.
 //!
 //! [`parse_prefix`] reads a prefix as an operator writes it (the policy checker, p25ctl);
 //! [`check_prefix`] refuses host bits and IPv4-mapped prefixes wherever one comes from.
@@ -27,6 +29,7 @@ pub mod offenders;
 pub mod policy;
 pub mod runtime;
 pub mod sync;
+pub mod sys;
 pub mod tables;
 
 pub use loader::Dataplane;

@@ -19,7 +19,6 @@
 
 use std::{
     fs, io,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
@@ -44,6 +43,7 @@ use filter_common::{
     classify::Role,
 };
 
+pub use crate::sys::{bpf::pinned_link_ifindex, ifindex};
 use crate::{EBPF_OBJECT, Error, KernelTables};
 
 /// Default root of the pinned state.
@@ -421,7 +421,7 @@ impl Dataplane {
         if found == AbiRecord::default() {
             abi.set(CONFIG_INDEX, AbiRecord::CURRENT, 0)
                 .map_err(|source| Error::Map { name, source })
-        } else if found == AbiRecord::CURRENT {
+        } else if found.is_compatible() {
             Ok(())
         } else {
             Err(Error::AbiMismatch {
@@ -848,7 +848,7 @@ pub(crate) fn check_pinned_maps(layout: &PinLayout) -> Result<(), Error> {
             name: map_names::ABI,
             source,
         })?;
-        if found != AbiRecord::default() && found != AbiRecord::CURRENT {
+        if found != AbiRecord::default() && !found.is_compatible() {
             return Err(Error::AbiMismatch {
                 found,
                 expected: AbiRecord::CURRENT,
@@ -893,123 +893,22 @@ fn program_error(name: &'static str, source: ProgramError) -> Error {
     Error::Program { name, source }
 }
 
-/// The index of `interface` in this thread's network namespace.
-pub fn ifindex(interface: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(interface).ok()?;
-    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
-}
-
-/// The interface index the XDP or tcx link pinned at `path` is attached to, from
-/// `bpf_link_info`; `None` once the interface is gone (the link is then defunct) or if the
-/// pin cannot be read. aya's `LinkInfo` does not expose the ifindex, nor `FdLink` its fd,
-/// hence the two raw calls.
-pub fn pinned_link_ifindex(path: &Path) -> Option<u32> {
-    // struct bpf_link_info: type, id, prog_id (u32 each), then an 8-byte aligned union
-    // whose xdp and tcx members both start with `__u32 ifindex`.
-    const IFINDEX_OFFSET: usize = 16;
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    #[repr(C)]
-    struct GetInfo {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
-
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut get = ObjGet {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: `get` points at a valid attr whose pathname outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &raw mut get,
-            size_of::<ObjGet>(),
-        )
-    };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the kernel just returned this fd to us; OwnedFd closes it on drop.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-
-    let mut info = [0u8; 128];
-    let mut attr = GetInfo {
-        bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: `attr` points at a valid, writable buffer of `info_len` bytes that outlives
-    // the call; the kernel writes at most that much.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            size_of::<GetInfo>(),
-        )
-    };
-    if ret != 0 {
-        return None;
-    }
-    let bytes: [u8; 4] = info
-        .get(IFINDEX_OFFSET..IFINDEX_OFFSET + 4)?
-        .try_into()
-        .ok()?;
-    let ifindex = u32::from_ne_bytes(bytes);
-    (ifindex != 0).then_some(ifindex)
-}
-
 /// Mounts bpffs at /sys/fs/bpf if nothing is mounted there yet (some distributions leave
-/// it unmounted; pins need it).
+/// it unmounted; pins need it). Returns whether it mounted it.
 pub fn ensure_bpffs() -> Result<bool, Error> {
-    const BPFFS: &str = "/sys/fs/bpf";
-    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|source| Error::Io {
-        what: "reading /proc/self/mounts",
-        path: PathBuf::from("/proc/self/mounts"),
-        source,
-    })?;
-    let mounted = mounts.lines().any(|line| {
-        let mut fields = line.split_whitespace();
-        fields.nth(1) == Some(BPFFS) && fields.next() == Some("bpf")
-    });
-    if mounted {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if crate::sys::bpffs_mounted(bpffs) {
         return Ok(false);
     }
-    fs::create_dir_all(BPFFS).map_err(|source| Error::Io {
+    fs::create_dir_all(bpffs).map_err(|source| Error::Io {
         what: "creating the bpffs mount point",
-        path: PathBuf::from(BPFFS),
+        path: bpffs.to_owned(),
         source,
     })?;
-    let target = std::ffi::CString::new(BPFFS).map_err(|_| Error::NoSuchInterface(BPFFS.into()))?;
-    let fstype = c"bpf";
-    // SAFETY: all pointers are valid NUL-terminated strings; no data argument.
-    let ret = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if ret != 0 {
-        return Err(Error::Io {
-            what: "mounting bpffs",
-            path: PathBuf::from(BPFFS),
-            source: io::Error::last_os_error(),
-        });
-    }
+    crate::sys::mount_bpffs(bpffs).map_err(|source| Error::Io {
+        what: "mounting bpffs",
+        path: bpffs.to_owned(),
+        source,
+    })?;
     Ok(true)
 }

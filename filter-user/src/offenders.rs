@@ -17,6 +17,8 @@ use filter_common::abi::{Family, OffenderKey, OffenderValue};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use crate::sys::monotonic_ns;
+
 /// One offender as `p25ctl top` and `p25ctl offenders` show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OffenderView {
@@ -56,20 +58,6 @@ impl Clock {
         let ago = Duration::from_nanos(self.mono_ns.saturating_sub(ktime_ns));
         self.wall.checked_sub(ago).unwrap_or(UNIX_EPOCH)
     }
-}
-
-/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into the valid pointer; CLOCK_MONOTONIC is
-    // always supported on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// The subscriber prefix an offender key stands for.

@@ -148,10 +148,10 @@ fn execute(
 /// Reads the maps back and applies the difference to `desired`, in the safe order above.
 pub fn reconcile(tables: &mut KernelTables, desired: &Desired) -> Result<SyncReport, Error> {
     let mut report = SyncReport::default();
-    let mut have = tables.allowlist_batched()?;
+    let mut have = tables.allowlist()?;
     have.sort_unstable_by_key(|(net, _)| *net);
     let (allow_upserts, allow_removals) = diff(have.into_iter(), desired.allow(), &mut report);
-    let mut have = tables.subscribers_batched()?;
+    let mut have = tables.subscribers()?;
     have.sort_unstable_by_key(|(net, _)| *net);
     let (sub_upserts, sub_removals) = diff(have.into_iter(), desired.subscribers(), &mut report);
     let plan = Plan {

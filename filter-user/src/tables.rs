@@ -24,8 +24,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use crate::{Error, check_prefix};
 
-// Batched variants of the policy-map operations (`insert_allow_many` etc.); a child module
-// so that it can use the private map handles without widening this module's API.
+// Batched policy-map operations (`insert_allow_many` etc.) and the one reader of the
+// policy maps (`subscribers`, `allowlist`); a child module so that it can use the private
+// map handles without widening this module's API.
 mod batch;
 
 /// Typed handles on all of the object's maps.
@@ -94,26 +95,6 @@ fn removed(name: &'static str, result: Result<(), MapError>) -> Result<bool, Err
     }
 }
 
-fn entries<K, V, N>(
-    name: &'static str,
-    trie: &LpmTrie<MapData, K, V>,
-    net: impl Fn(u8, K) -> Option<N>,
-) -> Result<Vec<(N, V)>, Error>
-where
-    K: aya::Pod,
-    V: aya::Pod,
-{
-    let mut out = Vec::new();
-    for item in trie.iter() {
-        let (key, value) = item.map_err(map_err(name))?;
-        let len = u8::try_from(key.prefix_len()).unwrap_or(u8::MAX);
-        if let Some(net) = net(len, key.data()) {
-            out.push((net, value));
-        }
-    }
-    Ok(out)
-}
-
 impl KernelTables {
     /// Takes the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
@@ -144,7 +125,7 @@ impl KernelTables {
     /// Learns the subscriber prefixes already in the tries (pinned maps of a previous run)
     /// and makes the hashes and SUB_LENGTHS agree with them.
     fn with_subscriber_index(mut self) -> Result<Self, Error> {
-        let existing = self.subscribers_batched()?;
+        let existing = self.subscribers()?;
         for (net, _) in &existing {
             self.note_subscriber_added(*net);
         }
@@ -366,24 +347,6 @@ impl KernelTables {
         }
     }
 
-    /// All subscriber prefixes, IPv4 then IPv6.
-    pub fn subscribers(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
-        let mut out = entries(map_names::SUBSCRIBERS_V4, &self.subscribers_v4, |len, k| {
-            Ipv4Net::new(k.into(), len).ok().map(IpNet::V4)
-        })?;
-        out.extend(entries(
-            map_names::SUBSCRIBERS_V6,
-            &self.subscribers_v6,
-            |len, k| Ipv6Net::new(k.into(), len).ok().map(IpNet::V6),
-        )?);
-        Ok(out)
-    }
-
-    /// All allowlist prefixes, IPv4 then IPv6 (host entries after the wider ones).
-    pub fn allowlist(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
-        self.allowlist_batched()
-    }
-
     /// Removes every subscriber and allowlist entry (tests use it between rounds).
     pub fn clear_policy(&mut self) -> Result<(), Error> {
         for (net, _) in self.subscribers()? {
@@ -466,11 +429,16 @@ impl KernelTables {
     /// Forgets every per-source SYN bucket, so that every source starts again with a full
     /// bucket (tests use it between rounds). Returns how many there were.
     pub fn clear_syn_buckets(&mut self) -> Result<usize, Error> {
-        let keys: Vec<OffenderKey> = self.syn_buckets.keys().filter_map(Result::ok).collect();
-        for key in &keys {
-            removed(map_names::SYN_BUCKETS, self.syn_buckets.remove(key))?;
-        }
-        Ok(keys.len())
+        let keys = self.syn_buckets.keys().filter_map(Result::ok).collect();
+        remove_keys(map_names::SYN_BUCKETS, keys, |key| {
+            self.syn_buckets.remove(key)
+        })
+    }
+
+    /// Forgets every offender (tests use it between rounds). Returns how many there were.
+    pub fn clear_offenders(&mut self) -> Result<usize, Error> {
+        let keys = self.offenders.keys().filter_map(Result::ok).collect();
+        remove_keys(map_names::OFFENDERS, keys, |key| self.offenders.remove(key))
     }
 
     /// Copies the per-source SYN buckets of an older ABI version's pinned maps (in
@@ -537,11 +505,6 @@ impl KernelTables {
         Ok(out)
     }
 
-    /// Forgets one offender (after the abuse desk dealt with it).
-    pub fn forget_offender(&mut self, key: &OffenderKey) -> Result<bool, Error> {
-        removed(map_names::OFFENDERS, self.offenders.remove(key))
-    }
-
     /// One parse-outcome counter, summed over CPUs.
     pub fn parse_counter(&self, outcome: ParseOutcome) -> Result<Counter, Error> {
         sum(
@@ -593,6 +556,19 @@ pub fn merge_offender<'a>(shares: impl IntoIterator<Item = &'a OffenderValue>) -
         }
     }
     merged
+}
+
+/// Removes `keys` (read from the map just before) one by one; keys that vanished meanwhile
+/// (LRU eviction) are not errors. Returns how many keys there were.
+fn remove_keys(
+    name: &'static str,
+    keys: Vec<OffenderKey>,
+    mut remove: impl FnMut(&OffenderKey) -> Result<(), MapError>,
+) -> Result<usize, Error> {
+    for key in &keys {
+        removed(name, remove(key))?;
+    }
+    Ok(keys.len())
 }
 
 fn sum(

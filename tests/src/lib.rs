@@ -55,16 +55,10 @@ pub fn require_root() {
     );
 }
 
-/// Whether the mount table of this process has a BPF filesystem at `path` (the usual place
-/// is /sys/fs/bpf); false if the table cannot be read.
+/// Whether a BPF filesystem is mounted at `path` (the usual place is /sys/fs/bpf): the
+/// daemon's own check, so that tests and p25d agree.
 pub fn bpffs_mounted(path: &std::path::Path) -> bool {
-    std::fs::read_to_string("/proc/self/mounts").is_ok_and(|mounts| {
-        mounts.lines().any(|line| {
-            // device mountpoint fstype options ...
-            let mut fields = line.split_whitespace().skip(1);
-            fields.next().map(std::path::Path::new) == Some(path) && fields.next() == Some("bpf")
-        })
-    })
+    filter_user::sys::bpffs_mounted(path)
 }
 
 /// The files in `dir` that `keep` accepts, sorted by path so that reports are stable.

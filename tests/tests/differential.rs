@@ -519,9 +519,7 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
         *roles_seen.entry(format!("{:?}", model.role)).or_default() += 1;
         let round_start = harness.tables.counters()?;
         let mut expected_round = CounterSnapshot::default();
-        for (key, _) in harness.tables.offenders()? {
-            harness.tables.forget_offender(&key)?;
-        }
+        harness.tables.clear_offenders()?;
         harness.tables.clear_syn_buckets()?;
         // A late clock so that the model's RST bucket, like the kernel's, starts full.
         let mut budget = ModelBudget {

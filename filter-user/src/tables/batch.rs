@@ -6,15 +6,12 @@
 //! `kernel/bpf/lpm_trie.c`): the kernel still updates one element at a time, under the
 //! same per-element atomicity as `BPF_MAP_UPDATE_ELEM`, so batching changes nothing about
 //! what a packet can observe; it only removes the per-entry syscall round trip and copy.
-//! aya 0.14 does not expose batch operations, hence the raw `bpf(2)` call.
+//! aya 0.14 does not expose batch operations; [`crate::sys::bpf`] makes the calls.
 //!
 //! Kernels without batch support for the map answer `EINVAL`/`EOPNOTSUPP`; every function
 //! here then falls back to the per-entry path, so callers never need to care.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
-};
+use std::io;
 
 use aya::{
     Pod,
@@ -24,11 +21,11 @@ use filter_common::abi::{AllowValue, Ipv4Key, Ipv6Key, SubscriberValue, map_name
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{KernelTables, map_err, removed, v4_key, v6_key};
-use crate::{Error, check_prefix};
+use crate::{
+    Error, check_prefix,
+    sys::{self, bpf::Batch},
+};
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// `ENOTSUPP`: kernel-internal, but leaks to userspace from some map types.
 const ENOTSUPP: i32 = 524;
 
@@ -37,43 +34,6 @@ const ENOTSUPP: i32 = 524;
 const CHUNK: usize = 16_384;
 /// Upper bound on batch reads of one map (see [`lookup_all`]).
 const MAX_LOOKUP_ROUNDS: usize = 1 << 16;
-
-/// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
-/// Issues one batch command; returns the kernel's `count` (entries processed) with the
-/// result, because the batch commands report partial progress on failure.
-fn batch(cmd: libc::c_long, attr: &mut BatchAttr) -> (u32, io::Result<()>) {
-    // SAFETY: `attr` is a valid, exclusively borrowed `bpf_attr` prefix of the size passed;
-    // the pointers in it come from live slices of the lengths the kernel will read or
-    // write (`count` elements of the map's key and value sizes), owned by the caller for
-    // the duration of the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            std::ptr::from_mut(attr),
-            size_of::<BatchAttr>(),
-        )
-    };
-    let result = if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    };
-    (attr.count, result)
-}
 
 /// Whether an error means "this map has no batch operations here".
 fn unsupported(error: &io::Error) -> bool {
@@ -116,10 +76,6 @@ impl<K: Pod, V: Pod> PolicyMap<K, V> for HashMap<MapData, Key<K>, V> {
     }
 }
 
-fn fd<K: Pod, V: Pod>(map: &impl IterableMap<Key<K>, V>) -> BorrowedFd<'_> {
-    map.map().fd().as_fd()
-}
-
 fn syscall_error(name: &'static str, call: &'static str, io_error: io::Error) -> Error {
     Error::Map {
         name,
@@ -141,7 +97,7 @@ fn update<K: Pod, V: Pod>(
     keys: &[Key<K>],
     values: &[V],
 ) -> Result<Batched<()>, Error> {
-    let fd = fd(trie);
+    let map = trie.map();
     let mut first = true;
     for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
         let mut done = 0_usize;
@@ -153,14 +109,7 @@ fn update<K: Pod, V: Pod>(
             if k.is_empty() {
                 break;
             }
-            let mut attr = BatchAttr {
-                keys: k.as_ptr() as u64,
-                values: v.as_ptr() as u64,
-                count: k.len() as u32,
-                map_fd: fd.as_raw_fd() as u32,
-                ..BatchAttr::default()
-            };
-            let (count, result) = batch(BPF_MAP_UPDATE_BATCH, &mut attr);
+            let Batch { count, result } = sys::bpf::map_update_batch(map, k, v);
             match result {
                 Ok(()) => done = keys.len(),
                 Err(e) if first && done == 0 && count == 0 && unsupported(&e) => {
@@ -183,7 +132,7 @@ fn delete<K: Pod, V: Pod>(
     trie: &impl IterableMap<Key<K>, V>,
     keys: &[Key<K>],
 ) -> Result<Batched<usize>, Error> {
-    let fd = fd(trie);
+    let map = trie.map();
     let mut deleted = 0;
     let mut first = true;
     for keys in keys.chunks(CHUNK) {
@@ -192,13 +141,7 @@ fn delete<K: Pod, V: Pod>(
             let Some(k) = keys.get(done..).filter(|k| !k.is_empty()) else {
                 break;
             };
-            let mut attr = BatchAttr {
-                keys: k.as_ptr() as u64,
-                count: k.len() as u32,
-                map_fd: fd.as_raw_fd() as u32,
-                ..BatchAttr::default()
-            };
-            let (count, result) = batch(BPF_MAP_DELETE_BATCH, &mut attr);
+            let Batch { count, result } = sys::bpf::map_delete_batch::<_, V>(map, k);
             match result {
                 Ok(()) => {
                     deleted += k.len();
@@ -240,12 +183,10 @@ fn lookup_all<K: Pod, V: Pod>(
     name: &'static str,
     trie: &impl IterableMap<Key<K>, V>,
 ) -> Result<Batched<RawEntries<K, V>>, Error> {
-    let fd = fd(trie);
+    let map = trie.map();
     let mut out = Vec::new();
-    // SAFETY: Key<K> is a packed pair of Pod types, for which all-zero bytes are valid.
-    let zero_key: Key<K> = unsafe { std::mem::zeroed() };
-    // SAFETY: V is Pod, for which all-zero bytes are a valid value.
-    let zero_value: V = unsafe { std::mem::zeroed() };
+    let zero_key: Key<K> = sys::zeroed_pod();
+    let zero_value: V = sys::zeroed_pod();
     let mut keys = vec![zero_key; CHUNK];
     let mut values = vec![zero_value; CHUNK];
     let mut cursor = zero_key;
@@ -254,16 +195,13 @@ fn lookup_all<K: Pod, V: Pod>(
     // Every round returns at least one entry or ends the walk; the bound (a billion
     // entries) only guards against a map that keeps growing while we read it.
     for _ in 0..MAX_LOOKUP_ROUNDS {
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { (&raw const cursor) as u64 },
-            out_batch: (&raw mut next) as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..BatchAttr::default()
-        };
-        let (count, result) = batch(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let Batch { count, result } = sys::bpf::map_lookup_batch(
+            map,
+            (!first).then_some(&cursor),
+            &mut next,
+            &mut keys,
+            &mut values,
+        );
         let got = keys.iter().zip(values.iter()).take(count as usize);
         match result {
             Ok(()) => out.extend(got.map(|(k, v)| (*k, *v))),
@@ -538,8 +476,9 @@ impl KernelTables {
         Ok(removed)
     }
 
-    /// All allowlist prefixes, IPv4 then IPv6, read with batched lookups.
-    pub fn allowlist_batched(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
+    /// All allowlist prefixes, IPv4 then IPv6 (host entries after the wider ones), read
+    /// with batched lookups (entry by entry where the kernel cannot batch).
+    pub fn allowlist(&self) -> Result<Vec<(IpNet, AllowValue)>, Error> {
         let (mut out, v6) = both(
             PARALLEL_MIN,
             || {
@@ -565,8 +504,9 @@ impl KernelTables {
         Ok(out)
     }
 
-    /// All subscriber prefixes, IPv4 then IPv6, read with batched lookups.
-    pub fn subscribers_batched(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
+    /// All subscriber prefixes, IPv4 then IPv6, read with batched lookups (entry by entry
+    /// where the kernel cannot batch).
+    pub fn subscribers(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
         let mut out = read_all(map_names::SUBSCRIBERS_V4, &self.subscribers_v4, v4_net)?;
         out.extend(read_all(
             map_names::SUBSCRIBERS_V6,

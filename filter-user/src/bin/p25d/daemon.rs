@@ -72,7 +72,7 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
     if ensure_bpffs().context("mounting bpffs")? {
         info!("mounted bpffs at /sys/fs/bpf");
     }
-    reload::tune_allocator();
+    filter_user::sys::tune_allocator();
     let (mut source, checked): (Box<dyn PolicySource>, _) = match fleet {
         // The fleet source starts from etcd, or from its snapshot while etcd is down.
         Some(fleet) => {
@@ -129,7 +129,7 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
     let opts = &daemon.opts;
     let listener = startup::bind_socket(&opts.socket, opts.socket_group.as_deref())?;
     let (jobs_tx, mut jobs) = mpsc::channel::<Job>(64);
-    let admin_gid = startup::group_id(&opts.admin_group);
+    let admin_gid = filter_user::sys::group_id(&opts.admin_group).ok().flatten();
     if admin_gid.is_none() {
         warn!(group = %opts.admin_group, "the admin group does not exist: only root may change the filter (allow, deny, reload)");
     }

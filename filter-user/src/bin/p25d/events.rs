@@ -19,7 +19,6 @@ use aya::maps::{MapData, RingBuf};
 use filter_common::abi::Event;
 use filter_user::offenders::{Clock, address};
 use serde::Serialize;
-use tokio::io::unix::AsyncFd;
 use tracing::{error, info, warn};
 
 /// Where drop events go.
@@ -85,17 +84,7 @@ impl InterfaceNames {
 
 /// The kernel's name of `ifindex` now, or `ifindex-N` if it has none.
 fn lookup_name(ifindex: u32) -> String {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes into buf.
-    let ret = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if ret.is_null() {
-        format!("ifindex-{ifindex}")
-    } else {
-        // SAFETY: on success buf holds a NUL-terminated name.
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned()
-    }
+    filter_user::sys::ifname(ifindex).unwrap_or_else(|| format!("ifindex-{ifindex}"))
 }
 
 /// Most events written per wake-up before yielding to the other tasks; the in-kernel rate
@@ -278,11 +267,7 @@ pub async fn drain_events(ring: RingBuf<MapData>, out: EventOutput, counts: Arc<
             return;
         }
     };
-    // SAFETY: the RingBuf owns its map fd for as long as it lives, and the AsyncFd owns the
-    // RingBuf, so the fd stays open and the same until the AsyncFd is dropped.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered.map_err(io::Error::from) {
+    let mut fd = match filter_user::sys::readable_ring(ring) {
         Ok(fd) => fd,
         Err(e) => {
             error!(error = %e, "cannot poll the event ring buffer; events are not written");
@@ -318,13 +303,10 @@ pub async fn drain_events(ring: RingBuf<MapData>, out: EventOutput, counts: Arc<
         while count < MAX_EVENTS_PER_WAKE {
             let Some(item) = ring.next() else { break };
             count += 1;
-            if item.len() < size_of::<Event>() {
+            let Some(event) = filter_user::sys::read_pod::<Event>(&item) else {
                 warn!(len = item.len(), "short record in the event ring buffer");
                 continue;
-            }
-            // SAFETY: the record holds at least size_of::<Event>() bytes written by the
-            // dataplane as an Event, and every bit pattern is a valid Event (Pod).
-            let event: Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            };
             drop(item);
             let line = EventLine {
                 time: humantime::format_rfc3339_millis(clock.wall(event.ts_ns)).to_string(),

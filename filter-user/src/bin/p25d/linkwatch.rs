@@ -5,10 +5,7 @@
 //! events shrinks the window to the time of one attach. Polling stays as the fallback, so a
 //! missed or overflowed notification costs at most one poll interval.
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd};
 
 use tokio::io::unix::AsyncFd;
 
@@ -21,38 +18,7 @@ pub struct LinkWatch {
 impl LinkWatch {
     /// Opens the socket in the daemon's network namespace.
     pub fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2) call; the result is checked before use.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_groups = libc::RTMGRP_LINK as u32;
-        // SAFETY: `addr` is a valid sockaddr_nl for the duration of the call.
-        let ret = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if ret != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same
-        // for the AsyncFd's whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-            .map_err(io::Error::from)?;
+        let fd = filter_user::sys::readable_fd(filter_user::sys::link_events_socket()?)?;
         Ok(Self { fd })
     }
 
@@ -75,20 +41,14 @@ impl LinkWatch {
             // Bounded: a socket buffer holds a finite number of messages; stop early anyway
             // so that a storm of events cannot starve the other tasks.
             for _ in 0..256 {
-                // SAFETY: `buf` is valid for writes of its length.
-                let n = unsafe {
-                    libc::recv(
-                        self.fd.get_ref().as_raw_fd(),
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        0,
-                    )
+                // Any datagram, even an empty one, means the socket had something to say.
+                let err = match filter_user::sys::recv_nonblocking(self.fd.get_ref(), &mut buf) {
+                    Ok(_) => {
+                        got = true;
+                        continue;
+                    }
+                    Err(err) => err,
                 };
-                if n > 0 {
-                    got = true;
-                    continue;
-                }
-                let err = io::Error::last_os_error();
                 match err.kind() {
                     io::ErrorKind::WouldBlock => {
                         guard.clear_ready();

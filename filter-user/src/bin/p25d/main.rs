@@ -299,8 +299,7 @@ fn run(command: Command) -> Result<ExitCode> {
             // Everything p25d creates (pins, state file, event log, directories) is private
             // unless it says otherwise: the socket gets an explicit 0660 and the runtime
             // directory 0750 in the socket group.
-            // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
-            unsafe { libc::umask(0o077) };
+            filter_user::sys::set_umask(0o077);
             let fleet = args
                 .etcd
                 .as_deref()

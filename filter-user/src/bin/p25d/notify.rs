@@ -15,6 +15,11 @@ pub fn ready(status: &str) -> io::Result<bool> {
     let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
         return Ok(false);
     };
+    send_ready(&target, status).map(|()| true)
+}
+
+/// Sends the `READY=1` datagram to `target`, a socket path or `@` and an abstract name.
+fn send_ready(target: &OsStr, status: &str) -> io::Result<()> {
     // A newline would start another assignment in the message.
     let status = status.replace('\n', " ");
     let message = format!("READY=1\nSTATUS={status}\n");
@@ -35,7 +40,7 @@ pub fn ready(status: &str) -> io::Result<bool> {
             message.len()
         )));
     }
-    Ok(true)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -49,13 +54,7 @@ mod tests {
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("notify.sock");
         let listener = UnixDatagram::bind(&path)?;
-        // SAFETY: this test is the only code in this test binary that touches
-        // NOTIFY_SOCKET, and it does so before reading it.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        let sent = ready("filtering");
-        // SAFETY: as above.
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
-        assert!(sent?, "NOTIFY_SOCKET was set, so ready() must send");
+        send_ready(path.as_os_str(), "filtering")?;
         let mut buf = [0u8; 256];
         let n = listener.recv(&mut buf)?;
         assert_eq!(buf.get(..n), Some(&b"READY=1\nSTATUS=filtering\n"[..]));

@@ -215,7 +215,7 @@ impl Maps {
         self.in_force.expiries = Expiries::of(&policy);
         // The old policy goes only now: it was the "before" of the difference.
         self.in_force.policy = policy;
-        release_free_memory();
+        filter_user::sys::release_free_memory();
         Ok(report)
     }
 
@@ -350,30 +350,5 @@ pub fn reload(
             maps.health.last_error = Some(shorten(message.clone(), MAX_ERROR));
             Err(message)
         }
-    }
-}
-
-/// Makes every allocation of 1 MiB or more a mapping of its own, returned to the system
-/// when freed. glibc's default raises that threshold to the largest block freed so far
-/// (up to 32 MiB), after which the per-reload scratch lists of a million-entry policy
-/// (tens of MiB each) land in the heap and stay in the daemon's resident set.
-pub fn tune_allocator() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes allocator parameters; called before any large
-    // allocation.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
-/// Hands the heap memory freed by a reload (the previous policy, the check's scratch
-/// lists) back to the system, so that the daemon's idle footprint is the policy in force
-/// rather than the peak of the last reload.
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it touches no
-    // memory the program holds.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

@@ -75,39 +75,15 @@ impl Drop for UidSlot {
     }
 }
 
-/// The supplementary groups of the peer as the kernel recorded them at connect time
-/// (SO_PEERGROUPS); empty if the kernel cannot tell.
-fn peer_groups(stream: &UnixStream) -> Vec<u32> {
-    use std::os::fd::AsRawFd as _;
-    let mut groups = vec![0 as libc::gid_t; 256];
-    let mut len = libc::socklen_t::try_from(groups.len() * size_of::<libc::gid_t>())
-        .unwrap_or(libc::socklen_t::MAX);
-    // SAFETY: getsockopt writes at most `len` bytes into `groups`, which holds that many,
-    // and updates `len` to the bytes written; the fd is the stream's, open while borrowed.
-    let ret = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERGROUPS,
-            groups.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Vec::new();
-    }
-    let count = usize::try_from(len).unwrap_or(0) / size_of::<libc::gid_t>();
-    groups.truncate(count);
-    groups
-}
-
 /// Who is on the other end: SO_PEERCRED for uid, gid and pid, SO_PEERGROUPS for the
 /// supplementary groups. An administrator is root or a member of `admin_gid`.
 fn peer(stream: &UnixStream, admin_gid: Option<u32>) -> std::io::Result<Peer> {
     let cred = stream.peer_cred()?;
     let uid = cred.uid();
     let admin = uid == 0
-        || admin_gid.is_some_and(|gid| cred.gid() == gid || peer_groups(stream).contains(&gid));
+        || admin_gid.is_some_and(|gid| {
+            cred.gid() == gid || filter_user::sys::peer_groups(stream).contains(&gid)
+        });
     Ok(Peer {
         uid,
         pid: cred.pid(),

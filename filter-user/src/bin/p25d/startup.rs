@@ -53,7 +53,9 @@ pub fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
         .write(true)
         .open(&path)
         .with_context(|| format!("opening the lock file {}", path.display()))?;
-    if !try_flock(&file) {
+    if !filter_user::sys::try_lock_exclusive(&file)
+        .with_context(|| format!("locking {}", path.display()))?
+    {
         bail!(
             "another p25d holds {} and serves the socket {}: give this one another --socket",
             path.display(),
@@ -61,13 +63,6 @@ pub fn lock_socket(socket: &Path, group: Option<&str>) -> Result<fs::File> {
         );
     }
     Ok(file)
-}
-
-/// An exclusive, non-blocking flock; false if someone else holds it.
-fn try_flock(file: &fs::File) -> bool {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a valid fd we own.
-    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// What holds a pin root's lock when it is taken, for the error message.
@@ -137,7 +132,9 @@ pub fn lock_pin_root(root: &Path, purpose: LockFor) -> Result<Option<fs::File>> 
             if attempt > 0 {
                 std::thread::sleep(DETACH_LOCK_PAUSE);
             }
-            if try_flock(&dir) {
+            if filter_user::sys::try_lock_exclusive(&dir)
+                .with_context(|| format!("locking the pin root {}", root.display()))?
+            {
                 locked = true;
                 break;
             }
@@ -200,7 +197,9 @@ fn set_mode_and_group(path: &Path, mode: u32, group: Option<u32>) -> Result<()> 
 /// The gid of `--socket-group`, if given.
 fn socket_gid(group: Option<&str>) -> Result<Option<u32>> {
     group
-        .map(|group| group_id(group).with_context(|| format!("unknown group {group:?}")))
+        .map(|group| {
+            filter_user::sys::group_id(group)?.with_context(|| format!("unknown group {group:?}"))
+        })
         .transpose()
 }
 
@@ -219,15 +218,6 @@ pub fn bind_socket(path: &Path, group: Option<&str>) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     set_mode_and_group(path, 0o660, gid)?;
     Ok(listener)
-}
-
-pub fn group_id(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: getgrnam returns a pointer into static storage or NULL; we copy the gid out
-    // immediately and the daemon is single-threaded here.
-    let group = unsafe { libc::getgrnam(name.as_ptr()) };
-    // SAFETY: checked for NULL first.
-    (!group.is_null()).then(|| unsafe { (*group).gr_gid })
 }
 
 /// Removes a whole pinned-state directory of another ABI version (links first).
