@@ -571,12 +571,17 @@ fn add_attempt(value: &mut OffenderValue, event: &Event) {
     value.last_verdict = event.verdict;
 }
 
+// `#[inline(always)]` under the macro applies to the function the macro wraps: without it,
+// once the hook grew past LLVM's inlining budget, every packet paid a BPF-to-BPF call from
+// the entry point into the hook (see docs/dataplane.md, non-25 cost).
 #[xdp]
+#[inline(always)]
 pub fn p25_xdp(ctx: XdpContext) -> u32 {
     xdp_hook(&ctx, Role::Subscriber)
 }
 
 #[xdp]
+#[inline(always)]
 pub fn p25_xdp_upstream(ctx: XdpContext) -> u32 {
     xdp_hook(&ctx, Role::Upstream)
 }
@@ -612,11 +617,13 @@ fn answer_reject(ctx: &XdpContext, mut outcome: Outcome, bytes: u64, ifindex: u3
 }
 
 #[classifier]
+#[inline(always)]
 pub fn p25_tc(ctx: TcContext) -> i32 {
     tc_hook(&ctx, Role::Subscriber)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn p25_tc_upstream(ctx: TcContext) -> i32 {
     tc_hook(&ctx, Role::Upstream)
 }
