@@ -30,7 +30,7 @@ use crate::{
         AllowValue, BlockAction, Config, CounterKey, Direction, Family, FragmentPolicy, Ipv4Key,
         Ipv6Key, Mode, ParseOutcome, SMTP_PORT, SubscriberValue, UnreadableTcp, Verdict,
     },
-    packet::{MAX_OFFSET, PacketBuf, load_be16},
+    packet::{MAX_OFFSET, PacketBuf, Plain, load_be16},
 };
 
 /// VLAN tags (802.1Q and 802.1ad, in any order) parsed before giving up.
@@ -316,13 +316,26 @@ const fn is_ipv6_ext(next: u8) -> bool {
     )
 }
 
+/// The fixed IPv6 header (RFC 8200 3): version to hop limit, then the addresses.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    fixed: [u8; 8],
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+const _: () = assert!(size_of::<Ipv6Header>() == IPV6_HLEN);
+// SAFETY: byte arrays only: no padding, alignment 1, every pattern valid.
+unsafe impl Plain for Ipv6Header {}
+
 #[inline(always)]
 fn classify_ipv6<P: PacketBuf, T: Tables>(pkt: &P, offset: usize, ctx: &Ctx<'_, T>) -> Outcome {
-    let (Some(fixed), Some(src), Some(dst)) = (
-        pkt.load::<[u8; 8]>(offset),
-        pkt.load::<[u8; 16]>(offset + 8),
-        pkt.load::<[u8; 16]>(offset + 24),
-    ) else {
+    // One load and one bounds check for the whole fixed header, its addresses kept as
+    // arrays: with three loads (fixed part, source, destination) LLVM hoisted the byte
+    // reads of one above the bounds check of another, and the verifier, which cannot tell
+    // that the failed check makes the later one fail too, walked a path that spills a
+    // register never written (`R5 !read_ok`).
+    let Some(Ipv6Header { fixed, src, dst }) = pkt.load::<Ipv6Header>(offset) else {
         return Outcome::pass(ParseOutcome::TRUNCATED);
     };
     let [

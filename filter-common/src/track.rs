@@ -259,7 +259,7 @@ fn mask(addr: [u8; 16], prefix_len: u8) -> [u8; 16] {
 
 /// The first `bits` bits of a 64-bit word set (all of them from 64 on).
 #[inline(always)]
-const fn mask64(bits: u8) -> u64 {
+pub const fn mask64(bits: u8) -> u64 {
     if bits == 0 {
         0
     } else if bits >= 64 {

@@ -18,18 +18,18 @@ use aya_ebpf::{
 };
 use filter_common::{
     abi::{
-        ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, Bucket, CONFIG_INDEX,
-        COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, Event, EventStat, HookKind, Ipv4Key,
-        Ipv6Key, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue, ParseOutcome, RejectFallback,
-        SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES, SubscriberLengths, SubscriberValue,
-        Verdict, counter_index,
+        ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, BlockAction, Bucket,
+        CONFIG_INDEX, COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, Event, EventStat,
+        HookKind, Ipv4Key, Ipv6Key, Mode, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue,
+        ParseOutcome, RejectFallback, SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES,
+        SubscriberLengths, SubscriberValue, Verdict, counter_index,
     },
     classify::{Action, Outcome, Role, SynLimit, Tables, classify},
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
-        Budget, fill_event, full_syn_bucket, is_event, offender_key, resolve, take_event_token,
-        take_rst_token, take_syn_token,
+        Budget, fill_event, full_syn_bucket, is_event, mask64, offender_key, resolve,
+        take_event_token, take_rst_token, take_syn_token,
     },
 };
 
@@ -149,7 +149,16 @@ impl Tables for Maps {
     }
     #[inline(always)]
     fn subscriber_v6(&self, addr: Ipv6Key) -> Option<SubscriberValue> {
-        SUBSCRIBERS_V6.get(Key::new(128, addr)).copied()
+        let found = subscriber_probe_v6(&Key::new(128, addr));
+        if found & FOUND == 0 {
+            return None;
+        }
+        let [mode, action, ..] = found.to_le_bytes();
+        Some(SubscriberValue {
+            mode: Mode(mode),
+            action: BlockAction(action),
+            _pad: [0; 2],
+        })
     }
     // A host entry is the most specific match there is, so a hit in the hash is the
     // longest-prefix answer; only a miss asks the trie of wider prefixes.
@@ -172,6 +181,74 @@ impl Tables for Maps {
         }
         ALLOW_V6.get(key).copied()
     }
+}
+
+/// Bit of [`subscriber_probe_v6`]'s result: a prefix matched (its mode and action are the
+/// two low bytes).
+const FOUND: u64 = 1 << 32;
+
+/// Longest-prefix match of the IPv6 address in `host` (a /128 LPM key) among the subscriber prefixes: one
+/// probe of SUBSCRIBERS_HASH_V6 per length in use, longest first, or the trie when
+/// SUB_LENGTHS says so (more than 8 lengths, or a zeroed map). Returns [`FOUND`] with the
+/// value's mode and action in the low bytes, or 0.
+///
+/// Its own BPF function, taking the key on the caller's stack (as a trie lookup would) and
+/// returning a scalar: inlined, or taking the address as two 64-bit halves, the probe's
+/// byte shuffling was copied into every call site of the classifier (both rules,
+/// fragments, unreadable TCP) and the hook's frame grew from 280 to 432 bytes, past the 512
+/// bytes the verifier allows for a call chain with the RST writer.
+#[inline(never)]
+fn subscriber_probe_v6(host: &Key<Ipv6Key>) -> u64 {
+    let pack = |value: &SubscriberValue| {
+        FOUND | u64::from(value.mode.0) | (u64::from(value.action.0) << 8)
+    };
+    let Some(lengths) = SUB_LENGTHS.get(0) else {
+        return 0;
+    };
+    if lengths.v6_hash != 1 {
+        return SUBSCRIBERS_V6.get(host).map_or(0, pack);
+    }
+    let [
+        a0,
+        a1,
+        a2,
+        a3,
+        a4,
+        a5,
+        a6,
+        a7,
+        b0,
+        b1,
+        b2,
+        b3,
+        b4,
+        b5,
+        b6,
+        b7,
+    ] = host.data.0;
+    let hi = u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
+    let lo = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+    for len in lengths.v6.iter().take(usize::from(lengths.v6_count)) {
+        // Two 64-bit masks, as for offender keys: no loop over the 16 bytes.
+        let (hi, lo) = if *len <= 64 {
+            (hi & mask64(*len), 0)
+        } else {
+            (hi, lo & mask64(*len - 64))
+        };
+        let [a0, a1, a2, a3, a4, a5, a6, a7] = hi.to_be_bytes();
+        let [b0, b1, b2, b3, b4, b5, b6, b7] = lo.to_be_bytes();
+        let key = Key::new(
+            u32::from(*len),
+            Ipv6Key([
+                a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7,
+            ]),
+        );
+        // SAFETY: read at once; the control plane writes whole elements.
+        if let Some(value) = unsafe { SUBSCRIBERS_HASH_V6.get(&key) } {
+            return pack(value);
+        }
+    }
+    0
 }
 
 /// The stateful budgets of [`resolve`], in maps, and the packet's one clock read.
@@ -494,12 +571,17 @@ fn add_attempt(value: &mut OffenderValue, event: &Event) {
     value.last_verdict = event.verdict;
 }
 
+// `#[inline(always)]` under the macro applies to the function the macro wraps: without it,
+// once the hook grew past LLVM's inlining budget, every packet paid a BPF-to-BPF call from
+// the entry point into the hook (see docs/dataplane.md, non-25 cost).
 #[xdp]
+#[inline(always)]
 pub fn p25_xdp(ctx: XdpContext) -> u32 {
     xdp_hook(&ctx, Role::Subscriber)
 }
 
 #[xdp]
+#[inline(always)]
 pub fn p25_xdp_upstream(ctx: XdpContext) -> u32 {
     xdp_hook(&ctx, Role::Upstream)
 }
@@ -535,11 +617,13 @@ fn answer_reject(ctx: &XdpContext, mut outcome: Outcome, bytes: u64, ifindex: u3
 }
 
 #[classifier]
+#[inline(always)]
 pub fn p25_tc(ctx: TcContext) -> i32 {
     tc_hook(&ctx, Role::Subscriber)
 }
 
 #[classifier]
+#[inline(always)]
 pub fn p25_tc_upstream(ctx: TcContext) -> i32 {
     tc_hook(&ctx, Role::Upstream)
 }

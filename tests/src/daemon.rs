@@ -88,6 +88,8 @@ pub struct DaemonLab {
     socket: Option<PathBuf>,
     /// Where p25d and p25ctl are taken from; the workspace's build ([`bin`]) if unset.
     bin_dir: Option<PathBuf>,
+    /// How long [`DaemonLab::start`] waits for p25d to answer (15 s unless set).
+    start_timeout: Duration,
 }
 
 impl DaemonLab {
@@ -130,7 +132,14 @@ impl DaemonLab {
             wrapper: Vec::new(),
             socket: None,
             bin_dir: None,
+            start_timeout: Duration::from_secs(15),
         })
+    }
+
+    /// How long [`DaemonLab::start`] waits for p25d to answer: start-up with a million
+    /// entries takes longer than the default 15 s on a loaded machine.
+    pub fn set_start_timeout(&mut self, timeout: Duration) {
+        self.start_timeout = timeout;
     }
 
     /// Runs p25d and p25ctl from `dir` (e.g. the installed package's /usr/sbin) instead of
@@ -215,7 +224,7 @@ impl DaemonLab {
         let log = fs::File::create(self.dir.join(format!("p25d-{}.log", self.starts)))?;
         let child = self.run_command(log)?.spawn().context("spawning p25d")?;
         self.child = Some(child);
-        let ready = wait_until(Duration::from_secs(15), Duration::from_millis(50), || {
+        let ready = wait_until(self.start_timeout, Duration::from_millis(50), || {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
@@ -223,7 +232,12 @@ impl DaemonLab {
             }
             Ok(self.ctl(&["status", "--json"])?.status.success() && self.status()?.daemon)
         })?;
-        ensure!(ready, "p25d did not answer within 15 s:\n{}", self.log());
+        ensure!(
+            ready,
+            "p25d did not answer within {:?}:\n{}",
+            self.start_timeout,
+            self.log()
+        );
         Ok(())
     }
 

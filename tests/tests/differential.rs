@@ -198,9 +198,22 @@ fn random_policy(
     };
     harness.tables.set_config(config)?;
     model.config = config;
+    // Half the rounds keep the subscriber prefixes to at most 8 lengths per family, so
+    // that the dataplane probes its per-length hashes (SUB_LENGTHS); the others use more
+    // lengths, and the dataplane walks the tries.
+    let few_lengths = rng.random_bool(0.5);
     for _ in 0..rng.random_range(1..60) {
         let v6 = rng.random();
-        let net = universe.prefix(rng, v6)?;
+        let mut net = universe.prefix(rng, v6)?;
+        if few_lengths {
+            let lengths: &[u8] = if v6 {
+                &[32, 40, 48, 56, 60, 64, 96, 128]
+            } else {
+                &[8, 16, 20, 24, 26, 28, 30, 32]
+            };
+            let len = lengths.choose(rng).copied().unwrap_or(32);
+            net = IpNet::new(net.addr(), len)?.trunc();
+        }
         let value = SubscriberValue::new(mode(rng)).with_action(block_action(rng));
         harness.tables.insert_subscriber(net, value)?;
         model.insert_subscriber(net, value)?;

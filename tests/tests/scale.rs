@@ -171,3 +171,158 @@ fn one_million_allow_entries_and_100k_prefixes() -> Result<()> {
     );
     Ok(())
 }
+
+/// The lab policy of the migration test: the lab's interfaces and two subscribers (one of
+/// them allowlisted inline), plus a list file of a million allowlisted hosts.
+const MIGRATION_POLICY: &str = r"version: 1
+defaults:
+  mode: enforce
+  fragments: pass
+interfaces:
+  - name: r-sub
+    role: subscriber
+    attach: xdp
+  - name: r-up
+    role: upstream
+    attach: tc
+subscribers:
+  - prefix: 100.64.0.0/10
+  - prefix: 2001:db8:1::/48
+allow:
+  - prefix: 100.64.1.3/32
+    comment: business customer
+allow_files: [allow.txt]
+";
+
+/// Upgrading pinned state of an older ABI version that holds a million allowlist entries,
+/// under a SYN stream: the new p25d fills its maps completely before it moves the links,
+/// so no blocked SYN gets through and no allowlisted one is dropped during the move.
+///
+/// The older state is this build's, with its pin directory renamed to `v0` (what p25d sees
+/// as an older ABI version), not a real ABI v3 object: the test checks the order of the
+/// migration (fill, then move, then remove) at scale, which is what leaks or loses
+/// packets; it does not run the v3 program. See docs/dataplane.md, "Pins, reuse and
+/// migration".
+#[test]
+fn migration_with_a_million_entries_under_a_syn_stream_loses_and_leaks_nothing() -> Result<()> {
+    use std::{
+        fmt::Write as _,
+        net::SocketAddrV4,
+        sync::{
+            Arc,
+            atomic::{AtomicBool, Ordering},
+        },
+        thread,
+        time::Duration,
+    };
+
+    use anyhow::Context as _;
+    use filter_common::abi::ABI_VERSION;
+    use p25_tests::{
+        daemon::DaemonLab,
+        lab::{SERVER4, SMTP, SUB4, SUB4_ALLOWED, Topology},
+        traffic::{SynCounters, SynSender},
+    };
+
+    /// Most SYNs per source, and the time the stream may run: both bound the sender.
+    const MAX_PER_SOURCE: u32 = 30_000;
+    const MAX_STREAM: Duration = Duration::from_secs(120);
+    const HOSTS: u32 = 1_000_000;
+
+    let topology = Topology::build()?;
+    let mut lab = DaemonLab::new(&topology.router)?;
+    lab.set_start_timeout(Duration::from_secs(120));
+    // A million allowlisted hosts: half IPv4 inside 100.64.0.0/10 (away from the lab's
+    // 100.64.1.0/24), half IPv6 inside 2001:db8:1::/48.
+    let mut list = String::with_capacity(30 * HOSTS as usize);
+    for i in 0..HOSTS / 2 {
+        writeln!(list, "{}", Ipv4Addr::from(0x6442_0000_u32 + i))?;
+        writeln!(
+            list,
+            "{}",
+            Ipv6Addr::from((0x2001_0db8_0001_u128 << 80) | u128::from(i + 0x1_0000))
+        )?;
+    }
+    std::fs::write(lab.dir.join("allow.txt"), list).context("writing allow.txt")?;
+    lab.write_policy(MIGRATION_POLICY)?;
+    let started = Instant::now();
+    lab.start()?;
+    println!("old state filled in {:?}", started.elapsed());
+    lab.kill9()?;
+    // Make the pinned state look like an older ABI version's.
+    std::fs::rename(
+        lab.pin_root.join(format!("v{ABI_VERSION}")),
+        lab.pin_root.join("v0"),
+    )
+    .context("renaming the pin directory on bpffs")?;
+
+    let counters = SynCounters::install(&topology.server, SMTP, &[SUB4, SUB4_ALLOWED])?;
+    let allowed = SynSender::new(&topology.sub, SUB4_ALLOWED)?;
+    let blocked = SynSender::new(&topology.sub, SUB4)?;
+    let dst = SocketAddrV4::new(SERVER4, SMTP);
+    // Warm up ARP on both sides so the first SYNs are not queued behind resolution.
+    for sport in 1000..1010 {
+        allowed.send(sport, dst)?;
+        thread::sleep(Duration::from_millis(50));
+    }
+    let base_allowed = counters.settled(SUB4_ALLOWED)?;
+    let base_blocked = counters.settled(SUB4)?;
+    ensure!(base_allowed > 0, "the old links pass no allowlisted SYN");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = thread::spawn({
+        let stop = Arc::clone(&stop);
+        move || -> Result<u32> {
+            let begin = Instant::now();
+            let mut sent = 0;
+            while sent < MAX_PER_SOURCE
+                && begin.elapsed() < MAX_STREAM
+                && !stop.load(Ordering::Relaxed)
+            {
+                let sport = 20_000 + (sent % 40_000) as u16;
+                allowed.send(sport, dst)?;
+                blocked.send(sport, dst)?;
+                sent += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            Ok(sent)
+        }
+    });
+    // Let the stream run on the old links first, then upgrade under it.
+    thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let upgrade = lab.start();
+    let took = started.elapsed();
+    // And a little on the new links, then stop.
+    thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    upgrade?;
+
+    let log = lab.log();
+    ensure!(
+        log.find("filled the new maps before migrating")
+            .zip(log.find("migrated link from ABI v0"))
+            .is_some_and(|(filled, moved)| filled < moved),
+        "the maps must be filled before the links move:\n{log}"
+    );
+    ensure!(
+        !lab.pin_root.join("v0").exists(),
+        "the old state should be gone:\n{log}"
+    );
+    let got_allowed = counters.settled(SUB4_ALLOWED)? - base_allowed;
+    let got_blocked = counters.settled(SUB4)? - base_blocked;
+    p25_tests::summary!(
+        "migration of {HOSTS} allowlist entries under a SYN stream (p25d start to ready {took:?}): \
+         allowlisted {got_allowed}/{sent} received, blocked {got_blocked}/{sent} leaked"
+    );
+    ensure!(
+        got_allowed == u64::from(sent),
+        "{} allowlisted SYNs lost",
+        u64::from(sent) - got_allowed
+    );
+    ensure!(got_blocked == 0, "{got_blocked} blocked SYNs leaked");
+    Ok(())
+}
