@@ -228,7 +228,14 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut poll = tokio::time::interval(daemon.opts.poll);
-    let mut resync = tokio::time::interval(daemon.opts.resync);
+    // The first resync one period from now, not at once (an interval's first tick is
+    // immediate): the start-up `apply` has just read the maps back, and a second
+    // read-back of a million entries right after "ready" cost a second of CPU and
+    // tens of MiB while the first requests waited.
+    let mut resync = tokio::time::interval_at(
+        tokio::time::Instant::now() + daemon.opts.resync,
+        daemon.opts.resync,
+    );
     let mut scan = tokio::time::interval(daemon.opts.offender_scan);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
