@@ -175,10 +175,13 @@ pub async fn run(opts: Options) -> Result<()> {
     let checked = match checked {
         Ok(checked) => checked,
         Err(e) => {
-            // Nothing is attached yet; what this start pinned afresh goes again.
+            // Nothing is attached yet; what this start pinned afresh goes again, and the
+            // pin root too if that leaves it empty (as `p25d detach` leaves it), so that
+            // a bad policy leaves nothing behind, as before the check moved beside the load.
             drop(dataplane);
             if !adopting {
                 let _ = remove_version_dir(&opts.layout.dir());
+                let _ = fs::remove_dir(opts.layout.root());
             }
             return Err(e)
                 .with_context(|| format!("the policy {} is not usable", opts.policy.display()));
