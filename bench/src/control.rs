@@ -5,8 +5,8 @@
 //!
 //! - `p25d check`: wall time and peak RSS of the check of the files;
 //! - cold start: a fresh pin root; time from spawning p25d to its "policy in force" log
-//!   line, split at "dataplane loaded" (parse, validate, load and verify) and the
-//!   reconcile after it;
+//!   line, split at "dataplane loaded" (the policy check, and beside it the BPF load
+//!   and verification) and the reconcile after it;
 //! - idle RSS: the daemon's VmRSS a moment after start-up;
 //! - a 1% diff: the files rewritten with 1% of their entries changed, then `p25ctl
 //!   reload`, which returns once the new policy is in the maps; the daemon's peak RSS
@@ -205,7 +205,7 @@ impl Report {
             Some((TARGET_COLD_S, l.cold_seconds <= TARGET_COLD_S)),
         );
         row(
-            "  parse + load",
+            "  check beside load",
             l.cold_parse_and_load_seconds,
             i.cold_parse_and_load_seconds,
             "s",
