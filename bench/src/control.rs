@@ -5,8 +5,8 @@
 //!
 //! - `p25d check`: wall time and peak RSS of the check of the files;
 //! - cold start: a fresh pin root; time from spawning p25d to its "policy in force" log
-//!   line, split at "dataplane loaded" (parse, validate, load and verify) and the
-//!   reconcile after it;
+//!   line, split at "dataplane loaded" (the policy check, and beside it the BPF load
+//!   and verification) and the reconcile after it;
 //! - idle RSS: the daemon's VmRSS a moment after start-up;
 //! - a 1% diff: the files rewritten with 1% of their entries changed, then `p25ctl
 //!   reload`, which returns once the new policy is in the maps; the daemon's peak RSS
@@ -14,6 +14,10 @@
 //! - one `p25ctl allow`: time from spawning p25ctl until a BPF_PROG_TEST_RUN of p25_xdp
 //!   over the daemon's pinned maps turns from drop to pass, for a fresh subscriber address;
 //! - peak RSS of the daemon over the whole run (VmHWM).
+//!
+//! Wall times on a shared machine move with its load; next to each the CPU time it
+//! took (of the `p25d check` child from `wait4`, of the daemon from `/proc/PID/stat`),
+//! which does not, or much less.
 //!
 //! The daemon runs in a throwaway namespace, with its own pin root, socket and files;
 //! everything is removed afterwards (the daemon itself leaves its pins on purpose).
@@ -98,12 +102,17 @@ pub struct Run {
     pub check_seconds: f64,
     /// `p25d check` peak RSS, MiB.
     pub check_rss_mib: f64,
+    /// `p25d check` CPU time (user + system), seconds.
+    pub check_cpu_seconds: f64,
     /// Spawn to "policy in force", seconds.
     pub cold_seconds: f64,
-    /// Spawn to "dataplane loaded" (read, parse, validate, load and verify), seconds.
+    /// Spawn to "dataplane loaded" (the policy check, and beside it on a thread of its
+    /// own the BPF object's load and verification), seconds.
     pub cold_parse_and_load_seconds: f64,
     /// "dataplane loaded" to "policy in force" (reconcile and attach), seconds.
     pub cold_reconcile_seconds: f64,
+    /// The daemon's CPU time (user + system, all threads) from spawn to "ready", seconds.
+    pub cold_cpu_seconds: f64,
     /// Daemon VmRSS after start-up, MiB.
     pub idle_rss_mib: f64,
     /// Entries changed by the diff.
@@ -112,10 +121,14 @@ pub struct Run {
     pub diff_reload_seconds: f64,
     /// Daemon peak RSS during that reload, MiB.
     pub reload_peak_rss_mib: f64,
+    /// The daemon's CPU time during that reload, seconds.
+    pub diff_reload_cpu_seconds: f64,
     /// Spawn of `p25ctl allow` to the verdict change, ms.
     pub allow_verdict_ms: Stats,
     /// Spawn of `p25ctl allow` to its exit, ms.
     pub allow_ctl_exit_ms: Stats,
+    /// The daemon's CPU time per `p25ctl allow` (over all of them), ms.
+    pub allow_daemon_cpu_ms: f64,
     /// Daemon peak RSS over the whole run (VmHWM since the last reset: the reload and
     /// the allows), MiB.
     pub peak_rss_mib: f64,
@@ -171,6 +184,13 @@ impl Report {
             Some((TARGET_CHECK_S, l.check_seconds <= TARGET_CHECK_S)),
         );
         row(
+            "  CPU time",
+            l.check_cpu_seconds,
+            i.check_cpu_seconds,
+            "s",
+            None,
+        );
+        row(
             "p25d check peak RSS",
             l.check_rss_mib,
             i.check_rss_mib,
@@ -185,7 +205,7 @@ impl Report {
             Some((TARGET_COLD_S, l.cold_seconds <= TARGET_COLD_S)),
         );
         row(
-            "  parse + load",
+            "  check beside load",
             l.cold_parse_and_load_seconds,
             i.cold_parse_and_load_seconds,
             "s",
@@ -195,6 +215,13 @@ impl Report {
             "  reconcile + attach",
             l.cold_reconcile_seconds,
             i.cold_reconcile_seconds,
+            "s",
+            None,
+        );
+        row(
+            "  CPU time (daemon, to ready)",
+            l.cold_cpu_seconds,
+            i.cold_cpu_seconds,
             "s",
             None,
         );
@@ -218,6 +245,13 @@ impl Report {
             i.diff_reload_seconds,
             "s",
             Some((TARGET_DIFF_S, l.diff_reload_seconds <= TARGET_DIFF_S)),
+        );
+        row(
+            "  CPU time (daemon)",
+            l.diff_reload_cpu_seconds,
+            i.diff_reload_cpu_seconds,
+            "s",
+            None,
         );
         row(
             "peak RSS during the reload",
@@ -253,6 +287,13 @@ impl Report {
             "ms",
             None,
         );
+        row(
+            "  daemon CPU per allow",
+            l.allow_daemon_cpu_ms,
+            i.allow_daemon_cpu_ms,
+            "ms",
+            None,
+        );
         let _ = writeln!(out, "list files: all targets {}", ok(l.met()));
         out
     }
@@ -273,14 +314,41 @@ fn vm_mib(pid: u32, field: &str) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// CPU time (user + system, all threads) of `pid` so far, seconds.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name (which may hold spaces) in parentheses; utime
+    // and stime are fields 14 and 15, in clock ticks.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("no command name in /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("no field {} in /proc/{pid}/stat", i + 3))
+    };
+    // SAFETY: sysconf reads a constant of the system; no memory is involved.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    // Fields 14 and 15 are at 11 and 12 after the state (field 3).
+    Ok((ticks(11)? + ticks(12)?) / hz as f64)
+}
+
+fn timeval_seconds(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
 /// Resets the peak RSS (VmHWM) of `pid` to its current RSS.
 fn reset_hwm(pid: u32) -> Result<()> {
     fs::write(format!("/proc/{pid}/clear_refs"), "5")
         .with_context(|| format!("resetting VmHWM of {pid}"))
 }
 
-/// Runs `p25d check` on `policy`: (wall seconds, peak RSS MiB).
-fn check(bin_dir: &Path, policy: &Path) -> Result<(f64, f64)> {
+/// Runs `p25d check` on `policy`: (wall seconds, peak RSS MiB, CPU seconds).
+fn check(bin_dir: &Path, policy: &Path) -> Result<(f64, f64, f64)> {
     let started = Instant::now();
     let child = Command::new(bin_dir.join("p25d"))
         .arg("check")
@@ -306,7 +374,11 @@ fn check(bin_dir: &Path, policy: &Path) -> Result<(f64, f64)> {
     );
     drop(child);
     // ru_maxrss is in KiB on Linux.
-    Ok((seconds, usage.ru_maxrss as f64 / 1024.0))
+    Ok((
+        seconds,
+        usage.ru_maxrss as f64 / 1024.0,
+        timeval_seconds(usage.ru_utime) + timeval_seconds(usage.ru_stime),
+    ))
 }
 
 /// Writes `set` (with the subscriber modes in `toggled` flipped) as the daemon's policy
@@ -371,21 +443,27 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
     let cold_seconds = since(spawned, in_force);
     eprintln!("  control: cold load + reconcile {cold_seconds:.3} s");
     let pid = daemon.pid().context("p25d not running")?;
+    let cold_cpu_seconds = cpu_seconds(pid)?;
     // A moment for the allocator to settle, then the daemon at rest.
     std::thread::sleep(Duration::from_millis(500));
     let idle_rss_mib = vm_mib(pid, "VmRSS")?;
     let cold_peak_rss_mib = vm_mib(pid, "VmHWM")?;
     eprintln!("  control: idle RSS {idle_rss_mib:.1} MiB (cold peak {cold_peak_rss_mib:.1} MiB)");
-    let (check_seconds, check_rss_mib) = check(&opts.bin_dir, &daemon.policy())?;
-    eprintln!("  control: p25d check {check_seconds:.3} s, {check_rss_mib:.0} MiB");
+    let (check_seconds, check_rss_mib, check_cpu_seconds) = check(&opts.bin_dir, &daemon.policy())?;
+    eprintln!(
+        "  control: p25d check {check_seconds:.3} s ({check_cpu_seconds:.3} s CPU), \
+         {check_rss_mib:.0} MiB"
+    );
 
     // 1% diff.
     let (changed_set, toggled, diff_changed_entries) = scale::one_percent_diff(set, 0xD1FF)?;
     write_policy(&daemon, &changed_set, &toggled, layout)?;
     reset_hwm(pid)?;
+    let cpu_before = cpu_seconds(pid)?;
     let started = Instant::now();
     let out = daemon.ctl(&["reload"]).output().context("p25ctl reload")?;
     let diff_reload_seconds = started.elapsed().as_secs_f64();
+    let diff_reload_cpu_seconds = cpu_seconds(pid)? - cpu_before;
     let reload_peak_rss_mib = vm_mib(pid, "VmHWM")?;
     ensure!(
         out.status.success(),
@@ -393,19 +471,23 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
         String::from_utf8_lossy(&out.stderr)
     );
     eprintln!(
-        "  control: 1% diff reload {diff_reload_seconds:.3} s, peak RSS {reload_peak_rss_mib:.1} MiB"
+        "  control: 1% diff reload {diff_reload_seconds:.3} s ({diff_reload_cpu_seconds:.3} s CPU), \
+         peak RSS {reload_peak_rss_mib:.1} MiB"
     );
 
     // Single allows, observed through our own instance of p25_xdp over the pinned maps.
     let mut probe =
         Dataplane::open_pinned(&daemon.layout()).context("opening the daemon's pinned maps")?;
     let (mut verdict_ms, mut exit_ms) = (Vec::new(), Vec::new());
+    let cpu_before = cpu_seconds(pid)?;
     for ip in set.probes.fresh_v4.iter().take(opts.allows) {
         let (v, e) = one_allow(&daemon, &mut probe, *ip, set.probes.mx_v4)?;
         verdict_ms.push(v);
         exit_ms.push(e);
     }
     drop(probe);
+    let allow_daemon_cpu_ms =
+        (cpu_seconds(pid)? - cpu_before) * 1e3 / verdict_ms.len().max(1) as f64;
     let allow_verdict_ms = Stats::of(&verdict_ms).context("no allow samples")?;
     eprintln!(
         "  control: p25ctl allow -> verdict {:.2} ms median",
@@ -420,15 +502,19 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
         policy_bytes,
         check_seconds,
         check_rss_mib,
+        check_cpu_seconds,
         cold_seconds,
         cold_parse_and_load_seconds: since(spawned, loaded),
         cold_reconcile_seconds: since(loaded, in_force),
+        cold_cpu_seconds,
         idle_rss_mib,
         diff_changed_entries,
         diff_reload_seconds,
         reload_peak_rss_mib,
+        diff_reload_cpu_seconds,
         allow_verdict_ms,
         allow_ctl_exit_ms: Stats::of(&exit_ms).context("no allow samples")?,
+        allow_daemon_cpu_ms,
         peak_rss_mib,
         cold_peak_rss_mib,
     })

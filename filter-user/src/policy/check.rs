@@ -191,10 +191,30 @@ impl Key {
 /// A prefix as 18 bytes that sort like `IpNet` (family, address in network order,
 /// length) by a plain byte comparison: a million-entry list sorts several times faster
 /// than by `IpNet`'s nested comparison, in the same 18 bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Packed([u8; 18]);
 
+/// The byte order, compared as two integers: a derived order on the array called
+/// `memcmp` for every comparison, a fifth of a million-entry check (perf record).
+impl Ord for Packed {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.order_key().cmp(&other.order_key())
+    }
+}
+
+impl PartialOrd for Packed {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
 impl Packed {
+    /// The 18 bytes as big-endian integers, which compare like the bytes.
+    fn order_key(&self) -> (u128, u16) {
+        let [head @ .., a, b] = self.0;
+        (u128::from_be_bytes(head), u16::from_be_bytes([a, b]))
+    }
+
     fn of(net: IpNet) -> Self {
         let mut bytes = [0_u8; 18];
         match net {

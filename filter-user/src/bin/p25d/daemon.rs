@@ -51,6 +51,19 @@ pub struct Daemon {
     pub(crate) event_counts: Arc<events::EventCounts>,
 }
 
+/// How the first policy arrives: the file's check runs on a thread beside the BPF load;
+/// the fleet source has its state already.
+enum Start {
+    Checking(
+        std::thread::JoinHandle<(
+            PolicyFile,
+            Result<filter_user::policy::Checked, String>,
+            std::time::Duration,
+        )>,
+    ),
+    Ready(Box<(crate::fleet::Source, filter_user::policy::Checked)>),
+}
+
 /// The daemon's own settings that go into CONFIG (with the policy's).
 fn settings(opts: &RunArgs, cpus: u32) -> desired::Settings {
     let (events_rate, events_burst) = if opts.events == EventSink::Off {
@@ -73,24 +86,26 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
         info!("mounted bpffs at /sys/fs/bpf");
     }
     filter_user::sys::tune_allocator();
-    let (mut source, checked): (Box<dyn PolicySource>, _) = match fleet {
-        // The fleet source starts from etcd, or from its snapshot while etcd is down.
-        Some(fleet) => {
-            let (source, checked) = crate::fleet::Source::start(fleet).await?;
-            (Box::new(source), checked)
-        }
+    let started = std::time::Instant::now();
+    // The file is checked on a thread of its own while the BPF object is loaded and
+    // verified: at 1.1M entries each is a few tenths of a second of CPU, and a router
+    // has a second core for the one while the other runs. The fleet source starts from
+    // etcd, or from its snapshot while etcd is down, before anything is loaded.
+    let start = match fleet {
+        Some(fleet) => Start::Ready(Box::new(crate::fleet::Source::start(fleet).await?)),
         None => {
-            let mut source = PolicyFile::new(opts.policy.clone());
-            let checked = source
-                .load(&Policy::empty())
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("the policy {} is not usable", source.name()))?;
-            (Box::new(source), checked)
+            let mut file = PolicyFile::new(opts.policy.clone());
+            Start::Checking(
+                std::thread::Builder::new()
+                    .name("p25d-check".into())
+                    .spawn(move || {
+                        let checked = file.load(&Policy::empty());
+                        (file, checked, started.elapsed())
+                    })
+                    .context("starting the policy check")?,
+            )
         }
     };
-    for warning in &checked.warnings {
-        warn!(%warning, "policy warning");
-    }
     let runtime = RuntimeStore::open(&opts.state).context("opening the runtime state")?;
     // The event log first: an unusable --events path must stop p25d before it creates or
     // touches anything under the pin root.
@@ -102,6 +117,37 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
     let adopting = layout.dir().exists();
     startup::refuse_newer_versions(&layout)?;
     let mut dataplane = Dataplane::open_pinned(&layout).context("loading the dataplane")?;
+    let load_time = started.elapsed();
+    let (mut source, checked, check_time): (Box<dyn PolicySource>, _, _) = match start {
+        Start::Ready(ready) => {
+            let (source, checked) = *ready;
+            (Box::new(source), Ok(checked), started.elapsed())
+        }
+        Start::Checking(check) => {
+            let (file, checked, time) = check.join().map_err(|_| {
+                anyhow::anyhow!("the policy check stopped without an answer (a bug)")
+            })?;
+            (Box::new(file), checked, time)
+        }
+    };
+    let checked = match checked {
+        Ok(checked) => checked,
+        Err(e) => {
+            // Nothing is attached yet; what this start pinned afresh goes again, and the
+            // pin root too if that leaves it empty (as `p25d detach` leaves it), so that
+            // a bad policy leaves nothing behind, as before the check moved beside the load.
+            drop(dataplane);
+            if !adopting {
+                let _ = startup::remove_version_dir(&layout.dir());
+                let _ = fs::remove_dir(layout.root());
+            }
+            return Err(anyhow::Error::msg(e))
+                .with_context(|| format!("the policy {} is not usable", source.name()));
+        }
+    };
+    for warning in &checked.warnings {
+        warn!(%warning, "policy warning");
+    }
     let tables = dataplane.take_tables()?;
     let events = dataplane.take_events()?;
     let generation = tables.config()?.generation;
@@ -109,7 +155,14 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
     let cpus = aya::util::nr_cpus()
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX).max(1))
         .unwrap_or(1);
-    info!(pins = %layout.dir().display(), adopting, generation, "dataplane loaded");
+    info!(
+        pins = %layout.dir().display(),
+        adopting,
+        generation,
+        check_ms = check_time.as_millis(),
+        load_ms = load_time.as_millis(),
+        "dataplane loaded"
+    );
 
     let mut maps = Maps::new(tables, runtime, settings(&opts, cpus), generation);
     maps.migrate(&layout, &mut dataplane, &checked.policy)?;
@@ -150,7 +203,12 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut poll = tokio::time::interval(opts.poll);
-    let mut resync = tokio::time::interval(opts.resync);
+    // The first resync one period from now, not at once (an interval's first tick is
+    // immediate): the start-up `apply` has just read the maps back, and a second
+    // read-back of a million entries right after "ready" cost a second of CPU and
+    // tens of MiB while the first requests waited.
+    let mut resync =
+        tokio::time::interval_at(tokio::time::Instant::now() + opts.resync, opts.resync);
     let mut scan = tokio::time::interval(opts.offender_scan);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
