@@ -2,6 +2,7 @@
 //!
 //! - [`harness`]: load the real programs and run them with BPF_PROG_TEST_RUN.
 //! - [`packet`]: build frames (VLAN, QinQ, PPPoE, IPv4 options, IPv6 extension headers).
+//! - [`etcd`]: a real etcd server (temporary data, free ports) for the fleet tests.
 //! - [`netns`]: network namespaces with cleanup on drop, for real-traffic tests.
 //! - [`chaos`]: the reliability suite of `cargo xtask chaos` (faults under a SYN stream).
 //! - [`smtp_lab`]: the SMTP lab (real swaks, aiosmtpd and p25d) of the e2e tests and the
@@ -15,6 +16,7 @@
 
 pub mod chaos;
 pub mod daemon;
+pub mod etcd;
 pub mod exporter;
 pub mod harness;
 pub mod lab;
