@@ -357,6 +357,10 @@ pub struct StatusView {
     pub runtime_allow: usize,
     /// Pin directory.
     pub pins: String,
+    /// Where the policy comes from (a file or etcd) and how following it goes; absent
+    /// when read from the pins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::fleet::views::SourceView>,
 }
 
 /// Errors of the client side.

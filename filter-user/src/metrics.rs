@@ -60,6 +60,13 @@ pub struct Snapshot {
     pub interfaces: Vec<(String, String, bool)>,
     /// Top offenders by attempts, only when the operator opted in.
     pub top_offenders: Vec<(String, u64)>,
+    /// The etcd revision of the fleet state in force (0 with a policy file).
+    pub policy_revision: i64,
+    /// Whether the policy source is followed live (a policy file always is; etcd while
+    /// connected and synced).
+    pub policy_source_up: bool,
+    /// Policy source errors by reason (see [`crate::fleet::Reason`]).
+    pub policy_source_errors: BTreeMap<crate::fleet::Reason, u64>,
 }
 
 /// Errors of rendering (only a programming error in metric definitions can cause one).
@@ -156,6 +163,30 @@ pub fn render(s: &Snapshot) -> Result<String, RenderError> {
         "Generation of the policy in force (also in the pinned CONFIG map).",
         i64::from(s.generation),
     )?;
+    gauge(
+        &r,
+        "p25_policy_revision",
+        "etcd revision of the fleet policy state in force; 0 when the policy comes from a file.",
+        s.policy_revision,
+    )?;
+    gauge(
+        &r,
+        "p25_policy_source_up",
+        "1 while the policy source is followed live (etcd connected and synced; always 1 for a file), 0 while p25d filters with the last state it applied.",
+        i64::from(s.policy_source_up),
+    )?;
+    let source_errors = counter_vec(
+        &r,
+        "p25_policy_source_errors_total",
+        "Problems with the policy source, by reason; a rejected value leaves what was in force.",
+        &["reason"],
+    )?;
+    for reason in crate::fleet::Reason::ALL {
+        let value = s.policy_source_errors.get(&reason).copied().unwrap_or(0);
+        source_errors
+            .with_label_values(&[reason.label()])
+            .inc_by(value);
+    }
     let last_sync = GaugeVec::new(
         Opts::new(
             "p25_last_sync_timestamp_seconds",
@@ -321,6 +352,9 @@ mod tests {
         ));
         assert!(text.contains(r#"p25_policy_reloads_total{result="failure"} 2"#));
         assert!(text.contains("p25_policy_generation 5"));
+        assert!(text.contains("p25_policy_revision 0"));
+        assert!(text.contains("p25_policy_source_up 0"));
+        assert!(text.contains(r#"p25_policy_source_errors_total{reason="policy_invalid"} 0"#));
         assert!(text.contains(r#"p25_parse_outcomes_total{reason="truncated"} 0"#));
         assert!(text.contains("# TYPE p25_packets_total counter"));
         assert!(!text.contains("p25_offender_attempts"), "opt-in only");

@@ -463,6 +463,7 @@ fn status_from_pins(layout: &PinLayout) -> Result<StatusView> {
         allow: tables.allowlist()?.len(),
         runtime_allow: 0,
         pins: layout.dir().display().to_string(),
+        source: None,
     })
 }
 
@@ -526,6 +527,11 @@ fn print_status(view: &StatusView) {
     }
     if let Some(e) = &view.last_error {
         println!("last reload: REJECTED: {e}");
+    }
+    if let Some(source) = &view.source
+        && source.kind != "file"
+    {
+        fleet::print_source(source);
     }
     println!(
         "maps:        {} subscriber prefixes, {} allowlist entries ({} runtime)",

@@ -17,6 +17,7 @@ use filter_user::{
         values::{self, AllowValue, RouterStatus},
         views::{
             FleetAllowView, FleetDenyView, FleetListView, FleetStatusView, PushView, RouterView,
+            SourceView,
         },
     },
     policy::{MAX_POLICY_BYTES, PolicyError},
@@ -424,6 +425,33 @@ fn print_status(view: &FleetStatusView) {
     }
     if view.routers.is_empty() {
         println!("(no router is registered)");
+    }
+}
+
+/// The fleet lines of `p25ctl status`.
+pub fn print_source(source: &SourceView) {
+    println!(
+        "fleet:       {} {} (router {}), revision {}, {}",
+        source.kind,
+        source.location,
+        source.router.as_deref().unwrap_or("?"),
+        source.revision,
+        if source.up {
+            "following live"
+        } else {
+            "DOWN: filtering with the last state applied"
+        }
+    );
+    println!("fleet allow: {} entries in force", source.fleet_allow);
+    if let Some(e) = &source.last_error {
+        println!("etcd error:  {e}");
+    }
+    for problem in &source.problems {
+        println!(
+            "fleet problem ({}): {}",
+            problem.reason.label(),
+            problem.message
+        );
     }
 }
 

@@ -144,6 +144,8 @@ struct Daemon {
     event_counts: Arc<observe::EventCounts>,
     /// Possible CPUs: the event rate limit is per CPU, so the total is split over them.
     cpus: u32,
+    /// Fleet mode: the policy comes from etcd (see fleet.rs), not from `opts.policy`.
+    fleet: Option<crate::fleet::Source>,
 }
 
 pub async fn run(opts: Options) -> Result<()> {
@@ -151,8 +153,17 @@ pub async fn run(opts: Options) -> Result<()> {
         info!("mounted bpffs at /sys/fs/bpf");
     }
     tune_allocator();
-    let checked = policy::load(&opts.policy)
-        .with_context(|| format!("the policy {} is not usable", opts.policy.display()))?;
+    let (checked, fleet) = match opts.fleet.clone() {
+        Some(fleet) => {
+            let (source, checked) = crate::fleet::Source::start(fleet).await?;
+            (checked, Some(source))
+        }
+        None => (
+            policy::load(&opts.policy)
+                .with_context(|| format!("the policy {} is not usable", opts.policy.display()))?,
+            None,
+        ),
+    };
     for warning in &checked.warnings {
         warn!(%warning, "policy warning");
     }
@@ -183,6 +194,7 @@ pub async fn run(opts: Options) -> Result<()> {
         event_counts: Arc::new(observe::EventCounts::default()),
         last_sync_unix: 0.0,
         cpus,
+        fleet,
         opts,
         _dataplane: dataplane,
         tables,
@@ -265,6 +277,14 @@ pub async fn run(opts: Options) -> Result<()> {
             }
             _ = hup.recv() => { let _ = daemon.reload("SIGHUP"); }
             () = async {
+                match daemon.fleet.as_mut() {
+                    Some(fleet) => fleet.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let _ = daemon.reload("etcd change");
+            }
+            () = async {
                 match &links {
                     Some(watch) => watch.changed().await,
                     None => std::future::pending().await,
@@ -273,7 +293,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 daemon.check_interfaces();
             }
             _ = poll.tick() => {
-                if stamps(&daemon.opts.policy, &daemon.policy) != daemon.seen {
+                if daemon.fleet.is_none() && stamps(&daemon.opts.policy, &daemon.policy) != daemon.seen {
                     let _ = daemon.reload("policy file changed");
                 }
                 daemon.check_interfaces();
@@ -847,16 +867,26 @@ impl Daemon {
         }
     }
 
-    /// Re-reads the policy file. A bad file is rejected and counted; the old policy stays.
+    /// Where the policy comes from: the policy file, or in fleet mode the fleet state in
+    /// etcd (composed by fleet.rs). The one place that knows; everything after it is the
+    /// same reconcile for both.
+    fn load_policy(&mut self) -> Result<policy::Checked, String> {
+        match &mut self.fleet {
+            Some(fleet) => fleet.compose(),
+            None => policy::load(&self.opts.policy).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Re-reads the policy (see [`Daemon::load_policy`]). A bad policy is rejected and
+    /// counted; the old policy stays.
     fn reload(&mut self, reason: &str) -> Result<ReloadView, String> {
         // Stamped before reading, so that an edit during the read is seen next time. A
         // rejected file keeps the list files of the policy in force watched.
         self.seen = stamps(&self.opts.policy, &self.policy);
-        let checked = match policy::load(&self.opts.policy) {
+        let checked = match self.load_policy() {
             Ok(checked) => checked,
-            Err(e) => {
+            Err(message) => {
                 self.reloads_failed += 1;
-                let message = e.to_string();
                 error!(reason, error = %message, generation = self.generation, "policy rejected; the previous policy stays in force");
                 self.last_error = Some(message.clone());
                 return Err(message);
@@ -876,7 +906,14 @@ impl Daemon {
             .chain(seen.into_iter().skip(1))
             .collect();
         self.last_error = None;
-        match self.apply(checked.policy, reason) {
+        let result = self.apply(checked.policy, reason);
+        if let Some(fleet) = &mut self.fleet {
+            match &result {
+                Ok(()) => fleet.applied(),
+                Err(e) => fleet.apply_failed(&format!("{e:#}")),
+            }
+        }
+        match result {
             Ok(()) => {
                 self.reloads_ok += 1;
                 Ok(ReloadView {
@@ -1085,6 +1122,10 @@ impl Daemon {
             *total = filter_common::abi::Counter::plus(*total, counter);
         }
         let allow_runtime = self.allow_runtime_count();
+        let (policy_revision, policy_source_up, policy_source_errors) = match &self.fleet {
+            Some(fleet) => fleet.metrics(),
+            None => (0, true, BTreeMap::new()),
+        };
         let top_offenders = if self.opts.metrics_top_offenders == 0 {
             Vec::new()
         } else {
@@ -1118,6 +1159,9 @@ impl Daemon {
                 .map(|v| (v.name, v.hook, v.attached))
                 .collect(),
             top_offenders,
+            policy_revision,
+            policy_source_up,
+            policy_source_errors,
         })
     }
 
@@ -1297,7 +1341,10 @@ impl Daemon {
         let interfaces = self.interface_views();
         Ok(StatusView {
             daemon: true,
-            policy: self.opts.policy.display().to_string(),
+            policy: match &self.fleet {
+                Some(fleet) => fleet.policy_name(),
+                None => self.opts.policy.display().to_string(),
+            },
             generation: config.generation,
             mode: config.mode.name().into(),
             fragments: config.fragments.name().into(),
@@ -1312,6 +1359,15 @@ impl Daemon {
                 .saturating_sub(self.allow_not_inserted),
             runtime_allow: self.runtime.entries().len(),
             pins: self.opts.layout.dir().display().to_string(),
+            source: Some(match &self.fleet {
+                Some(fleet) => fleet.view(),
+                None => filter_user::fleet::views::SourceView {
+                    kind: "file".into(),
+                    location: self.opts.policy.display().to_string(),
+                    up: true,
+                    ..Default::default()
+                },
+            }),
         })
     }
 }
