@@ -177,13 +177,8 @@ struct Sample {
 }
 
 fn one_allow(lab: &mut FleetLab, ip: Ipv4Addr) -> Result<Sample> {
-    for (router, verdict) in lab.routers.iter().zip(lab.verdicts(ip)?) {
-        ensure!(
-            verdict == Action::Drop,
-            "{}: {ip} is {verdict:?} before its allow; the probe address is wrong",
-            router.name
-        );
-    }
+    lab.check_verdicts(ip, Action::Drop)
+        .context("an address is not dropped before its allow; the probe address is wrong")?;
     let ip_text = ip.to_string();
     let started = Instant::now();
     let mut child = lab
@@ -203,7 +198,10 @@ fn one_allow(lab: &mut FleetLab, ip: Ipv4Addr) -> Result<Sample> {
         if exited.is_none()
             && let Some(status) = child.try_wait()?
         {
-            ensure!(status.success(), "p25ctl fleet allow {ip} failed ({status})");
+            ensure!(
+                status.success(),
+                "p25ctl fleet allow {ip} failed ({status})"
+            );
             exited = Some(started.elapsed());
         }
         if exited.is_some() && changed.iter().all(Option::is_some) {
@@ -233,13 +231,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nearest_rank_percentiles() {
+    fn nearest_rank_percentiles() -> Result<()> {
         let values: Vec<f64> = (1..=100).map(f64::from).collect();
-        let p = Percentiles::of(&values).expect("samples");
-        assert_eq!((p.min, p.p50, p.p90, p.p99, p.max), (1.0, 50.0, 90.0, 99.0, 100.0));
-        let p = Percentiles::of(&[5.0]).expect("one sample");
+        let p = Percentiles::of(&values).context("samples")?;
+        assert_eq!(
+            (p.min, p.p50, p.p90, p.p99, p.max),
+            (1.0, 50.0, 90.0, 99.0, 100.0)
+        );
+        let p = Percentiles::of(&[5.0]).context("one sample")?;
         assert_eq!((p.p50, p.p99), (5.0, 5.0));
         assert_eq!(Percentiles::of(&[]), None);
+        Ok(())
     }
 
     #[test]

@@ -143,7 +143,8 @@ fn run(mut cli: Cli) -> Result<()> {
             .to_path_buf(),
     };
     let mut report = report::Report::new(&cli_summary(&cli), scale)?;
-    let needs_set = wants(Section::Dataplane) || wants(Section::Throughput) || wants(Section::Control);
+    let needs_set =
+        wants(Section::Dataplane) || wants(Section::Throughput) || wants(Section::Control);
     let set = if needs_set {
         eprintln!(
             "p25-bench: generating the policy ({} subscriber prefixes, {} allowlist entries)",

@@ -204,9 +204,9 @@ impl Etcd {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let child = cmd.spawn().with_context(|| {
-            "spawning etcd (Debian package etcd-server; `cargo xtask setup` installs it)"
-        })?;
+        let child = cmd.spawn().with_context(
+            || "spawning etcd (Debian package etcd-server; `cargo xtask setup` installs it)",
+        )?;
         self.child = Some(child);
         let ready = wait_until(START_TIMEOUT, Duration::from_millis(100), || {
             if let Some(child) = self.child.as_mut()

@@ -8,7 +8,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use anyhow::{Context as _, Result, ensure};
 use filter_common::classify::Action;
 use filter_user::fleet::{
-    Reason,
+    Layout, Reason,
     views::{FleetAllowView, SourceView},
 };
 use p25_tests::{
@@ -23,17 +23,19 @@ const SUB: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 10);
 const OTHER: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 11);
 
 fn allow(lab: &FleetLab, ip: Ipv4Addr) -> Result<FleetAllowView> {
-    let out = lab.fleet_ok(&["allow", &ip.to_string(), "--comment", "fleet test", "--json"])?;
+    let out = lab.fleet_ok(&[
+        "allow",
+        &ip.to_string(),
+        "--comment",
+        "fleet test",
+        "--json",
+    ])?;
     serde_json::from_str(&out).with_context(|| format!("p25ctl fleet allow printed {out}"))
 }
 
-/// Every router: `ip`'s verdict is `want` right now.
-fn assert_verdicts(lab: &mut FleetLab, ip: Ipv4Addr, want: Action) -> Result<()> {
-    for router in &mut lab.routers {
-        let got = router.verdict(ip)?;
-        ensure!(got == want, "{}: {ip} is {got:?}, expected {want:?}", router.name);
-    }
-    Ok(())
+/// A key in the watched range that routers ignore (neither the policy nor an allow entry).
+fn padding_key(i: usize) -> String {
+    format!("{PREFIX}/padding/{i}")
 }
 
 /// Waits until `router`'s metric `name{labels}` satisfies `ok`; returns the value.
@@ -78,8 +80,8 @@ fn wait_source(router: &Router, ok: impl Fn(&SourceView) -> bool) -> Result<Sour
 #[test]
 fn fleet_allow_and_deny_reach_every_router_and_status_lists_them() -> Result<()> {
     let mut lab = FleetLab::start(3, POLICY)?;
-    assert_verdicts(&mut lab, SUB, Action::Drop)?;
-    assert_verdicts(&mut lab, BUSINESS, Action::Pass)?;
+    lab.check_verdicts(SUB, Action::Drop)?;
+    lab.check_verdicts(BUSINESS, Action::Pass)?;
 
     let allowed = allow(&lab, SUB)?;
     ensure!(
@@ -87,7 +89,7 @@ fn fleet_allow_and_deny_reach_every_router_and_status_lists_them() -> Result<()>
         "key layout: {allowed:?}"
     );
     let took = lab.wait_verdicts(SUB, Action::Pass, FOLLOW_TIMEOUT)?;
-    assert_verdicts(&mut lab, OTHER, Action::Drop)?;
+    lab.check_verdicts(OTHER, Action::Drop)?;
     lab.wait_revision(allowed.revision)?;
     summary!("fleet allow reached 3 routers in {took:?}");
 
@@ -127,12 +129,16 @@ fn fleet_allow_and_deny_reach_every_router_and_status_lists_them() -> Result<()>
             router.name
         );
         let up = router.metric("p25_policy_source_up", &[])?;
-        ensure!(up == Some(1.0), "{}: p25_policy_source_up {up:?}", router.name);
+        ensure!(
+            up == Some(1.0),
+            "{}: p25_policy_source_up {up:?}",
+            router.name
+        );
     }
 
     lab.fleet_ok(&["deny", &SUB.to_string(), "--json"])?;
     let took = lab.wait_verdicts(SUB, Action::Drop, FOLLOW_TIMEOUT)?;
-    assert_verdicts(&mut lab, BUSINESS, Action::Pass)?;
+    lab.check_verdicts(BUSINESS, Action::Pass)?;
     summary!("fleet deny reached 3 routers in {took:?}");
     Ok(())
 }
@@ -158,7 +164,10 @@ fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
     std::fs::write(&file, BAD_POLICY)?;
     let out = lab.fleet(&["push", &file.display().to_string()])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(!out.status.success(), "fleet push of a bad policy succeeded");
+    ensure!(
+        !out.status.success(),
+        "fleet push of a bad policy succeeded"
+    );
     let located = format!("{}:7:", file.display());
     ensure!(
         stderr.contains(&located),
@@ -177,9 +186,9 @@ fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
     lab.etcd.put(&format!("{PREFIX}/policy"), BAD_POLICY)?;
     for router in &lab.routers {
         let source = wait_source(router, |s| {
-            s.problems
-                .iter()
-                .any(|p| p.reason == Reason::PolicyInvalid && p.message.contains("etcd:/p25/policy:7:"))
+            s.problems.iter().any(|p| {
+                p.reason == Reason::PolicyInvalid && p.message.contains("etcd:/p25/policy:7:")
+            })
         })?;
         ensure!(source.up, "{}: {source:?}", router.name);
         wait_metric(
@@ -190,12 +199,17 @@ fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
         )?;
     }
     // The old policy is still in force: subscribers dropped, the business allowed.
-    assert_verdicts(&mut lab, SUB, Action::Drop)?;
-    assert_verdicts(&mut lab, BUSINESS, Action::Pass)?;
+    lab.check_verdicts(SUB, Action::Drop)?;
+    lab.check_verdicts(BUSINESS, Action::Pass)?;
     let status = lab.fleet_status()?;
     for router in &status.routers {
         ensure!(
-            router.status.error.as_deref().is_some_and(|e| e.contains("etcd:/p25/policy")) && !router.in_sync,
+            router
+                .status
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("etcd:/p25/policy"))
+                && !router.in_sync,
             "fleet status should show the rejected policy: {router:?}"
         );
     }
@@ -227,9 +241,9 @@ fn fleet_keeps_filtering_without_etcd_and_catches_up() -> Result<()> {
         ensure!(!source.up, "{}: {source:?}", router.name);
     }
     // Still filtering with the last policy, fleet entry included.
-    assert_verdicts(&mut lab, SUB, Action::Pass)?;
-    assert_verdicts(&mut lab, OTHER, Action::Drop)?;
-    assert_verdicts(&mut lab, BUSINESS, Action::Pass)?;
+    lab.check_verdicts(SUB, Action::Pass)?;
+    lab.check_verdicts(OTHER, Action::Drop)?;
+    lab.check_verdicts(BUSINESS, Action::Pass)?;
 
     // Local p25ctl keeps working, and its entries combine with the fleet's.
     let local = Ipv4Addr::new(100, 64, 1, 12);
@@ -243,7 +257,10 @@ fn fleet_keeps_filtering_without_etcd_and_catches_up() -> Result<()> {
     let edge2 = lab.router("edge-2")?;
     edge2.restart_without_pins()?;
     edge2.wait_verdict(SUB, Action::Pass, FOLLOW_TIMEOUT)?;
-    ensure!(edge2.verdict(OTHER)? == Action::Drop, "edge-2 lets {OTHER} through");
+    ensure!(
+        edge2.verdict(OTHER)? == Action::Drop,
+        "edge-2 lets {OTHER} through"
+    );
     ensure!(
         edge2.verdict(BUSINESS)? == Action::Pass,
         "edge-2 lost the policy's allow entry"
@@ -272,14 +289,25 @@ fn fleet_keeps_filtering_without_etcd_and_catches_up() -> Result<()> {
     Ok(())
 }
 
-/// Puts of padding under the prefix while a router is frozen: more watch responses than
-/// etcd buffers for one watcher (128 in its channel, plus gRPC's and TCP's buffers), so
-/// etcd stops sending to it and takes it out of the synced watchers; a compaction past its
-/// position then cancels its watch with "required revision has been compacted".
-const PADDING_PUTS: usize = 300;
+/// Padding written under the prefix while a router is frozen, to make etcd give up on its
+/// watch: first more bytes than the HTTP/2 windows and socket buffers between etcd and the
+/// router hold (so that etcd's send to it blocks), then more watch responses than etcd
+/// queues for one watch stream (128), so that etcd takes the watcher out of its synced
+/// set. A compaction past its position then cancels its watch with "required revision has
+/// been compacted".
+const PADDING_LARGE: usize = 40;
+const PADDING_LARGE_BYTES: usize = 1 << 20;
+const PADDING_SMALL: usize = 200;
 
 #[test]
 fn fleet_router_recovers_from_a_compacted_watch() -> Result<()> {
+    // The padding must be inside what routers watch, or it would not slow the watch down.
+    let (start, end) = Layout::new(PREFIX)?.watched_range();
+    ensure!(
+        (start.as_str()..end.as_str()).contains(&padding_key(0).as_str()),
+        "padding key {} is outside the watched range {start}..{end}",
+        padding_key(0)
+    );
     let mut lab = FleetLab::start(3, POLICY)?;
     let frozen = "edge-2";
     let router = lab.router(frozen)?;
@@ -288,12 +316,18 @@ fn fleet_router_recovers_from_a_compacted_watch() -> Result<()> {
         .unwrap_or(0.0);
     router.signal(libc::SIGSTOP)?;
     let result = (|| -> Result<i64> {
-        let padding = "x".repeat(4096);
-        for i in 0..PADDING_PUTS {
-            lab.etcd.put(&format!("{PREFIX}/padding/{i}"), &padding)?;
+        let large = "x".repeat(PADDING_LARGE_BYTES);
+        for i in 0..PADDING_LARGE + PADDING_SMALL {
+            let value = if i < PADDING_LARGE {
+                large.as_str()
+            } else {
+                "x"
+            };
+            lab.etcd.put(&padding_key(i), value)?;
         }
         let allowed = allow(&lab, SUB)?;
-        lab.etcd.etcdctl(&["del", "--prefix", &format!("{PREFIX}/padding/")])?;
+        lab.etcd
+            .etcdctl(&["del", "--prefix", &format!("{PREFIX}/padding/")])?;
         let compacted = lab.etcd.compact_all()?;
         // The others follow while edge-2 is frozen.
         for router in lab.routers.iter_mut().filter(|r| r.name != frozen) {
@@ -314,9 +348,10 @@ fn fleet_router_recovers_from_a_compacted_watch() -> Result<()> {
         &[("reason", "compacted")],
         |v| v > compacted_before,
     )?;
-    summary!(
-        "{frozen} saw its watch compacted ({compacted} times) and recovered with a full read"
+    summary!("{frozen} saw its watch compacted ({compacted} times) and recovered with a full read");
+    ensure!(
+        router.verdict(OTHER)? == Action::Drop,
+        "{frozen} lets {OTHER} through"
     );
-    ensure!(router.verdict(OTHER)? == Action::Drop, "{frozen} lets {OTHER} through");
     Ok(())
 }

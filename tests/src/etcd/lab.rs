@@ -132,7 +132,12 @@ impl Router {
     }
 
     /// Waits until the router's verdict on `src` is `want`; returns how long that took.
-    pub fn wait_verdict(&mut self, src: Ipv4Addr, want: Action, timeout: Duration) -> Result<Duration> {
+    pub fn wait_verdict(
+        &mut self,
+        src: Ipv4Addr,
+        want: Action,
+        timeout: Duration,
+    ) -> Result<Duration> {
         let start = Instant::now();
         let mut last = None;
         let ok = wait_until(timeout, Duration::from_millis(5), || {
@@ -258,7 +263,13 @@ impl FleetLab {
         cmd.arg(format!("--net={}", self.ctl.path().display()))
             .arg("--")
             .arg(self.binary("p25ctl")?)
-            .args(["fleet", "--etcd", &self.etcd.endpoint(), "--etcd-prefix", PREFIX])
+            .args([
+                "fleet",
+                "--etcd",
+                &self.etcd.endpoint(),
+                "--etcd-prefix",
+                PREFIX,
+            ])
             .args(args);
         Ok(cmd)
     }
@@ -288,14 +299,27 @@ impl FleetLab {
         serde_json::from_str(&out).with_context(|| format!("p25ctl fleet status printed {out}"))
     }
 
-    /// Every router's verdict on `src`.
-    pub fn verdicts(&mut self, src: Ipv4Addr) -> Result<Vec<Action>> {
-        self.routers.iter_mut().map(|r| r.verdict(src)).collect()
+    /// Fails unless every router's verdict on `src` is `want` right now.
+    pub fn check_verdicts(&mut self, src: Ipv4Addr, want: Action) -> Result<()> {
+        for router in &mut self.routers {
+            let got = router.verdict(src)?;
+            ensure!(
+                got == want,
+                "{}: {src} is {got:?}, expected {want:?}",
+                router.name
+            );
+        }
+        Ok(())
     }
 
     /// Waits until every router's verdict on `src` is `want`; returns how long the slowest
     /// took (measured from the call).
-    pub fn wait_verdicts(&mut self, src: Ipv4Addr, want: Action, timeout: Duration) -> Result<Duration> {
+    pub fn wait_verdicts(
+        &mut self,
+        src: Ipv4Addr,
+        want: Action,
+        timeout: Duration,
+    ) -> Result<Duration> {
         let start = Instant::now();
         for router in &mut self.routers {
             let left = timeout.saturating_sub(start.elapsed());
