@@ -66,13 +66,13 @@ pub enum Error {
         why: String,
     },
     /// An etcd request failed.
-    #[error("etcd: {what}: {source}")]
+    #[error("etcd: {what}: {message}")]
     Etcd {
         /// What was being done.
         what: &'static str,
-        /// Why it failed.
-        #[source]
-        source: etcd_client::Error,
+        /// Why it failed: the client error as text (its own display already holds its
+        /// causes, so it is not chained again).
+        message: String,
     },
     /// An etcd request took too long.
     #[error("etcd: {what}: no answer within {after:?}; is etcd running and reachable?")]
@@ -258,6 +258,8 @@ pub struct Composer {
     document: Option<(String, Checked)>,
     /// The last good override: its text and interfaces.
     interfaces: Option<(String, Vec<Interface>)>,
+    /// Each allow value as last checked, by name: its bytes and the result.
+    checked_allow: BTreeMap<String, (Vec<u8>, Result<values::FleetAllow, String>)>,
 }
 
 impl Composer {
@@ -268,6 +270,7 @@ impl Composer {
             router: router.to_owned(),
             document: None,
             interfaces: None,
+            checked_allow: BTreeMap::new(),
         }
     }
 
@@ -281,55 +284,42 @@ impl Composer {
     pub fn compose(&mut self, state: &State, now: SystemTime) -> Result<Composed, Vec<Problem>> {
         let mut problems = Vec::new();
         let policy_name = source_name(&self.layout.policy());
+        let fallback = if self.document.is_some() {
+            "the last good document stays in force"
+        } else {
+            "there is no policy to put in force"
+        };
         match &state.policy {
             None => problems.push(Problem {
                 reason: Reason::PolicyMissing,
                 message: format!(
-                    "{policy_name} does not exist; {} (store one with `p25ctl fleet push`)",
-                    if self.document.is_some() {
-                        "the last good document stays in force"
-                    } else {
-                        "there is no policy to put in force"
-                    }
+                    "{policy_name} does not exist; {fallback} (store one with `p25ctl fleet push`)"
                 ),
             }),
-            Some(text) if self.document.as_ref().is_some_and(|(t, _)| t == text) => {}
-            Some(text) => match check_document(text, &policy_name) {
-                Ok(checked) => self.document = Some((text.clone(), checked)),
-                Err(e) => problems.push(Problem {
-                    reason: Reason::PolicyInvalid,
-                    message: format!(
-                        "{e}\n{policy_name} rejected; {}",
-                        if self.document.is_some() {
-                            "the last good document stays in force"
-                        } else {
-                            "there is no policy to put in force"
-                        }
-                    ),
-                }),
-            },
+            Some(text) => problems.extend(keep_good(
+                &mut self.document,
+                text,
+                |t| check_document(t, &policy_name),
+                (Reason::PolicyInvalid, &policy_name, fallback),
+            )),
         }
         let Some((document_text, document)) = &self.document else {
             return Err(problems);
         };
         let interfaces_name = source_name(&self.layout.interfaces(&self.router));
+        let fallback = if self.interfaces.is_some() {
+            "the last good override stays in force"
+        } else {
+            "the policy's interfaces are in force"
+        };
         match &state.interfaces {
             None => self.interfaces = None,
-            Some(text) if self.interfaces.as_ref().is_some_and(|(t, _)| t == text) => {}
-            Some(text) => match check_interfaces(text, &interfaces_name) {
-                Ok(interfaces) => self.interfaces = Some((text.clone(), interfaces)),
-                Err(e) => problems.push(Problem {
-                    reason: Reason::InterfacesInvalid,
-                    message: format!(
-                        "{e}\n{interfaces_name} rejected; {}",
-                        if self.interfaces.is_some() {
-                            "the last good override stays in force"
-                        } else {
-                            "the policy's interfaces are in force"
-                        }
-                    ),
-                }),
-            },
+            Some(text) => problems.extend(keep_good(
+                &mut self.interfaces,
+                text,
+                |t| check_interfaces(t, &interfaces_name),
+                (Reason::InterfacesInvalid, &interfaces_name, fallback),
+            )),
         }
         let mut policy: Policy = document.policy.clone();
         if let Some((_, interfaces)) = &self.interfaces {
@@ -337,24 +327,32 @@ impl Composer {
         }
         let mut snapshot_allow = BTreeMap::new();
         let mut fleet = Vec::new();
+        // Values are checked once: a change to one entry of a long fleet allowlist must not
+        // parse all the others again.
+        let mut checked_allow = BTreeMap::new();
         for (name, bytes) in &state.allow {
-            let key = source_name(&format!("{}{name}", self.layout.allow_dir()));
-            match values::check_allow(name, bytes, now) {
+            let result = match self.checked_allow.remove(name) {
+                Some((old_bytes, result)) if old_bytes == *bytes => result,
+                _ => values::check_allow(name, bytes, now),
+            };
+            match &result {
                 Ok(entry) => {
                     snapshot_allow.insert(name.clone(), entry.to_value());
-                    fleet.push(entry);
+                    fleet.push(entry.to_policy_entry());
                 }
                 Err(why) => problems.push(Problem {
                     reason: Reason::AllowInvalid,
-                    message: format!("{key}: {why}; entry skipped"),
+                    message: format!(
+                        "{}: {why}; entry skipped",
+                        source_name(&format!("{}{name}", self.layout.allow_dir()))
+                    ),
                 }),
             }
+            checked_allow.insert(name.clone(), (bytes.clone(), result));
         }
+        self.checked_allow = checked_allow;
         let fleet_allow = fleet.len();
-        merge_allow(
-            &mut policy,
-            fleet.iter().map(values::FleetAllow::to_policy_entry),
-        );
+        merge_allow(&mut policy, fleet);
         Ok(Composed {
             checked: Checked {
                 policy,
@@ -374,30 +372,68 @@ impl Composer {
     }
 }
 
+/// Takes `text` as the new `last` good value if `check` passes; otherwise `last` stays and
+/// the problem (`why`: the reason, the key's name, what stays in force) is returned.
+fn keep_good<T>(
+    last: &mut Option<(String, T)>,
+    text: &str,
+    check: impl FnOnce(&str) -> Result<T, PolicyError>,
+    (reason, name, fallback): (Reason, &str, &str),
+) -> Option<Problem> {
+    if last.as_ref().is_some_and(|(t, _)| t == text) {
+        return None;
+    }
+    match check(text) {
+        Ok(value) => {
+            *last = Some((text.to_owned(), value));
+            None
+        }
+        Err(e) => Some(Problem {
+            reason,
+            message: format!("{e}\n{name} rejected; {fallback}"),
+        }),
+    }
+}
+
 /// Merges allow entries into a policy's allowlist as a union: a prefix the policy already
 /// lists keeps one entry, the one that lasts longer (no expiry lasts longest), so the
-/// prefix stays allowed while either source holds it.
+/// prefix stays allowed while either source holds it. Linear after sorting `entries`: a
+/// fleet allowlist may be long.
 pub fn merge_allow(policy: &mut Policy, entries: impl IntoIterator<Item = AllowEntry>) {
-    let lasts = |e: &AllowEntry| e.expires.map_or((1, SystemTime::UNIX_EPOCH), |t| (0, t));
-    for entry in entries {
-        if policy.allow_listed.binary_search(&entry.prefix).is_ok() {
-            // Listed entries never expire: the union is the listed one.
-            continue;
-        }
-        match policy
-            .allow
-            .binary_search_by_key(&entry.prefix, |a| a.prefix)
-        {
-            Ok(i) => {
-                if let Some(existing) = policy.allow.get_mut(i)
-                    && lasts(&entry) > lasts(existing)
-                {
-                    existing.expires = entry.expires;
+    fn lasts(e: &AllowEntry) -> (u8, SystemTime) {
+        e.expires.map_or((1, SystemTime::UNIX_EPOCH), |t| (0, t))
+    }
+    // Listed entries never expire: for their prefixes the union is the listed one.
+    let mut extra: Vec<AllowEntry> = entries
+        .into_iter()
+        .filter(|e| policy.allow_listed.binary_search(&e.prefix).is_err())
+        .collect();
+    extra.sort_by_key(|e| e.prefix);
+    extra.dedup_by_key(|e| e.prefix);
+    let mut old = std::mem::take(&mut policy.allow).into_iter().peekable();
+    let mut extra = extra.into_iter().peekable();
+    let mut merged = Vec::with_capacity(old.len() + extra.len());
+    loop {
+        let order = match (old.peek(), extra.peek()) {
+            (Some(a), Some(b)) => a.prefix.cmp(&b.prefix),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => break,
+        };
+        match order {
+            std::cmp::Ordering::Less => merged.extend(old.next()),
+            std::cmp::Ordering::Greater => merged.extend(extra.next()),
+            std::cmp::Ordering::Equal => {
+                if let (Some(mut kept), Some(other)) = (old.next(), extra.next()) {
+                    if lasts(&other) > lasts(&kept) {
+                        kept.expires = other.expires;
+                    }
+                    merged.push(kept);
                 }
             }
-            Err(i) => policy.allow.insert(i, entry),
         }
     }
+    policy.allow = merged;
 }
 
 /// The state of a snapshot, to start a [`Follower`] from.
@@ -558,6 +594,19 @@ allow:
     }
 
     #[test]
+    fn a_changed_value_is_checked_again() -> Result<(), Vec<Problem>> {
+        let mut c = composer();
+        let good = r#"{"prefix":"192.0.2.25/32"}"#;
+        let bad = r#"{"prefix":"192.0.2.25/32","expires":"later"}"#;
+        for (value, problems, allow) in [(good, 0, 2), (bad, 1, 1), (bad, 1, 1), (good, 0, 2)] {
+            let composed = c.compose(&state(Some(DOC), &[("192.0.2.25_32", value)]), now())?;
+            assert_eq!(composed.problems.len(), problems, "{value}");
+            assert_eq!(composed.checked.policy.allow.len(), allow, "{value}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_bad_document_keeps_the_last_good_one() -> Result<(), Vec<Problem>> {
         let mut c = composer();
         assert!(
@@ -654,6 +703,17 @@ allow:
         );
         assert_eq!(policy.allow.len(), 2);
         assert_eq!(policy.allow.first().and_then(|a| a.expires), None);
+        // Many entries in any order come out sorted, once each, listed ones left out.
+        policy.allow_listed = vec!["203.0.113.0/24".parse()?];
+        let many: Vec<AllowEntry> = (0..=255u8)
+            .rev()
+            .chain([7, 7])
+            .map(|i| format!("100.64.{i}.0/24").parse().map(AllowEntry::listed))
+            .chain(["203.0.113.0/24".parse().map(AllowEntry::listed)])
+            .collect::<Result<_, _>>()?;
+        merge_allow(&mut policy, many);
+        assert_eq!(policy.allow.len(), 258);
+        assert!(policy.allow.is_sorted_by(|a, b| a.prefix < b.prefix));
         Ok(())
     }
 

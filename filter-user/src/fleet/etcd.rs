@@ -68,7 +68,10 @@ pub async fn within<T>(
 ) -> Result<T, Error> {
     match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(source)) => Err(Error::Etcd { what, source }),
+        Ok(Err(source)) => Err(Error::Etcd {
+            what,
+            message: source.to_string(),
+        }),
         Err(_) => Err(Error::Timeout {
             what,
             after: REQUEST_TIMEOUT,

@@ -2,13 +2,14 @@
 //! from etcd (docs/fleet.md). Talks to etcd only, never to the local p25d.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     time::{Duration, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use filter_user::{
     fleet::{
         self, Layout,
@@ -111,17 +112,15 @@ pub fn run(args: &FleetArgs) -> Result<()> {
             FleetCommand::Push { json, .. } => {
                 let (text, view) = pushed.context("the checked policy")?;
                 let view = push(&mut client, &layout, text, view).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                for warning in &view.warnings {
-                    println!("warning: {warning}");
-                }
-                println!(
-                    "pushed {} at revision {}: {} subscriber prefixes, {} allowlist entries",
-                    view.key, view.revision, view.subscribers, view.allow
-                );
-                Ok(())
+                show(*json, &view, |view| {
+                    for warning in &view.warnings {
+                        println!("warning: {warning}");
+                    }
+                    println!(
+                        "pushed {} at revision {}: {} subscriber prefixes, {} allowlist entries",
+                        view.key, view.revision, view.subscribers, view.allow
+                    );
+                })
             }
             FleetCommand::Allow {
                 prefix,
@@ -130,10 +129,7 @@ pub fn run(args: &FleetArgs) -> Result<()> {
                 json,
             } => {
                 let view = allow(&mut client, &layout, prefix, comment, expires.as_deref()).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                match &view.expires {
+                show(*json, &view, |view| match &view.expires {
                     Some(at) => println!(
                         "fleet: allowed {} until {at} (revision {})",
                         view.prefix, view.revision
@@ -142,38 +138,34 @@ pub fn run(args: &FleetArgs) -> Result<()> {
                         "fleet: allowed {} (revision {})",
                         view.prefix, view.revision
                     ),
-                }
-                Ok(())
+                })
             }
             FleetCommand::Deny { prefix, json } => {
                 let view = deny(&mut client, &layout, prefix).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                println!(
-                    "fleet: removed {} (revision {})",
-                    view.prefix, view.revision
-                );
-                Ok(())
+                show(*json, &view, |view| {
+                    println!(
+                        "fleet: removed {} (revision {})",
+                        view.prefix, view.revision
+                    );
+                })
             }
             FleetCommand::List { json } => {
-                let view = list(&mut client, &layout).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                print_list(&view);
-                Ok(())
+                show(*json, &list(&mut client, &layout).await?, print_list)
             }
             FleetCommand::Status { json } => {
-                let view = status(&mut client, &layout).await?;
-                if *json {
-                    return crate::print_json(&view);
-                }
-                print_status(&view);
-                Ok(())
+                show(*json, &status(&mut client, &layout).await?, print_status)
             }
         }
     })
+}
+
+/// Prints `view` as JSON, or for people with `print`.
+fn show<T: serde::Serialize>(json: bool, view: &T, print: impl FnOnce(&T)) -> Result<()> {
+    if json {
+        return crate::print_json(view);
+    }
+    print(view);
+    Ok(())
 }
 
 /// Reads and checks a policy file exactly as p25d will check it in etcd: the same
@@ -323,29 +315,37 @@ async fn list(client: &mut Client, layout: &Layout) -> Result<FleetListView> {
 }
 
 async fn status(client: &mut Client, layout: &Layout) -> Result<FleetStatusView> {
-    // The latest change a router must have applied: the newest mod revision in the
-    // watched range (policy and allow keys).
+    // What a router must have applied: every change to the policy and allow keys. The
+    // newest put is the highest mod revision in the range; a delete leaves no key behind,
+    // so for each router revision r the range's key count at r is compared with the count
+    // now: any change after r either is a put (mod revision > r) or changes the count.
     let (start, end) = layout.watched_range();
-    let changes = within(
+    let newest = within(
         "reading the policy and allow keys",
         client.get(
-            start,
-            Some(GetOptions::new().with_range(end).with_keys_only()),
+            start.clone(),
+            Some(
+                GetOptions::new()
+                    .with_range(end.clone())
+                    .with_keys_only()
+                    .with_sort(SortTarget::Mod, SortOrder::Descend)
+                    .with_limit(1),
+            ),
         ),
     )
     .await?;
-    let latest_change = changes
+    let latest_change = newest
         .kvs()
-        .iter()
-        .map(etcd_client::KeyValue::mod_revision)
-        .max()
-        .unwrap_or(0);
+        .first()
+        .map_or(0, etcd_client::KeyValue::mod_revision);
+    let count_now = newest.count();
     let mut routers_response = within(
         "reading the routers' registrations",
         client.get(layout.routers_dir(), Some(GetOptions::new().with_prefix())),
     )
     .await?;
     let revision = routers_response.header().map_or(0, |h| h.revision());
+    let mut counts: BTreeMap<i64, Option<i64>> = BTreeMap::new();
     let mut routers = Vec::new();
     for kv in routers_response.take_kvs() {
         if !matches!(layout.classify(kv.key()), fleet::keys::Key::Status(_)) {
@@ -367,8 +367,38 @@ async fn status(client: &mut Client, layout: &Layout) -> Result<FleetStatusView>
                 _ => None,
             }
         };
+        let r = status.revision;
+        let caught_up = if r < latest_change || r <= 0 {
+            false
+        } else {
+            let count = match counts.get(&r) {
+                Some(count) => *count,
+                None => {
+                    // None: the revision is compacted away (or unreadable): not known to
+                    // be in sync.
+                    let count = within(
+                        "counting the policy and allow keys at a router's revision",
+                        client.get(
+                            start.clone(),
+                            Some(
+                                GetOptions::new()
+                                    .with_range(end.clone())
+                                    .with_count_only()
+                                    .with_revision(r),
+                            ),
+                        ),
+                    )
+                    .await
+                    .ok()
+                    .map(|response| response.count());
+                    counts.insert(r, count);
+                    count
+                }
+            };
+            count == Some(count_now)
+        };
         routers.push(RouterView {
-            in_sync: status.revision >= latest_change && status.error.is_none(),
+            in_sync: caught_up && status.error.is_none(),
             status,
             last_seen_secs_ago,
         });
@@ -420,7 +450,11 @@ fn print_status(view: &FleetStatusView) {
                 .map_or("-".to_owned(), |s| format!("{s}s")),
             if r.in_sync { "yes" } else { "NO" },
             if r.status.source_up { "up" } else { "DOWN" },
-            r.status.error.as_deref().unwrap_or("")
+            r.status
+                .error
+                .as_deref()
+                .and_then(|e| e.lines().next())
+                .unwrap_or("")
         );
     }
     if view.routers.is_empty() {

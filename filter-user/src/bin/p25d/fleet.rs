@@ -130,6 +130,8 @@ pub struct Source {
     notify: watch::Receiver<u64>,
     /// The sequence number last composed.
     seen: u64,
+    /// When the pending change is due (the first notice plus [`DEBOUNCE`]).
+    due: Option<tokio::time::Instant>,
     applied: watch::Sender<Applied>,
     composer: Composer,
     /// The snapshot of the last composition, saved once it is in force.
@@ -263,6 +265,7 @@ impl Source {
                 // Different from any sequence number: the first turn of the daemon's loop
                 // composes again and reports the state in force (registration, snapshot).
                 seen: seen.wrapping_sub(1),
+                due: None,
                 applied,
                 composer,
                 pending: None,
@@ -278,13 +281,18 @@ impl Source {
         ))
     }
 
-    /// Resolves when there is fleet state to compose (after [`DEBOUNCE`]). Cancel-safe:
-    /// what is pending stays pending until [`Source::compose`] takes it.
+    /// Resolves when there is fleet state to compose, [`DEBOUNCE`] after the first change
+    /// noticed. Cancel-safe: what is pending stays pending, and due when it was, until
+    /// [`Source::compose`] takes it (the daemon's loop drops this future whenever another
+    /// event comes first).
     pub async fn changed(&mut self) {
         loop {
             let current = *self.notify.borrow();
             if current != self.seen {
-                tokio::time::sleep(DEBOUNCE).await;
+                let due = *self
+                    .due
+                    .get_or_insert_with(|| tokio::time::Instant::now() + DEBOUNCE);
+                tokio::time::sleep_until(due).await;
                 return;
             }
             if self.notify.changed().await.is_err() {
@@ -298,6 +306,7 @@ impl Source {
     /// value keeps what was in force and is counted once, logged and shown in status.
     pub fn compose(&mut self) -> Result<Checked, String> {
         self.seen = *self.notify.borrow_and_update();
+        self.due = None;
         let state = lock(&self.shared).state.clone();
         let result = self.composer.compose(&state, SystemTime::now());
         let problems = match &result {
@@ -517,13 +526,18 @@ struct Lease {
     stream: LeaseKeepAliveStream,
 }
 
-/// Puts this router's status under its lease (granting one first if needed).
+/// Puts this router's status under its lease (granting one first if needed). Not before
+/// the daemon has put a state in force: a p25d that then fails to start (say, because
+/// another one holds the pin root) must not overwrite the running router's registration.
 async fn register(
     client: &mut Client,
     opts: &FleetOptions,
     lease: &mut Option<Lease>,
     applied: &Applied,
 ) -> Result<()> {
+    if applied.applied_at.is_empty() {
+        return Ok(());
+    }
     if lease.is_none() {
         let granted = within(
             "granting the registration lease",
@@ -683,6 +697,46 @@ async fn watch(
                 let now = applied.borrow_and_update().clone();
                 register(client, opts, lease, &now).await.map_err(|e| (Reason::Register, e))?;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_and_the_snapshot_goes_beside_the_state() -> Result<()> {
+        let opts = FleetOptions::new(
+            "http://127.0.0.1:2379,127.0.0.2:2379",
+            "/fleet/",
+            Some("edge-1"),
+            Path::new("/var/lib/p25/runtime-allow.json"),
+        )?;
+        assert_eq!(opts.endpoints.len(), 2);
+        assert_eq!(opts.layout.prefix(), "/fleet");
+        assert_eq!(opts.snapshot, Path::new("/var/lib/p25/fleet-snapshot.json"));
+        // The hostname is the default name, and it is a valid one here.
+        let opts = FleetOptions::new("127.0.0.1:2379", "/p25", None, Path::new("s.json"))?;
+        assert_eq!(opts.router, hostname()?);
+        for (etcd, prefix, router) in [
+            ("", "/p25", "r1"),
+            ("127.0.0.1:2379", "p25", "r1"),
+            ("127.0.0.1:2379", "/p25", "r/1"),
+        ] {
+            assert!(
+                FleetOptions::new(etcd, prefix, Some(router), Path::new("s.json")).is_err(),
+                "{etcd:?} {prefix:?} {router:?}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        for _ in 0..100 {
+            let j = jitter();
+            assert!((0.0..1.0).contains(&j), "{j}");
         }
     }
 }

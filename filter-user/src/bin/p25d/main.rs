@@ -134,7 +134,7 @@ struct RunArgs {
     events_burst: u32,
     /// Follow the fleet policy in etcd instead of --policy: endpoints, comma-separated
     /// (http://host:port). See docs/fleet.md.
-    #[arg(long, env = "P25_ETCD")]
+    #[arg(long, env = "P25_ETCD", conflicts_with = "policy")]
     etcd: Option<String>,
     /// The prefix of the fleet's keys in etcd.
     #[arg(long, default_value = filter_user::fleet::keys::DEFAULT_PREFIX, requires = "etcd")]
