@@ -3,7 +3,11 @@
 //! tests/src/etcd.rs). Every verdict is read with BPF_PROG_TEST_RUN over the router's
 //! pinned maps; every wait is bounded.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, ensure};
 use filter_common::classify::Action;
@@ -16,6 +20,16 @@ use p25_tests::{
     netns::wait_until,
     summary,
 };
+
+/// One fleet lab at a time: each starts an etcd and three p25d (each loading and
+/// verifying the dataplane), and four of them at once on a loaded 2-CPU machine can take
+/// longer than a daemon's start-up wait. Sequential, the four tests take about as long.
+static ONE_LAB: Mutex<()> = Mutex::new(());
+
+fn one_lab() -> MutexGuard<'static, ()> {
+    // A test that failed while holding the lock poisoned it; the next may still run.
+    ONE_LAB.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// A subscriber with no allow entry: dropped until the fleet allows it.
 const SUB: Ipv4Addr = Ipv4Addr::new(100, 64, 1, 10);
@@ -79,6 +93,7 @@ fn wait_source(router: &Router, ok: impl Fn(&SourceView) -> bool) -> Result<Sour
 
 #[test]
 fn fleet_allow_and_deny_reach_every_router_and_status_lists_them() -> Result<()> {
+    let _one = one_lab();
     let mut lab = FleetLab::start(3, POLICY)?;
     lab.check_verdicts(SUB, Action::Drop)?;
     lab.check_verdicts(BUSINESS, Action::Pass)?;
@@ -156,6 +171,7 @@ subscribers:
 
 #[test]
 fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
+    let _one = one_lab();
     let mut lab = FleetLab::start(3, POLICY)?;
     let before = lab.etcd.revision()?;
 
@@ -229,6 +245,7 @@ fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
 
 #[test]
 fn fleet_keeps_filtering_without_etcd_and_catches_up() -> Result<()> {
+    let _one = one_lab();
     let mut lab = FleetLab::start(3, POLICY)?;
     let allowed = allow(&lab, SUB)?;
     lab.wait_verdicts(SUB, Action::Pass, FOLLOW_TIMEOUT)?;
@@ -308,6 +325,7 @@ fn fleet_router_recovers_from_a_compacted_watch() -> Result<()> {
         "padding key {} is outside the watched range {start}..{end}",
         padding_key(0)
     );
+    let _one = one_lab();
     let mut lab = FleetLab::start(3, POLICY)?;
     let frozen = "edge-2";
     let router = lab.router(frozen)?;
