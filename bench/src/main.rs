@@ -100,6 +100,8 @@ enum Section {
 fn main() -> ExitCode {
     if let Err(err) = sys::on_signal_exit(|| {
         daemon::kill_all();
+        // The fleet section's etcd and routers (children started by the test-suite lab).
+        sys::kill_children();
         netns::sweep_own();
     }) {
         eprintln!("p25-bench: error: {err:#}");

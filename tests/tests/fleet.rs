@@ -158,16 +158,11 @@ fn fleet_allow_and_deny_reach_every_router_and_status_lists_them() -> Result<()>
     Ok(())
 }
 
-/// A policy that fails the check at line 7, column 13 (a /33).
-const BAD_POLICY: &str = "\
-version: 1
-interfaces:
-  - name: sub0
-    role: subscriber
-    attach: xdp
-subscribers:
-  - prefix: 100.64.0.0/33
-";
+/// The lab policy with its subscriber prefix (line 7, column 13) made a /33: the check
+/// fails there.
+fn bad_policy() -> String {
+    POLICY.replace("100.64.0.0/10", "100.64.0.0/33")
+}
 
 #[test]
 fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
@@ -177,7 +172,7 @@ fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
 
     // `fleet push` checks first and names file:line:col.
     let file = lab.etcd.dir.join("bad-policy.yaml");
-    std::fs::write(&file, BAD_POLICY)?;
+    std::fs::write(&file, bad_policy())?;
     let out = lab.fleet(&["push", &file.display().to_string()])?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(
@@ -199,7 +194,7 @@ fn fleet_refuses_invalid_policies_and_keeps_the_old_one() -> Result<()> {
     );
 
     // Behind push's back: straight into etcd.
-    lab.etcd.put(&format!("{PREFIX}/policy"), BAD_POLICY)?;
+    lab.etcd.put(&format!("{PREFIX}/policy"), &bad_policy())?;
     for router in &lab.routers {
         let source = wait_source(router, |s| {
             s.problems.iter().any(|p| {

@@ -9,7 +9,12 @@
 //! p25 did not do its job. The lab is torn down at the end, and the demo checks that its
 //! namespaces and pins are gone.
 
-use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode, time::Instant};
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use filter_common::classify::Action;
@@ -121,10 +126,8 @@ fn run() -> Result<bool> {
     );
     let took = lab.wait_verdicts(RESIDENTIAL, Action::Pass, FOLLOW_TIMEOUT);
     println!(
-        "  both routers pass {ip} -> port 25 after {}  {}",
-        took.as_ref()
-            .map_or_else(|e| format!("(not: {e:#})"), |d| format!("{d:.1?}")),
-        checks.check(took.is_ok(), "fleet allow reaches both routers")
+        "  both routers pass {ip} -> port 25 {}",
+        after(&mut checks, &took, "fleet allow reaches both routers")
     );
     print!("{}", lab.fleet_ok(&["list"])?);
 
@@ -132,10 +135,8 @@ fn run() -> Result<bool> {
     print!("{}", lab.fleet_ok(&["deny", &ip])?);
     let took = lab.wait_verdicts(RESIDENTIAL, Action::Drop, FOLLOW_TIMEOUT);
     println!(
-        "  both routers drop {ip} -> port 25 again after {}  {}",
-        took.as_ref()
-            .map_or_else(|e| format!("(not: {e:#})"), |d| format!("{d:.1?}")),
-        checks.check(took.is_ok(), "fleet deny reaches both routers")
+        "  both routers drop {ip} -> port 25 again {}",
+        after(&mut checks, &took, "fleet deny reaches both routers")
     );
 
     heading("etcd stops: the routers keep filtering with what they applied");
@@ -150,11 +151,10 @@ fn run() -> Result<bool> {
     lab.etcd.stop()?;
     println!("  etcd stopped (SIGKILL)");
     for router in &lab.routers {
-        let down = p25_tests::netns::wait_until(
-            FOLLOW_TIMEOUT,
-            std::time::Duration::from_millis(100),
-            || Ok(router.metric("p25_policy_source_up", &[])? == Some(0.0)),
-        )?;
+        let down =
+            p25_tests::netns::wait_until(FOLLOW_TIMEOUT, Duration::from_millis(100), || {
+                Ok(router.metric("p25_policy_source_up", &[])? == Some(0.0))
+            })?;
         let source = router.source()?;
         println!(
             "  {}: p25_policy_source_up 0, enforcing revision {} ({})  {}",
@@ -213,6 +213,14 @@ fn run() -> Result<bool> {
     );
     println!("fleet demo done in {:.0?}", started.elapsed());
     Ok(ok && clean)
+}
+
+/// "after 12.3ms  ok" for a wait that succeeded (checked as `what`), the error otherwise.
+fn after(checks: &mut Checks, took: &Result<Duration>, what: &str) -> String {
+    let text = took
+        .as_ref()
+        .map_or_else(|e| format!("(not: {e:#})"), |d| format!("after {d:.1?}"));
+    format!("{text}  {}", checks.check(took.is_ok(), what))
 }
 
 /// The start of an error message (the full text is in `p25ctl status`).
