@@ -8,6 +8,7 @@
 //! the same code as a policy file. The etcd client side lives in p25d (bin/p25d/fleet.rs)
 //! and p25ctl (`p25ctl fleet`).
 
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod follower;
 pub mod keys;
