@@ -8,7 +8,9 @@
 //!    one source (also against nftables) and from 65,536 rotating sources, pass floods
 //!    from rotating allowlisted sources, IPv4 and IPv6;
 //! 3. control: p25d loading and reconciling a 1M-entry policy (cold and as a 1% diff),
-//!    the latency of one `p25ctl allow`, and the daemon's peak RSS.
+//!    the latency of one `p25ctl allow`, and the daemon's peak RSS;
+//! 4. fleet: propagation latency of `p25ctl fleet allow` through one etcd to three p25d
+//!    routers (p50 and p99 over 100 allows).
 //!
 //! The dataplane sections measure the maps as `p25d run` fills them from the generated
 //! policy (the benchmark opens them through the daemon's pins), so they do not depend on
@@ -21,6 +23,7 @@
 mod control;
 mod daemon;
 mod dataplane;
+mod fleet;
 mod floors;
 mod netns;
 mod report;
@@ -61,6 +64,12 @@ struct Cli {
     /// Single `p25ctl allow` latency samples.
     #[arg(long, default_value_t = 20)]
     allows: usize,
+    /// `p25ctl fleet allow` samples of the fleet section (100 for the record).
+    #[arg(long, default_value_t = 100)]
+    fleet_allows: usize,
+    /// Routers following the one etcd in the fleet section.
+    #[arg(long, default_value_t = 3)]
+    fleet_routers: usize,
     /// Smoke run: small maps and policy, few rounds and packets. Not for the record.
     #[arg(long)]
     quick: bool,
@@ -84,11 +93,15 @@ enum Section {
     Throughput,
     /// p25d and p25ctl at scale.
     Control,
+    /// Propagation of a fleet allow through etcd to every router.
+    Fleet,
 }
 
 fn main() -> ExitCode {
     if let Err(err) = sys::on_signal_exit(|| {
         daemon::kill_all();
+        // The fleet section's etcd and routers (children started by the test-suite lab).
+        sys::kill_children();
         netns::sweep_own();
     }) {
         eprintln!("p25-bench: error: {err:#}");
@@ -118,6 +131,7 @@ fn run(mut cli: Cli) -> Result<()> {
         cli.run_seconds = cli.run_seconds.min(0.3);
         cli.sources = cli.sources.min(4_096);
         cli.allows = cli.allows.min(5);
+        cli.fleet_allows = cli.fleet_allows.min(10);
         scale::Scale::QUICK
     } else {
         scale::Scale::FULL
@@ -131,12 +145,19 @@ fn run(mut cli: Cli) -> Result<()> {
             .to_path_buf(),
     };
     let mut report = report::Report::new(&cli_summary(&cli), scale)?;
-    eprintln!(
-        "p25-bench: generating the policy ({} subscriber prefixes, {} allowlist entries)",
-        scale.subscribers(),
-        scale.allow()
-    );
-    let set = scale::generate(scale, 0x5053_2525)?;
+    let needs_set =
+        wants(Section::Dataplane) || wants(Section::Throughput) || wants(Section::Control);
+    let set = if needs_set {
+        eprintln!(
+            "p25-bench: generating the policy ({} subscriber prefixes, {} allowlist entries)",
+            scale.subscribers(),
+            scale.allow()
+        );
+        scale::generate(scale, 0x5053_2525)?
+    } else {
+        // Only the fleet section, which brings its own policy: skip the big generation.
+        scale::generate(scale::Scale::QUICK, 0x5053_2525)?
+    };
 
     if wants(Section::Dataplane) || wants(Section::Throughput) {
         // p25d loads the policy into its pinned maps, as on a router; the benchmark opens
@@ -191,11 +212,19 @@ fn run(mut cli: Cli) -> Result<()> {
         eprintln!("p25-bench: control plane (p25d, p25ctl)");
         report.control = Some(control::run(
             &control::Options {
-                bin_dir,
+                bin_dir: bin_dir.clone(),
                 allows: cli.allows,
             },
             &set,
         )?);
+    }
+    if wants(Section::Fleet) {
+        eprintln!("p25-bench: fleet propagation (etcd, p25ctl fleet allow, routers' verdicts)");
+        report.fleet = Some(fleet::run(&fleet::Options {
+            bin_dir: bin_dir.clone(),
+            allows: cli.fleet_allows,
+            routers: cli.fleet_routers,
+        })?);
     }
     report.finish();
     report.print();

@@ -76,22 +76,34 @@ impl Netns {
 /// Removes namespaces and pins left by a p25-bench that was killed (names carry the pid,
 /// so only those of processes that no longer exist are touched).
 pub fn sweep_stale() {
-    sweep(|pid| !PathBuf::from(format!("/proc/{pid}")).exists());
+    sweep(
+        |pid| !PathBuf::from(format!("/proc/{pid}")).exists(),
+        &["p25b-"],
+    );
 }
+
+/// Name prefixes of what this process creates: its own (`p25b-PID-*`), and those of the
+/// test-suite labs the fleet section runs (`p25t-etcd-PID-*` for etcd's data,
+/// `p25t-PID-*` for namespaces, pins and daemon directories). Only the first is swept
+/// for processes that are gone: the others could belong to a test run.
+const OWN_PREFIXES: &[&str] = &["p25b-", "p25t-etcd-", "p25t-"];
 
 /// Removes every namespace, pin directory and temporary file of this process: what a
 /// signal handler does before exiting (no destructor runs then).
 pub fn sweep_own() {
     let me = std::process::id();
-    sweep(|pid| pid == me);
+    sweep(|pid| pid == me, OWN_PREFIXES);
 }
 
-/// Removes the namespaces (`p25b-PID-*`: with them their veths, XDP links and nftables
-/// tables), the pin directories (`/sys/fs/bpf/p25b-PID-*`) and the temporary files and
-/// directories (`$TMPDIR/p25b-PID-*`) of the p25-bench processes `pid` selects.
-fn sweep(select: impl Fn(u32) -> bool) {
+/// Removes the namespaces (`PREFIX-PID-*`: with them their veths, XDP links and nftables
+/// tables), the pin directories (`/sys/fs/bpf/PREFIX-PID-*`) and the temporary files and
+/// directories (`$TMPDIR/PREFIX-PID-*`) of the processes `select` picks, for each of
+/// `prefixes` (the first that matches a name is the one whose PID is read).
+fn sweep(select: impl Fn(u32) -> bool, prefixes: &[&str]) {
     let selected = |name: &str| {
-        name.strip_prefix("p25b-")
+        prefixes
+            .iter()
+            .find_map(|prefix| name.strip_prefix(prefix))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
             .is_some_and(&select)

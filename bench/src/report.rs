@@ -5,7 +5,7 @@ use std::{fmt::Write as _, fs, path::Path, time::SystemTime};
 
 use anyhow::{Context as _, Result};
 
-use crate::{control, dataplane, scale::Scale, throughput};
+use crate::{control, dataplane, fleet, scale::Scale, throughput};
 
 /// What the machine was.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -76,6 +76,8 @@ pub struct Report {
     pub throughput: Option<throughput::Report>,
     /// Control plane.
     pub control: Option<control::Report>,
+    /// Fleet propagation.
+    pub fleet: Option<fleet::Report>,
     /// The load average when the run ended.
     pub loadavg_at_end: String,
 }
@@ -94,6 +96,7 @@ impl Report {
             dataplane: None,
             throughput: None,
             control: None,
+            fleet: None,
         })
     }
 
@@ -146,6 +149,9 @@ impl Report {
         }
         if let Some(c) = &self.control {
             out.push_str(&c.render());
+        }
+        if let Some(f) = &self.fleet {
+            out.push_str(&f.render());
         }
         let _ = writeln!(out, "\nload average at the end: {}", self.loadavg_at_end);
         out

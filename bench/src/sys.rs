@@ -120,3 +120,33 @@ pub fn on_signal_exit(cleanup: fn()) -> Result<()> {
         .context("starting the signal thread")?;
     Ok(())
 }
+
+/// SIGKILLs and reaps every child process of this one (from a signal handler's thread:
+/// no destructor runs after it, so children not tracked elsewhere, such as the fleet
+/// section's etcd and p25d, would outlive the benchmark).
+pub fn kill_children() {
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+            continue;
+        };
+        // /proc/PID/stat: "PID (COMM) STATE PPID ..."; COMM may hold spaces and parens.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(me) {
+            // SAFETY: plain syscalls on our own child, which nothing else reaps now.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}

@@ -262,10 +262,12 @@ impl DaemonLab {
             } else {
                 &["--poll", "100ms"][..]
             })
-            .args(&self.args)
-            .arg("--policy")
-            .arg(self.policy_path())
-            .arg("--state")
+            .args(&self.args);
+        // In fleet mode the policy comes from etcd (`--etcd` conflicts with `--policy`).
+        if !self.args.iter().any(|a| a == "--etcd") {
+            cmd.arg("--policy").arg(self.policy_path());
+        }
+        cmd.arg("--state")
             .arg(self.dir.join("state.json"))
             .arg("--socket")
             .arg(self.socket())

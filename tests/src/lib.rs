@@ -2,6 +2,7 @@
 //!
 //! - [`harness`]: load the real programs and run them with BPF_PROG_TEST_RUN.
 //! - [`packet`]: build frames (VLAN, QinQ, PPPoE, IPv4 options, IPv6 extension headers).
+//! - [`etcd`]: a real etcd server (temporary data, free ports) for the fleet tests.
 //! - [`netns`]: network namespaces with cleanup on drop, for real-traffic tests.
 //! - [`lab`]: the shared topology (subscriber, router, server) and its policy
 //!   ([`lab_policy!`]); [`daemon`]: a real p25d and p25ctl per test; [`traffic`]: bounded
@@ -22,6 +23,7 @@
 
 pub mod chaos;
 pub mod daemon;
+pub mod etcd;
 pub mod exporter;
 pub mod harness;
 pub mod lab;

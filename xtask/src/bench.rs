@@ -31,7 +31,10 @@ pub struct Args {
     /// Distinct sources of the many-source floods (at least 65,536 for the record).
     #[arg(long)]
     sources: Option<usize>,
-    /// Only these sections: dataplane, throughput, control (comma-separated).
+    /// `p25ctl fleet allow` samples of the fleet section (at least 100 for the record).
+    #[arg(long)]
+    fleet_allows: Option<usize>,
+    /// Only these sections: dataplane, throughput, control, fleet (comma-separated).
     #[arg(long)]
     only: Option<String>,
     /// Where to write the JSON report (default target/bench/bench.json).
@@ -66,6 +69,7 @@ pub fn run(args: &Args) -> Result<()> {
         ("--frames", args.frames.map(|v| v.to_string())),
         ("--run-seconds", args.run_seconds.map(|v| v.to_string())),
         ("--sources", args.sources.map(|v| v.to_string())),
+        ("--fleet-allows", args.fleet_allows.map(|v| v.to_string())),
         ("--only", args.only.clone()),
         ("--json", args.json.clone()),
     ];

@@ -30,6 +30,10 @@ pub enum Mode {
     Keep,
     /// Remove a lab left up by `--keep`.
     Down,
+    /// The fleet demo (`tests/src/bin/p25-fleet-demo.rs`): two routers following one
+    /// etcd. It names its namespaces and pins after its pid and checks itself that they are
+    /// gone; the checks below (the SMTP demo's fixed names) still run.
+    Fleet,
 }
 
 /// Runs the demo (after setup and a build) and, unless the lab is kept, verifies that it
@@ -45,11 +49,15 @@ pub fn run(mode: Mode) -> Result<()> {
         "--package",
         "p25-tests",
         "--bin",
-        "p25-demo",
+        if mode == Mode::Fleet {
+            "p25-fleet-demo"
+        } else {
+            "p25-demo"
+        },
         "--",
     ]);
     match mode {
-        Mode::Run => {}
+        Mode::Run | Mode::Fleet => {}
         Mode::Keep => {
             demo.arg("--keep");
         }

@@ -56,6 +56,10 @@ enum Task {
     /// subscriber send mail with swaks and prints what happened, then shows `p25ctl top`,
     /// /metrics, `p25ctl allow`/`deny` and monitor mode. Exits non-zero if p25 misbehaved.
     /// Tears everything down at the end, and checks that nothing is left.
+    ///
+    /// With --fleet: two border routers following one etcd instead (docs/fleet.md): a
+    /// fleet allow and deny taking effect on both, then etcd stopped while both keep
+    /// filtering.
     Demo {
         /// Leave the lab up for exploring (remove it later with --down).
         #[arg(long, conflicts_with = "down")]
@@ -63,6 +67,9 @@ enum Task {
         /// Remove a lab left up by --keep (or by an interrupted run), then exit.
         #[arg(long)]
         down: bool,
+        /// The fleet demo: two routers, one etcd (always torn down at the end).
+        #[arg(long, conflicts_with_all = ["keep", "down"])]
+        fleet: bool,
     },
     /// Run setup, then check formatting and run clippy.
     ///
@@ -132,10 +139,11 @@ fn run(task: Task) -> Result<()> {
         Task::Chaos(args) => chaos::run(&args),
         Task::Fuzz(args) => fuzz::run(&args),
         Task::Package(args) => package::run(&args).map(drop),
-        Task::Demo { keep, down } => demo::run(match (keep, down) {
-            (_, true) => demo::Mode::Down,
-            (true, false) => demo::Mode::Keep,
-            (false, false) => demo::Mode::Run,
+        Task::Demo { keep, down, fleet } => demo::run(match (keep, down, fleet) {
+            (_, _, true) => demo::Mode::Fleet,
+            (_, true, false) => demo::Mode::Down,
+            (true, false, false) => demo::Mode::Keep,
+            (false, false, false) => demo::Mode::Run,
         }),
     }
 }
@@ -185,6 +193,7 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> Result<()> {
     .context("fuzzing (cargo xtask fuzz) failed")?;
     // The README's main command is tested as such: it must pass and leave nothing behind.
     demo::run(demo::Mode::Run).context("the demo (cargo xtask demo) failed")?;
+    demo::run(demo::Mode::Fleet).context("the fleet demo (cargo xtask demo --fleet) failed")?;
     println!("xtask test: all steps passed");
     Ok(())
 }
