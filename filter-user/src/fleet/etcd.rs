@@ -79,19 +79,41 @@ pub async fn within<T>(
     }
 }
 
-/// Reads every key of the fleet under `layout` in one request, at one revision: the
-/// revision and the keys.
+/// Keys per page of a full read. gRPC refuses a response over 4 MiB by default, and one
+/// Get of a 1M-entry fleet allowlist is about 150 MB: pages of 10,000 keys (about
+/// 1.5 MB) keep every response far below the limit and etcd's own per-request work small.
+pub const READ_PAGE: i64 = 10_000;
+
+/// Reads every key of the fleet under `layout` at one revision, page by page: the
+/// revision and the keys. Every page after the first is read at the first page's
+/// revision, so the result is one consistent state even while the fleet changes.
 pub async fn read_all(client: &mut Client, layout: &Layout) -> Result<(i64, Vec<Kv>), Error> {
-    let mut response = within(
-        "reading the fleet state",
-        client.get(layout.root(), Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
-    let revision = response.header().map_or(0, |h| h.revision());
-    let kvs = response
-        .take_kvs()
-        .into_iter()
-        .map(|kv| {
+    let root = layout.root().as_bytes().to_vec();
+    let end = prefix_end(&root);
+    let mut from = root;
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(READ_PAGE);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let mut response = within(
+            "reading the fleet state",
+            client.get(from.clone(), Some(options)),
+        )
+        .await?;
+        if revision == 0 {
+            revision = response.header().map_or(0, |h| h.revision());
+        }
+        let more = response.more();
+        let page = response.take_kvs();
+        let Some(last) = page.last().map(|kv| kv.key().to_vec()) else {
+            break;
+        };
+        kvs.extend(page.into_iter().map(|kv| {
             let mod_revision = kv.mod_revision();
             let (key, value) = kv.into_key_value();
             Kv {
@@ -99,14 +121,40 @@ pub async fn read_all(client: &mut Client, layout: &Layout) -> Result<(i64, Vec<
                 value,
                 mod_revision,
             }
-        })
-        .collect();
+        }));
+        if !more {
+            break;
+        }
+        // The next page starts just after the last key read.
+        from = last;
+        from.push(0);
+    }
     Ok((revision, kvs))
+}
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's
+/// convention: the prefix with its last byte below 0xff incremented; `\0` for all keys).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_ends_bound_exactly_the_prefixed_keys() {
+        assert_eq!(prefix_end(b"/p25/"), b"/p250");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), [0]);
+    }
 
     #[test]
     fn endpoints_are_parsed_and_checked() -> Result<(), Error> {
