@@ -23,6 +23,7 @@
 
 pub mod chaos;
 pub mod daemon;
+pub mod demo;
 pub mod etcd;
 pub mod exporter;
 pub mod harness;

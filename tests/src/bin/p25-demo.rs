@@ -15,6 +15,7 @@ use std::{net::IpAddr, process::ExitCode, time::Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use p25_tests::{
     daemon::bin,
+    demo::{Checks, heading},
     exporter::{METRICS_ADDR, scrape},
     smtp_lab::{
         self, Attempt, BLOCK_TIMEOUT, DELIVERY_TIMEOUT, DEMO_DIR, DEMO_PIN_ROOT, HOSTS,
@@ -59,30 +60,6 @@ fn run_down() -> Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// Tallies the checks the demo makes along the way.
-#[derive(Debug, Default)]
-struct Checks {
-    passed: usize,
-    failed: Vec<String>,
-}
-
-impl Checks {
-    fn check(&mut self, ok: bool, what: impl Into<String>) -> &'static str {
-        if ok {
-            self.passed += 1;
-            "ok"
-        } else {
-            self.failed.push(what.into());
-            "UNEXPECTED"
-        }
-    }
-}
-
-fn heading(title: &str) {
-    println!();
-    println!("== {title} ==");
 }
 
 fn run(keep: bool) -> Result<bool> {

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use filter_common::classify::Action;
 use p25_tests::{
+    demo::{Checks, heading},
     etcd::lab::{BUSINESS, FOLLOW_TIMEOUT, FleetLab, POLICY, PREFIX},
     netns::NETNS_RUN_DIR,
 };
@@ -44,30 +45,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Tallies the checks the demo makes along the way.
-#[derive(Debug, Default)]
-struct Checks {
-    passed: usize,
-    failed: Vec<String>,
-}
-
-impl Checks {
-    fn check(&mut self, ok: bool, what: impl Into<String>) -> &'static str {
-        if ok {
-            self.passed += 1;
-            "ok"
-        } else {
-            self.failed.push(what.into());
-            "UNEXPECTED"
-        }
-    }
-}
-
-fn heading(title: &str) {
-    println!();
-    println!("== {title} ==");
 }
 
 fn run() -> Result<bool> {
