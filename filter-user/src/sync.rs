@@ -61,7 +61,7 @@ impl SyncReport {
 /// The changes that turn `have` into `want`, both sorted by prefix: `(upserts,
 /// removals)`. Walked side by side, so neither side is copied into a map: at a million
 /// entries a map cost tens of MiB and a second of inserts.
-fn diff<V: PartialEq + Copy>(
+pub(crate) fn diff<V: PartialEq + Copy>(
     have: impl Iterator<Item = (IpNet, V)>,
     want: impl Iterator<Item = (IpNet, V)>,
     report: &mut SyncReport,
@@ -151,8 +151,9 @@ pub fn reconcile(tables: &mut KernelTables, desired: &Desired) -> Result<SyncRep
     let mut have = tables.allowlist()?;
     have.sort_unstable_by_key(|(net, _)| *net);
     let (allow_upserts, allow_removals) = diff(have.into_iter(), desired.allow(), &mut report);
-    let mut have = tables.subscribers()?;
-    have.sort_unstable_by_key(|(net, _)| *net);
+    // The subscriber hashes and SUB_LENGTHS are derived from the tries: repaired first,
+    // so that the diff below (against the tries) leaves all three in line.
+    let have = tables.repair_subscriber_index()?;
     let (sub_upserts, sub_removals) = diff(have.into_iter(), desired.subscribers(), &mut report);
     let plan = Plan {
         allow_upserts,

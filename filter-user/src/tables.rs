@@ -98,7 +98,7 @@ fn removed(name: &'static str, result: Result<(), MapError>) -> Result<bool, Err
 impl KernelTables {
     /// Takes the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, Error> {
-        Self {
+        let mut tables = Self {
             subscribers_v4: take(ebpf, map_names::SUBSCRIBERS_V4)?,
             subscribers_v6: take(ebpf, map_names::SUBSCRIBERS_V6)?,
             subscribers_hash_v4: take(ebpf, map_names::SUBSCRIBERS_HASH_V4)?,
@@ -118,27 +118,70 @@ impl KernelTables {
             offenders: take(ebpf, map_names::OFFENDERS)?,
             reject_fallbacks: take(ebpf, map_names::REJECT_FALLBACKS)?,
             syn_buckets: take(ebpf, map_names::SYN_BUCKETS)?,
-        }
-        .with_subscriber_index()
+        };
+        // The writer's handle (p25d): the hashes and SUB_LENGTHS are brought in line with
+        // the tries of a previous run before anything else is written.
+        tables.repair_subscriber_index()?;
+        Ok(tables)
     }
 
     /// Learns the subscriber prefixes already in the tries (pinned maps of a previous run)
-    /// and makes the hashes and SUB_LENGTHS agree with them.
+    /// and what SUB_LENGTHS holds. Reads only: a reader such as `p25ctl list` opens the
+    /// pins while p25d may be changing them, and p25d must stay their single writer. A
+    /// reader that once "repaired" SUB_LENGTHS from a half-read trie published lengths
+    /// that missed the lab's subscribers, and p25d, believing its own copy, never wrote
+    /// them back: every subscriber passed until the next writer came along.
     fn with_subscriber_index(mut self) -> Result<Self, Error> {
         let existing = self.subscribers()?;
-        for (net, _) in &existing {
+        self.index_subscribers(&existing);
+        self.published_lengths = Some(self.subscriber_lengths()?);
+        Ok(self)
+    }
+
+    /// Rebuilds the in-memory index of the subscriber prefixes from `entries`.
+    fn index_subscribers(&mut self, entries: &[(IpNet, SubscriberValue)]) {
+        self.subscriber_nets.clear();
+        self.length_counts.clear();
+        for (net, _) in entries {
             self.note_subscriber_added(*net);
         }
-        self.published_lengths = Some(
-            self.sub_lengths
-                .get(&0, 0)
-                .map_err(map_err(map_names::SUB_LENGTHS))?,
-        );
-        if !existing.is_empty() {
-            self.insert_subscriber_hashes(&existing)?;
+    }
+
+    /// What SUB_LENGTHS holds now.
+    pub fn subscriber_lengths(&self) -> Result<SubscriberLengths, Error> {
+        self.sub_lengths
+            .get(&0, 0)
+            .map_err(map_err(map_names::SUB_LENGTHS))
+    }
+
+    /// Makes the subscriber hashes and SUB_LENGTHS agree with the tries, whatever changed
+    /// them behind this handle's back (a previous p25d that died mid-update, an entry
+    /// deleted with bpftool, another writer). Only the writer calls this: at start-up and
+    /// in every [`crate::sync::reconcile`]. Returns the tries' contents, which the caller
+    /// diffs next, so they are read once.
+    ///
+    /// Order, for the packets in flight: missing and changed hash entries first, then
+    /// SUB_LENGTHS (a length is probed only once its prefixes are in the hash), then the
+    /// hash entries the tries no longer hold.
+    pub fn repair_subscriber_index(&mut self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
+        let mut tries = self.subscribers()?;
+        tries.sort_unstable_by_key(|(net, _)| *net);
+        let mut hashes = self.subscriber_hashes()?;
+        hashes.sort_unstable_by_key(|(net, _)| *net);
+        let mut report = crate::sync::SyncReport::default();
+        let (upserts, removals) =
+            crate::sync::diff(hashes.into_iter(), tries.iter().copied(), &mut report);
+        self.index_subscribers(&tries);
+        if !upserts.is_empty() {
+            self.insert_subscriber_hashes(&upserts)?;
         }
+        // Read back rather than trusted: the map is what the dataplane sees.
+        self.published_lengths = Some(self.subscriber_lengths()?);
         self.publish_lengths()?;
-        Ok(self)
+        if !removals.is_empty() {
+            self.remove_subscriber_hashes(&removals)?;
+        }
+        Ok(tries)
     }
 
     /// Records a subscriber prefix now in the maps (idempotent).
@@ -211,7 +254,9 @@ impl KernelTables {
     }
 
     /// Opens the maps pinned under `layout`, e.g. for read-only tools while the daemon is
-    /// down. The layout is checked first, like the daemon does, so nothing is misread.
+    /// down (or starting). The layout is checked first, like the daemon does, so nothing is
+    /// misread. Opening writes nothing (see [`Self::with_subscriber_index`]); only the
+    /// methods that say so change the maps.
     pub fn open_pinned(layout: &crate::loader::PinLayout) -> Result<Self, Error> {
         crate::loader::check_pinned_maps(layout)?;
         #[expect(

@@ -453,6 +453,18 @@ impl KernelTables {
         .map(|(n4, n6)| n4 + n6)
     }
 
+    /// Removes entries from the subscriber hashes only (the tries no longer hold them).
+    pub(super) fn remove_subscriber_hashes(&mut self, nets: &[IpNet]) -> Result<(), Error> {
+        let ByFamily { k4, k6, .. } = split_keys(nets)?;
+        let (hash_v4, hash_v6) = (&mut self.subscribers_hash_v4, &mut self.subscribers_hash_v6);
+        both(
+            k4.len().min(k6.len()),
+            || delete_from(map_names::SUBSCRIBERS_HASH_V4, hash_v4, &k4),
+            || delete_from(map_names::SUBSCRIBERS_HASH_V6, hash_v6, &k6),
+        )
+        .map(drop)
+    }
+
     /// Removes many subscriber prefixes with batched deletes; returns how many were there.
     pub fn remove_subscribers_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
         let ByFamily { k4, k6, .. } = split_keys(nets)?;
@@ -501,6 +513,22 @@ impl KernelTables {
             },
         )?;
         out.extend(v6);
+        Ok(out)
+    }
+
+    /// What the subscriber hashes hold, IPv4 then IPv6 (the dataplane's fast path; the
+    /// tries are the record they are repaired from).
+    pub fn subscriber_hashes(&self) -> Result<Vec<(IpNet, SubscriberValue)>, Error> {
+        let mut out = read_all(
+            map_names::SUBSCRIBERS_HASH_V4,
+            &self.subscribers_hash_v4,
+            v4_net,
+        )?;
+        out.extend(read_all(
+            map_names::SUBSCRIBERS_HASH_V6,
+            &self.subscribers_hash_v6,
+            v6_net,
+        )?);
         Ok(out)
     }
 
