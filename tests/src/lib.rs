@@ -8,6 +8,8 @@
 //!   ([`lab_policy!`]); [`daemon`]: a real p25d and p25ctl per test; [`traffic`]: bounded
 //!   SYN streams counted at the receiver; [`exporter`], [`prometheus`]: `/metrics` and a
 //!   real Prometheus.
+//! - [`abi_v3`]: real pinned state of ABI v3 (the object of commit 9e32a0e, loaded, filled
+//!   and attached as its p25d did), for the migration tests.
 //! - [`chaos`]: the reliability suite of `cargo xtask chaos` (faults under a SYN stream).
 //! - [`smtp_lab`]: the SMTP lab (real swaks, aiosmtpd and p25d) of the e2e tests and the
 //!   demo.
@@ -21,6 +23,7 @@
 //! Every test here needs root (CAP_BPF and CAP_NET_ADMIN). Without it they fail with a
 //! message saying so: they never skip, because a skipped kernel test proves nothing.
 
+pub mod abi_v3;
 pub mod chaos;
 pub mod daemon;
 pub mod demo;

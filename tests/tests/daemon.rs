@@ -14,8 +14,9 @@ use filter_common::abi::{ABI_VERSION, Config};
 use filter_user::control::Source;
 use ipnet::IpNet;
 use p25_tests::{
+    abi_v3,
     daemon::DaemonLab,
-    lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUBMISSION, Topology},
+    lab::{SERVER4, SERVER6, SMTP, SUB4, SUB4_ALLOWED, SUB6, SUB6_ALLOWED, SUBMISSION, Topology},
     netns::{Netns, wait_until},
     traffic::{SynCounters, SynSender},
 };
@@ -68,6 +69,10 @@ fn expect_policy(sub: &Netns, when: &str) -> Result<()> {
 
 fn smtp4() -> SocketAddr {
     SocketAddr::new(SERVER4.into(), SMTP)
+}
+
+fn smtp6() -> SocketAddr {
+    SocketAddr::new(SERVER6.into(), SMTP)
 }
 
 fn generation(lab: &DaemonLab) -> Result<u32> {
@@ -535,48 +540,52 @@ fn incompatible_pinned_maps_are_reported() -> Result<()> {
     Ok(())
 }
 
-/// State pinned by another ABI version is taken over without a gap: its links get the new
-/// program in place, move to the new directory, and the old directory disappears.
+/// A real ABI v3 state (the object of commit 9e32a0e, pinned, filled and attached as its
+/// p25d did: `p25_tests::abi_v3`) is taken over without a gap: the new maps are filled
+/// first, each v3 link gets today's program for its role in place and moves to the new
+/// directory, and the v3 directory disappears. The business customer has a SYN limit, so
+/// v3's own SYN_BUCKETS holds its bucket, which must be carried over; a `p25ctl allow`
+/// entry in v3's runtime state file stays allowlisted. The 1M-entry version under a SYN
+/// stream is in scale.rs.
 #[test]
-fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
+fn state_of_abi_v3_is_migrated_without_a_gap() -> Result<()> {
+    const V3_POLICY: &str = p25_tests::lab_policy!(
+        "defaults:\n  mode: enforce\n  fragments: pass\n",
+        "allow:\n  - prefix: 100.64.1.3/32\n    comment: business customer\n",
+        "    max_syn_per_minute: 600\n",
+    );
     let topology = Topology::build()?;
     let sub = &topology.sub;
-    let mut lab = DaemonLab::with_policy(&topology.router, POLICY)?;
-    lab.start()?;
-    expect(sub, SUB4.into(), smtp4(), false, "baseline")?;
-    lab.kill9()?;
-    // Make the pinned state look like an older ABI version's.
-    std::fs::rename(
-        lab.pin_root.join(format!("v{ABI_VERSION}")),
-        lab.pin_root.join("v0"),
-    )
-    .context("renaming the pin directory on bpffs")?;
+    let mut lab = DaemonLab::with_policy(&topology.router, V3_POLICY)?;
+    let policy = filter_user::policy::load(&lab.policy_path())
+        .context("reading the lab policy")?
+        .policy;
+    let runtime = [IpNet::from(IpAddr::from(SUB6_ALLOWED))];
+    abi_v3::write_state_file(&lab.dir.join("state.json"), &runtime)?;
+    let v3 = abi_v3::pin(&lab.pin_root, &topology.router, &policy, &runtime)?;
+    expect_policy(sub, "under the ABI v3 links")?;
+    expect(sub, SUB6.into(), smtp6(), false, "v6 subscriber under v3")?;
     expect(
         sub,
-        SUB4.into(),
-        smtp4(),
-        false,
-        "old-version links still filter",
+        SUB6_ALLOWED.into(),
+        smtp6(),
+        true,
+        "v6 runtime entry under v3",
     )?;
 
     lab.start()?;
+    let moved = v3.check_migrated(
+        &lab.pin_root,
+        &lab.log(),
+        &[("r-sub", "p25_xdp"), ("r-up", "p25_tc_upstream")],
+    )?;
+    p25_tests::summary!("ABI v3 -> v{ABI_VERSION}: {}", moved.join("; "));
+    // The business customer's SYNs through the v3 links filled v3's bucket for it.
     ensure!(
-        !lab.pin_root.join("v0").exists(),
-        "the old state should be gone:\n{}",
         lab.log()
-    );
-    ensure!(
-        lab.log().contains("migrated link from ABI v0"),
-        "links should be migrated:\n{}",
+            .contains("carried over SYN buckets version=3 buckets=1"),
+        "v3's SYN bucket should be carried over:\n{}",
         lab.log()
-    );
-    // The new maps are filled before any link moves onto them.
-    let log = lab.log();
-    ensure!(
-        log.find("filled the new maps before migrating")
-            .zip(log.find("migrated link from ABI v0"))
-            .is_some_and(|(filled, moved)| filled < moved),
-        "the maps must be filled before the links move:\n{log}"
     );
     for name in ["r-sub", "r-up"] {
         ensure!(
@@ -586,6 +595,25 @@ fn state_of_another_abi_version_is_migrated_without_a_gap() -> Result<()> {
         );
     }
     expect_policy(sub, "after migration")?;
+    expect(
+        sub,
+        SUB6.into(),
+        smtp6(),
+        false,
+        "v6 subscriber after migration",
+    )?;
+    ensure!(
+        lab.runtime_allow()? == runtime,
+        "v3's runtime entry should be kept: {:?}",
+        lab.runtime_allow()?
+    );
+    expect(
+        sub,
+        SUB6_ALLOWED.into(),
+        smtp6(),
+        true,
+        "v6 runtime entry after migration",
+    )?;
     Ok(())
 }
 
