@@ -50,7 +50,7 @@ use filter_common::abi::{
 use filter_user::policy::{Attach, Policy};
 use ipnet::IpNet;
 
-use crate::netns::Netns;
+use crate::netns::{Netns, wait_until};
 
 /// The ABI version of the fixture.
 pub const VERSION: u32 = 3;
@@ -117,6 +117,8 @@ pub struct V3State {
     pub dir: PathBuf,
     /// The links, as pinned under `dir/links`.
     pub links: Vec<V3Link>,
+    /// The kernel's ids of v3's maps.
+    pub map_ids: Vec<u32>,
     /// Allowlist entries written.
     pub allow: usize,
     /// Subscriber prefixes written.
@@ -215,9 +217,19 @@ pub fn pin(root: &Path, netns: &Netns, policy: &Policy, runtime: &[IpNet]) -> Re
     }
     drop(ebpf);
     let links = links_in(&links_dir)?;
+    let map_ids = paths
+        .iter()
+        .map(|(name, path)| {
+            let info = MapData::from_pin(path)
+                .and_then(|map| map.info())
+                .with_context(|| format!("reading v3's pinned {name}"))?;
+            Ok(info.id())
+        })
+        .collect::<Result<_>>()?;
     Ok(V3State {
         dir,
         links,
+        map_ids,
         allow: allow.len(),
         subscribers: subscribers.len(),
         took: started.elapsed(),
@@ -296,6 +308,23 @@ impl V3State {
                 old.interface, old.hook, old.link_id, old.program_id, old.hook, new.program_id
             ));
         }
+        // Their last references were the pins and the links: both gone, the kernel frees
+        // them (the ids go at once, the memory after an RCU grace period).
+        let released = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            let loaded = loaded_program_ids()?;
+            Ok(self.links.iter().all(|l| !loaded.contains(&l.program_id))
+                && self
+                    .map_ids
+                    .iter()
+                    .all(|id| aya::maps::MapInfo::from_id(*id).is_err()))
+        })?;
+        ensure!(
+            released,
+            "v3's programs or maps are still loaded after the migration: programs {:?}, \
+             maps {:?}",
+            self.links.iter().map(|l| l.program_id).collect::<Vec<_>>(),
+            self.map_ids
+        );
         Ok(report)
     }
 }
@@ -346,6 +375,13 @@ pub fn links_in(dir: &Path) -> Result<Vec<V3Link>> {
     }
     links.sort_by(|a, b| (&a.interface, a.hook).cmp(&(&b.interface, b.hook)));
     Ok(links)
+}
+
+/// The kernel's ids of every loaded program.
+fn loaded_program_ids() -> Result<std::collections::HashSet<u32>> {
+    aya::programs::loaded_programs()
+        .map(|info| Ok(info?.id()))
+        .collect()
 }
 
 /// The name of the loaded program with kernel id `id` (at most 15 characters).
