@@ -142,18 +142,18 @@ impl Maps {
         }
     }
 
-    /// Fills the maps with `policy` and takes over the links of older ABI versions (see
-    /// [`startup::migrate_older_versions`]), before the first apply.
-    pub fn migrate(
-        &mut self,
-        layout: &PinLayout,
-        dataplane: &mut Dataplane,
-        policy: &Policy,
-    ) -> Result<()> {
-        let generation = self.in_force.generation.wrapping_add(1);
-        let config = desired::config(policy, &self.settings, generation);
-        let target = Desired::new(config, policy, self.runtime.entries(), SystemTime::now());
-        startup::migrate_older_versions(layout, dataplane, &mut self.tables, policy, &target)
+    /// Takes over the links of older ABI versions (see
+    /// [`startup::migrate_older_versions`]). Only after [`Self::put_in_force`] has filled
+    /// this version's maps with the policy the links will filter with, and before the
+    /// interfaces are synced.
+    pub fn migrate(&mut self, layout: &PinLayout, dataplane: &mut Dataplane) -> Result<()> {
+        startup::migrate_older_versions(
+            layout,
+            dataplane,
+            &mut self.tables,
+            &self.in_force.policy,
+            self.in_force.counts,
+        )
     }
 
     /// Brings the maps from the state last put in force to `new` (`None`: the policy in
@@ -208,7 +208,7 @@ impl Maps {
 
     /// Puts `policy` in force in the maps under the next generation. Only errors of the
     /// maps themselves fail it; the interfaces are the caller's (see [`apply`]).
-    fn put_in_force(&mut self, policy: Policy) -> Result<SyncReport> {
+    pub fn put_in_force(&mut self, policy: Policy) -> Result<SyncReport> {
         let generation = self.in_force.generation.wrapping_add(1);
         let report = self.update(Some(&policy), generation, SystemTime::now())?;
         self.in_force.generation = generation;
@@ -299,6 +299,12 @@ pub fn apply(
 ) -> Result<()> {
     let report = maps.put_in_force(policy)?;
     interfaces.sync(maps.policy());
+    log_in_force(maps, &report, reason);
+    Ok(())
+}
+
+/// Logs the policy now in force and what putting it in force changed.
+pub fn log_in_force(maps: &Maps, report: &SyncReport, reason: &str) {
     let counts = maps.counts();
     info!(
         reason,
@@ -311,7 +317,6 @@ pub fn apply(
         allow_not_inserted = report.allow_not_inserted,
         "policy in force"
     );
-    Ok(())
 }
 
 /// Reads the policy from `source` and puts it in force. A rejected policy is counted and

@@ -14,10 +14,9 @@ use anyhow::{Context as _, Result, bail};
 use filter_common::abi::ABI_VERSION;
 use filter_user::{
     Dataplane, KernelTables,
-    desired::{self, Desired},
+    desired::{self, Counts},
     loader::{PinLayout, links_in},
     policy::{Policy, Role},
-    sync,
 };
 use tokio::net::UnixListener;
 use tracing::{info, warn};
@@ -241,22 +240,23 @@ pub fn remove_version_dir(dir: &Path) -> Result<usize> {
 
 /// Takes over pinned state left by older ABI versions, never leaving a live link on
 /// unfilled maps:
-/// 1. fill this version's maps completely: the policy and runtime entries, then the
-///    per-source SYN buckets carried over from the old maps;
-/// 2. move each link: this build's program for the interface's role replaces the old
+/// 1. this version's maps are filled completely with the policy and runtime entries: the
+///    caller's ([`crate::reload::Maps::put_in_force`], before this); then the per-source
+///    SYN buckets are carried over from the old maps;
+/// 2. each link moves: this build's program for the interface's role replaces the old
 ///    one in place (`bpf_link_update`), so the interface is never unfiltered, and the
 ///    link is re-pinned here;
-/// 3. remove the old directory.
+/// 3. the old directory is removed.
 ///
-/// `target` is the desired state about to be put in force. A failed fill returns the
-/// error before any link moved: the old links keep filtering with the old maps,
-/// untouched, and p25d exits.
+/// A failed fill returns its error before this is called: the old links keep filtering
+/// with the old maps, untouched, and p25d exits. `counts` are what the fill put in, for
+/// the log.
 pub fn migrate_older_versions(
     layout: &PinLayout,
     dataplane: &mut Dataplane,
     tables: &mut KernelTables,
     policy: &Policy,
-    target: &Desired<'_>,
+    counts: Counts,
 ) -> Result<()> {
     let older: Vec<(u32, PathBuf)> = layout
         .other_versions()
@@ -266,20 +266,7 @@ pub fn migrate_older_versions(
     if older.is_empty() {
         return Ok(());
     }
-    let counts = target.counts();
-    let report = sync::reconcile(tables, target).with_context(|| {
-        format!(
-            "filling the ABI v{ABI_VERSION} maps before taking over the links of {}; \
-             the old links and maps are untouched and still filtering",
-            older
-                .iter()
-                .map(|(_, dir)| dir.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })?;
     info!(
-        added = report.added,
         subscribers = counts.subscribers,
         allow = counts.allow_policy + counts.allow_runtime,
         "filled the new maps before migrating"
