@@ -23,8 +23,8 @@
 //!    pinned at `<root>/v3/links/<iface>:xdp` or `:tc`.
 //!
 //! The v3 key and value types of the policy maps (LPM keys, `SubscriberValue`,
-//! `AllowValue`, `AbiRecord`) have the same layout as today's, so today's types are used
-//! for them (asserted below); CONFIG was 24 bytes in v3 (v4 added `unreadable_tcp`), so it
+//! `AllowValue`, `AbiRecord`) have the same fields and sizes as today's (9e32a0e's
+//! abi.rs against today's), so today's types are used for them (the sizes asserted below); CONFIG was 24 bytes in v3 (v4 added `unreadable_tcp`), so it
 //! is written as v3's bytes.
 
 use std::{
@@ -193,7 +193,8 @@ pub fn pin(root: &Path, netns: &Netns, policy: &Policy, runtime: &[IpNet]) -> Re
         let name = interface.name.as_str();
         let link = netns.enter(|| -> Result<(&'static str, FdLink)> {
             Ok(match interface.attach {
-                // v3's `attach: auto` tried native XDP first, as `xdp` does here.
+                // v3's `attach: auto` tried native XDP first, as here; its fall-back to tc
+                // is left out (the lab's veths take native XDP).
                 Attach::Xdp | Attach::Auto => {
                     let xdp: &mut Xdp = program(&mut ebpf, "p25_xdp")?;
                     let id = xdp
