@@ -39,7 +39,7 @@ use filter_user::Dataplane;
 use p25_tests::packet::Pkt;
 
 use crate::{
-    daemon::{Daemon, log_time, write_atomically},
+    daemon::{Daemon, log_field, log_time, write_atomically},
     netns::{Netns, veth},
     scale::{self, PolicySet},
     stats::Stats,
@@ -110,6 +110,12 @@ pub struct Run {
     /// Spawn to "dataplane loaded" (the policy check and the fill of the maps, and beside
     /// them on a thread of its own the programs' verification), seconds.
     pub cold_parse_and_load_seconds: f64,
+    /// When, from p25d's start, the policy check was done, the maps filled, and the
+    /// programs verified (p25d's "dataplane loaded" line), seconds: which of the parallel
+    /// parts set the cold start.
+    pub cold_checked_at_seconds: f64,
+    pub cold_filled_at_seconds: f64,
+    pub cold_verified_at_seconds: f64,
     /// "dataplane loaded" to "policy in force" (the attach), seconds.
     pub cold_reconcile_seconds: f64,
     /// The daemon's CPU time (user + system, all threads) from spawn to "ready", seconds.
@@ -212,6 +218,25 @@ impl Report {
             "s",
             None,
         );
+        for (label, list, inline) in [
+            (
+                "    check done (p25d's clock)",
+                l.cold_checked_at_seconds,
+                i.cold_checked_at_seconds,
+            ),
+            (
+                "    maps filled",
+                l.cold_filled_at_seconds,
+                i.cold_filled_at_seconds,
+            ),
+            (
+                "    programs verified",
+                l.cold_verified_at_seconds,
+                i.cold_verified_at_seconds,
+            ),
+        ] {
+            row(label, list, inline, "s", None);
+        }
         row(
             "  attach",
             l.cold_reconcile_seconds,
@@ -442,6 +467,11 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
     let loaded = log_time(&log, "dataplane loaded").context("no 'dataplane loaded' line")?;
     let in_force = log_time(&log, "policy in force").context("no 'policy in force' line")?;
     let cold_seconds = since(spawned, in_force);
+    let loaded_ms = |field: &str| {
+        log_field(&log, "dataplane loaded", field)
+            .map(|ms| ms as f64 / 1e3)
+            .with_context(|| format!("no {field} on the 'dataplane loaded' line"))
+    };
     eprintln!("  control: cold load + reconcile {cold_seconds:.3} s");
     let pid = daemon.pid().context("p25d not running")?;
     let cold_cpu_seconds = cpu_seconds(pid)?;
@@ -507,6 +537,9 @@ fn run_layout(opts: &Options, set: &PolicySet, layout: Layout) -> Result<Run> {
         cold_seconds,
         cold_parse_and_load_seconds: since(spawned, loaded),
         cold_reconcile_seconds: since(loaded, in_force),
+        cold_checked_at_seconds: loaded_ms("check_ms")?,
+        cold_filled_at_seconds: loaded_ms("filled_ms")?,
+        cold_verified_at_seconds: loaded_ms("verified_ms")?,
         cold_cpu_seconds,
         idle_rss_mib,
         diff_changed_entries,

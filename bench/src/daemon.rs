@@ -238,6 +238,22 @@ pub fn log_time(log: &str, message: &str) -> Option<SystemTime> {
     })
 }
 
+/// A numeric field of the first JSON log line whose message is `message`.
+pub fn log_field(log: &str, message: &str, field: &str) -> Option<u64> {
+    log.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        if v.pointer("/fields/message")?.as_str()? != message {
+            return None;
+        }
+        // tracing writes a u128 (`Duration::as_millis`) as a string, smaller integers as
+        // numbers.
+        let value = v.pointer(&format!("/fields/{field}"))?;
+        value
+            .as_u64()
+            .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+    })
+}
+
 /// Writes `text` to a temporary file beside `path`, then renames it into place.
 pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
