@@ -417,18 +417,38 @@ impl Dataplane {
     /// references were resolved when the object was loaded, so the maps may already be
     /// taken out ([`Self::take_tables`]) and written meanwhile.
     pub fn load_programs(&mut self) -> Result<(), Error> {
-        let dataplane = self;
+        self.load_programs_wanted(|_, _| true)
+    }
+
+    /// Verifies and loads the programs `wanted` asks for, in the order XDP subscriber, XDP
+    /// upstream, TC subscriber, TC upstream, asking again before each: a caller that learns
+    /// only later which ones it needs (p25d, while it checks its policy) can stop the rest.
+    /// A program skipped here is verified on first use ([`Self::xdp_for`],
+    /// [`Self::tc_for`]).
+    pub fn load_programs_wanted(
+        &mut self,
+        wanted: impl Fn(Hook, Role) -> bool,
+    ) -> Result<(), Error> {
         for role in [Role::Subscriber, Role::Upstream] {
-            dataplane
-                .xdp_for(role)?
-                .load()
-                .map_err(|source| program_error(xdp_name(role), source))?;
-            dataplane
-                .tc_for(role)?
-                .load()
-                .map_err(|source| program_error(tc_name(role), source))?;
+            if wanted(Hook::Xdp, role) {
+                self.xdp_for(role)?;
+            }
+        }
+        for role in [Role::Subscriber, Role::Upstream] {
+            if wanted(Hook::Tc, role) {
+                self.tc_for(role)?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether the program of `hook` and `role` is verified and loaded already.
+    pub fn is_loaded(&self, hook: Hook, role: Role) -> bool {
+        let name = match hook {
+            Hook::Xdp => xdp_name(role),
+            Hook::Tc => tc_name(role),
+        };
+        self.ebpf.program(name).is_some_and(|p| p.fd().is_ok())
     }
 
     /// Writes the ABI record into a fresh ABI map, or checks the one already there.
@@ -463,24 +483,38 @@ impl Dataplane {
         self.tc_for(Role::Subscriber)
     }
 
-    /// The XDP program of an attachment of `role`.
+    /// The XDP program of an attachment of `role`, verified and loaded on first use.
     pub fn xdp_for(&mut self, role: Role) -> Result<&mut Xdp, Error> {
         let name = xdp_name(role);
-        self.ebpf
+        let program: &mut Xdp = self
+            .ebpf
             .program_mut(name)
             .ok_or(Error::MissingProgram(name))?
             .try_into()
-            .map_err(|source| program_error(name, source))
+            .map_err(|source| program_error(name, source))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|source| program_error(name, source))?;
+        }
+        Ok(program)
     }
 
-    /// The TC program of an attachment of `role`.
+    /// The TC program of an attachment of `role`, verified and loaded on first use.
     pub fn tc_for(&mut self, role: Role) -> Result<&mut SchedClassifier, Error> {
         let name = tc_name(role);
-        self.ebpf
+        let program: &mut SchedClassifier = self
+            .ebpf
             .program_mut(name)
             .ok_or(Error::MissingProgram(name))?
             .try_into()
-            .map_err(|source| program_error(name, source))
+            .map_err(|source| program_error(name, source))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|source| program_error(name, source))?;
+        }
+        Ok(program)
     }
 
     /// Attaches the subscriber-facing XDP program to `interface`. The link lives as long

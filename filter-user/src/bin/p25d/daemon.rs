@@ -119,17 +119,24 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
     let mut dataplane = Dataplane::open_pinned_maps(&layout).context("loading the dataplane")?;
     let tables = dataplane.take_tables()?;
     let events = dataplane.take_events()?;
-    // The verifier (about 0.45 s for the four programs) runs on a thread of its own while
+    // The verifier (about 0.45 s for all four programs) runs on a thread of its own while
     // the policy is checked and the maps are filled: the programs' map references were
-    // resolved when the object was loaded, so the maps can be written meanwhile. Nothing
-    // attaches before both are done, so no link ever sees a half-filled map.
-    let verifying = std::thread::Builder::new()
-        .name("p25d-verify".into())
-        .spawn(move || {
-            let result = dataplane.load_programs().map(|()| dataplane);
-            (result, started.elapsed())
-        })
-        .context("starting the program load")?;
+    // resolved when the object was loaded, so the maps can be written meanwhile. Once the
+    // policy is known it verifies only what the policy attaches (see ProgramsWanted).
+    // Nothing attaches before both are done, so no link ever sees a half-filled map.
+    let wanted = Arc::new(startup::ProgramsWanted::all());
+    let verifying = {
+        let wanted = wanted.clone();
+        std::thread::Builder::new()
+            .name("p25d-verify".into())
+            .spawn(move || {
+                let result = dataplane
+                    .load_programs_wanted(|hook, role| wanted.wants(hook, role))
+                    .map(|()| dataplane);
+                (result, started.elapsed())
+            })
+            .context("starting the program load")?
+    };
     let (mut source, checked, check_time): (Box<dyn PolicySource>, _, _) = match start {
         Start::Ready(ready) => {
             let (source, checked) = *ready;
@@ -148,6 +155,7 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
             // Nothing is attached yet; what this start pinned afresh goes again, and the
             // pin root too if that leaves it empty (as `p25d detach` leaves it), so that
             // a bad policy leaves nothing behind, as before the check moved beside the load.
+            wanted.settle(None);
             drop(tables);
             drop(events);
             drop(verifying.join());
@@ -159,6 +167,7 @@ pub async fn run(opts: RunArgs, fleet: Option<crate::fleet::FleetOptions>) -> Re
                 .with_context(|| format!("the policy {} is not usable", source.name()));
         }
     };
+    wanted.settle(Some(&checked.policy));
     for warning in &checked.warnings {
         warn!(%warning, "policy warning");
     }

@@ -15,8 +15,8 @@ use filter_common::abi::ABI_VERSION;
 use filter_user::{
     Dataplane, KernelTables,
     desired::{self, Counts},
-    loader::{PinLayout, links_in},
-    policy::{Policy, Role},
+    loader::{Hook, PinLayout, links_in},
+    policy::{Attach, Policy, Role},
 };
 use tokio::net::UnixListener;
 use tracing::{info, warn};
@@ -311,4 +311,53 @@ pub fn migrate_older_versions(
         }
     }
     Ok(())
+}
+
+/// Which of the four programs the start-up verifies before the first attach. Until the
+/// policy is known every one is wanted; [`Self::settle`] narrows it to the hooks the
+/// policy's interfaces attach (`attach: auto` counts as XDP: TC only serves a fall-back,
+/// and a program that is not verified here is verified on first use). The verifier thread
+/// asks before each program, so the TC programs of an XDP-only router (about half of
+/// the 0.45 s the verifier takes at 1.1M entries) are not verified while the maps fill.
+#[derive(Debug)]
+pub struct ProgramsWanted(std::sync::atomic::AtomicU8);
+
+impl ProgramsWanted {
+    const ALL: u8 = 0b1111;
+
+    const fn bit(hook: Hook, role: filter_common::classify::Role) -> u8 {
+        let hook = match hook {
+            Hook::Xdp => 0,
+            Hook::Tc => 2,
+        };
+        let role = match role {
+            filter_common::classify::Role::Subscriber => 0,
+            filter_common::classify::Role::Upstream => 1,
+        };
+        1 << (hook + role)
+    }
+
+    /// Everything wanted: the policy is not known yet.
+    pub const fn all() -> Self {
+        Self(std::sync::atomic::AtomicU8::new(Self::ALL))
+    }
+
+    /// Whether the program of `hook` and `role` is (still) wanted.
+    pub fn wants(&self, hook: Hook, role: filter_common::classify::Role) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) & Self::bit(hook, role) != 0
+    }
+
+    /// Narrows the set to what `policy` attaches (`None`: nothing more, p25d is about to
+    /// exit).
+    pub fn settle(&self, policy: Option<&Policy>) {
+        let mut mask = 0;
+        for interface in policy.map_or(&[][..], |p| &p.interfaces) {
+            let hook = match interface.attach {
+                Attach::Tc => Hook::Tc,
+                Attach::Xdp | Attach::Auto => Hook::Xdp,
+            };
+            mask |= Self::bit(hook, desired::dataplane_role(interface.role));
+        }
+        self.0.store(mask, std::sync::atomic::Ordering::Relaxed);
+    }
 }
