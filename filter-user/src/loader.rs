@@ -485,36 +485,22 @@ impl Dataplane {
 
     /// The XDP program of an attachment of `role`, verified and loaded on first use.
     pub fn xdp_for(&mut self, role: Role) -> Result<&mut Xdp, Error> {
-        let name = xdp_name(role);
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| program_error(name, source))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|source| program_error(name, source))?;
-        }
-        Ok(program)
+        verified(
+            &mut self.ebpf,
+            xdp_name(role),
+            |p: &Xdp| p.fd().is_ok(),
+            Xdp::load,
+        )
     }
 
     /// The TC program of an attachment of `role`, verified and loaded on first use.
     pub fn tc_for(&mut self, role: Role) -> Result<&mut SchedClassifier, Error> {
-        let name = tc_name(role);
-        let program: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(Error::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| program_error(name, source))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|source| program_error(name, source))?;
-        }
-        Ok(program)
+        verified(
+            &mut self.ebpf,
+            tc_name(role),
+            |p: &SchedClassifier| p.fd().is_ok(),
+            SchedClassifier::load,
+        )
     }
 
     /// Attaches the subscriber-facing XDP program to `interface`. The link lives as long
@@ -943,6 +929,28 @@ pub const fn tc_name(role: Role) -> &'static str {
         Role::Subscriber => program_names::TC,
         Role::Upstream => program_names::TC_UPSTREAM,
     }
+}
+
+/// The program `name` as a `T`, verified and loaded first if it is not yet (aya refuses a
+/// second load of the same program).
+fn verified<'a, T>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+    loaded: impl FnOnce(&T) -> bool,
+    load: impl FnOnce(&mut T) -> Result<(), ProgramError>,
+) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program: &'a mut T = ebpf
+        .program_mut(name)
+        .ok_or(Error::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| program_error(name, source))?;
+    if !loaded(program) {
+        load(program).map_err(|source| program_error(name, source))?;
+    }
+    Ok(program)
 }
 
 fn program_error(name: &'static str, source: ProgramError) -> Error {

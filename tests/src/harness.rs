@@ -118,3 +118,25 @@ impl Harness {
         Ok((action, out))
     }
 }
+
+/// `text` checked as a policy named `file`, which the test needs to be valid.
+pub fn valid_policy(text: &str, file: &str) -> Result<filter_user::policy::Checked> {
+    filter_user::policy::parse(text, file)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("the test policy must be valid")
+}
+
+/// The CONFIG entry for `policy` at `generation`, as a daemon with the event log off on a
+/// one-CPU machine would write it.
+pub fn config_of(
+    policy: &filter_user::policy::Policy,
+    generation: u32,
+) -> filter_common::abi::Config {
+    let settings = filter_user::desired::Settings {
+        offender_v6_prefix: 64,
+        events_rate: 0,
+        events_burst: 0,
+        cpus: 1,
+    };
+    filter_user::desired::config(policy, &settings, generation)
+}

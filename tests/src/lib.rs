@@ -33,6 +33,7 @@ pub mod harness;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod pins;
 pub mod prometheus;
 pub mod smtp_lab;
 pub mod traffic;

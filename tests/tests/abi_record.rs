@@ -5,20 +5,7 @@
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::{Array, Map, MapData};
 use filter_common::abi::{ABI_VERSION, AbiRecord, CONFIG_INDEX, map_names};
-use filter_user::{
-    Dataplane, Error, KernelTables,
-    loader::{PinLayout, remove_all_pins},
-};
-
-/// Removes the test's pins and directory, also when the test fails.
-struct Pins(PinLayout);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = remove_all_pins(&self.0);
-        let _ = std::fs::remove_dir_all(self.0.root());
-    }
-}
+use filter_user::{Dataplane, Error, KernelTables, loader::PinLayout};
 
 /// Overwrites the record in the pinned ABI map, as another build would have written it.
 fn write_record(layout: &PinLayout, record: AbiRecord) -> Result<()> {
@@ -31,13 +18,8 @@ fn write_record(layout: &PinLayout, record: AbiRecord) -> Result<()> {
 
 #[test]
 fn records_of_the_same_layout_are_adopted_and_others_refused() -> Result<()> {
-    p25_tests::require_root();
-    filter_user::loader::ensure_bpffs()?;
-    let pins = Pins(PinLayout::new(format!(
-        "/sys/fs/bpf/p25-test-abi-{}",
-        std::process::id()
-    )));
-    let layout = &pins.0;
+    let pins = p25_tests::pins::TempPins::new("abi")?;
+    let layout = pins.layout();
     drop(Dataplane::open_pinned(layout).context("creating the pins")?);
 
     // After an ABI_VERSION bump the list holds no record of this version: nothing to adopt.

@@ -6,11 +6,7 @@
 use std::{collections::BTreeMap, time::SystemTime};
 
 use anyhow::{Context as _, Result, ensure};
-use filter_user::{
-    desired::{self, Desired, Settings},
-    loader::Capacity,
-    policy, sync,
-};
+use filter_user::{desired::Desired, loader::Capacity, sync};
 use p25_tests::harness::Harness;
 
 /// Room for this many allowlist entries per family (host hash and trie alike).
@@ -30,17 +26,9 @@ fn a_full_allowlist_map_does_not_block_subscribers_or_config() -> Result<()> {
         "version: 1\nsubscribers:\n  - prefix: 100.64.0.0/10\n  - prefix: 2001:db8::/32\n\
          allow:\n{hosts}  - prefix: 100.64.2.0/24\n  - prefix: 100.64.3.0/24\n"
     );
-    let checked = policy::parse(&text, "full-map.yaml")
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("the test policy must be valid")?;
+    let checked = p25_tests::harness::valid_policy(&text, "full-map.yaml")?;
     let runtime = BTreeMap::new();
-    let settings = Settings {
-        offender_v6_prefix: 64,
-        events_rate: 0,
-        events_burst: 0,
-        cpus: 1,
-    };
-    let config = desired::config(&checked.policy, &settings, 7);
+    let config = p25_tests::harness::config_of(&checked.policy, 7);
     let target = Desired::new(config, &checked.policy, &runtime, SystemTime::now());
 
     let report = sync::reconcile(&mut harness.tables, &target)

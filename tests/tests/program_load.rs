@@ -4,20 +4,7 @@
 
 use anyhow::{Context as _, Result, ensure};
 use filter_common::classify::Role;
-use filter_user::{
-    Dataplane,
-    loader::{Hook, PinLayout, remove_all_pins},
-};
-
-/// Removes the test's pins and directory, also when the test fails.
-struct Pins(PinLayout);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = remove_all_pins(&self.0);
-        let _ = std::fs::remove_dir_all(self.0.root());
-    }
-}
+use filter_user::{Dataplane, loader::Hook};
 
 const ALL: [(Hook, Role); 4] = [
     (Hook::Xdp, Role::Subscriber),
@@ -28,13 +15,9 @@ const ALL: [(Hook, Role); 4] = [
 
 #[test]
 fn unwanted_programs_are_verified_on_first_use() -> Result<()> {
-    p25_tests::require_root();
-    filter_user::loader::ensure_bpffs()?;
-    let pins = Pins(PinLayout::new(format!(
-        "/sys/fs/bpf/p25-test-progload-{}",
-        std::process::id()
-    )));
-    let mut dataplane = Dataplane::open_pinned_maps(&pins.0).context("creating the pinned maps")?;
+    let pins = p25_tests::pins::TempPins::new("progload")?;
+    let mut dataplane =
+        Dataplane::open_pinned_maps(pins.layout()).context("creating the pinned maps")?;
     for (hook, role) in ALL {
         ensure!(
             !dataplane.is_loaded(hook, role),

@@ -10,23 +10,8 @@ use std::{collections::BTreeMap, time::SystemTime};
 use anyhow::{Context as _, Result, ensure};
 use aya::maps::{Array, HashMap, Map, MapData, lpm_trie::Key};
 use filter_common::abi::{Ipv4Key, SubscriberLengths, SubscriberValue, map_names};
-use filter_user::{
-    Dataplane, KernelTables,
-    desired::{self, Desired, Settings},
-    loader::{PinLayout, remove_all_pins},
-    policy, sync,
-};
+use filter_user::{Dataplane, KernelTables, desired::Desired, loader::PinLayout, sync};
 use ipnet::IpNet;
-
-/// Removes the test's pins and directory, also when the test fails.
-struct Pins(PinLayout);
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        let _ = remove_all_pins(&self.0);
-        let _ = std::fs::remove_dir_all(self.0.root());
-    }
-}
 
 const POLICY: &str = "version: 1
 subscribers:
@@ -73,25 +58,12 @@ fn sorted(mut v: Vec<(IpNet, SubscriberValue)>) -> Vec<(IpNet, SubscriberValue)>
 
 #[test]
 fn readers_write_nothing_and_a_reconcile_repairs_the_subscriber_index() -> Result<()> {
-    p25_tests::require_root();
-    filter_user::loader::ensure_bpffs()?;
-    let pins = Pins(PinLayout::new(format!(
-        "/sys/fs/bpf/p25-test-subidx-{}",
-        std::process::id()
-    )));
-    let layout = &pins.0;
+    let pins = p25_tests::pins::TempPins::new("subidx")?;
+    let layout = pins.layout();
 
-    let checked = policy::parse(POLICY, "subscriber-index.yaml")
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("the test policy must be valid")?;
+    let checked = p25_tests::harness::valid_policy(POLICY, "subscriber-index.yaml")?;
     let runtime = BTreeMap::new();
-    let settings = Settings {
-        offender_v6_prefix: 64,
-        events_rate: 0,
-        events_burst: 0,
-        cpus: 1,
-    };
-    let config = desired::config(&checked.policy, &settings, 3);
+    let config = p25_tests::harness::config_of(&checked.policy, 3);
     let target = Desired::new(config, &checked.policy, &runtime, SystemTime::now());
 
     let mut dataplane = Dataplane::open_pinned(layout).context("creating the pins")?;

@@ -246,28 +246,30 @@ struct AllowSplit<V> {
     hosts: ByFamily<V>,
 }
 
-/// Keys and values of one family.
-type Family<K, V> = (Vec<Key<K>>, Vec<V>);
-
-/// One family's allowlist entries (those `key` gives a key for; checked already), split
-/// into host entries and wider prefixes.
-fn family_allow<K: Pod, V: Copy>(
+/// Upserts one family's allowlist entries (those `key` gives a key for; checked already):
+/// host entries into the hash, wider prefixes into the trie (`names`: hash, trie).
+fn upsert_family<K: Pod, V: Pod>(
     entries: &[(IpNet, V)],
     key: impl Fn(&IpNet) -> Option<Key<K>>,
-) -> (Family<K, V>, Family<K, V>) {
-    let (mut hosts, mut tries) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    names: (&'static str, &'static str),
+    hosts: &mut HashMap<MapData, Key<K>, V>,
+    trie: &mut LpmTrie<MapData, K, V>,
+) -> Result<(), Error> {
+    let (mut host_keys, mut host_values, mut trie_keys, mut trie_values) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (net, value) in entries {
         if let Some(k) = key(net) {
-            let into = if net.prefix_len() == net.max_prefix_len() {
-                &mut hosts
+            if net.prefix_len() == net.max_prefix_len() {
+                host_keys.push(k);
+                host_values.push(*value);
             } else {
-                &mut tries
-            };
-            into.0.push(k);
-            into.1.push(*value);
+                trie_keys.push(k);
+                trie_values.push(*value);
+            }
         }
     }
-    (hosts, tries)
+    upsert_into(names.0, hosts, &host_keys, &host_values)?;
+    upsert_into(names.1, trie, &trie_keys, &trie_values)
 }
 
 fn split_allow_keys(nets: &[IpNet]) -> Result<AllowSplit<()>, Error> {
@@ -407,20 +409,20 @@ impl KernelTables {
         both(
             v6.min(entries.len() - v6),
             || {
-                let (hosts, tries) = family_allow(entries, |net| match net {
+                let key = |net: &IpNet| match net {
                     IpNet::V4(net) => Some(v4_key(*net)),
                     IpNet::V6(_) => None,
-                });
-                upsert_into(map_names::ALLOW_HOST_V4, host_v4, &hosts.0, &hosts.1)?;
-                upsert_into(map_names::ALLOW_V4, allow_v4, &tries.0, &tries.1)
+                };
+                let names = (map_names::ALLOW_HOST_V4, map_names::ALLOW_V4);
+                upsert_family(entries, key, names, host_v4, allow_v4)
             },
             || {
-                let (hosts, tries) = family_allow(entries, |net| match net {
+                let key = |net: &IpNet| match net {
                     IpNet::V6(net) => Some(v6_key(*net)),
                     IpNet::V4(_) => None,
-                });
-                upsert_into(map_names::ALLOW_HOST_V6, host_v6, &hosts.0, &hosts.1)?;
-                upsert_into(map_names::ALLOW_V6, allow_v6, &tries.0, &tries.1)
+                };
+                let names = (map_names::ALLOW_HOST_V6, map_names::ALLOW_V6);
+                upsert_family(entries, key, names, host_v6, allow_v6)
             },
         )
         .map(|((), ())| ())
@@ -495,13 +497,8 @@ impl KernelTables {
 
     /// Removes many subscriber prefixes with batched deletes; returns how many were there.
     pub fn remove_subscribers_many(&mut self, nets: &[IpNet]) -> Result<usize, Error> {
+        self.remove_subscriber_hashes(nets)?;
         let ByFamily { k4, k6, .. } = split_keys(nets)?;
-        let (hash_v4, hash_v6) = (&mut self.subscribers_hash_v4, &mut self.subscribers_hash_v6);
-        both(
-            k4.len().min(k6.len()),
-            || delete_from(map_names::SUBSCRIBERS_HASH_V4, hash_v4, &k4),
-            || delete_from(map_names::SUBSCRIBERS_HASH_V6, hash_v6, &k6),
-        )?;
         let (sub_v4, sub_v6) = (&mut self.subscribers_v4, &mut self.subscribers_v6);
         let removed = both(
             k4.len().min(k6.len()),
