@@ -128,9 +128,9 @@ impl KernelTables {
     /// Learns the subscriber prefixes already in the tries (pinned maps of a previous run)
     /// and what SUB_LENGTHS holds. Reads only: a reader such as `p25ctl list` opens the
     /// pins while p25d may be changing them, and p25d must stay their single writer. A
-    /// reader that once "repaired" SUB_LENGTHS from a half-read trie published lengths
-    /// that missed the lab's subscribers, and p25d, believing its own copy, never wrote
-    /// them back: every subscriber passed until the next writer came along.
+    /// reader that once "repaired" SUB_LENGTHS from a trie it read before p25d filled it
+    /// published "no lengths", and p25d, believing its own copy, never wrote them back:
+    /// every subscriber passed until the next writer came along (seen in CI's chaos run).
     fn with_subscriber_index(mut self) -> Result<Self, Error> {
         let existing = self.subscribers()?;
         self.index_subscribers(&existing);
