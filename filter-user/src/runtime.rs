@@ -9,6 +9,9 @@
 //! range, a hand edit gone wrong) loads without them: each is logged with the file, the
 //! prefix and the reason, and the file as found is kept beside it (`<file>.rejected-<unix
 //! time>`) before the next save leaves the bad entries out.
+//!
+//! Over 500 lines because of its tests (the last third): every way a state file can be
+//! wrong is one.
 
 use std::{
     collections::BTreeMap,

@@ -1,5 +1,11 @@
 //! The kernel's maps, typed: policy (subscribers, allowlist, config), statistics (verdict,
 //! parse and event counters, summed over CPUs) and the offender table.
+//!
+//! Why one file of this length: every method works on the same private map handles, and
+//! the subscriber index (which prefix lengths are in use) must change with every write to
+//! the subscriber maps; split by map, that invariant would be spread over files. The
+//! batched operations, which need the handles but not the index, are the child module
+//! `batch`; the unit tests are the last quarter.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -255,7 +261,7 @@ impl KernelTables {
 
     /// Opens the maps pinned under `layout`, e.g. for read-only tools while the daemon is
     /// down (or starting). The layout is checked first, like the daemon does, so nothing is
-    /// misread. Opening writes nothing (see [`Self::with_subscriber_index`]); only the
+    /// misread. Opening writes nothing (see `with_subscriber_index`); only the
     /// methods that say so change the maps.
     pub fn open_pinned(layout: &crate::loader::PinLayout) -> Result<Self, Error> {
         crate::loader::check_pinned_maps(layout)?;
