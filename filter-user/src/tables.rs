@@ -5,7 +5,7 @@
 //! the subscriber index (which prefix lengths are in use) must change with every write to
 //! the subscriber maps; split by map, that invariant would be spread over files. The
 //! batched operations, which need the handles but not the index, are the child module
-//! `batch`; the unit tests are the last quarter.
+//! `batch`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
