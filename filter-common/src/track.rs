@@ -44,8 +44,8 @@ pub fn is_event(outcome: &Outcome) -> bool {
     matches!(outcome.counter, Some(key) if key.verdict.is_blocked())
 }
 
-/// The state [`resolve`] needs: the kernel keeps it in maps with `bpf_ktime_get_ns`, the
-/// reference model in plain Rust with a fixed clock.
+/// The state [`resolve`] needs: the kernel keeps it in maps with `bpf_ktime_get_coarse_ns`,
+/// the reference model in plain Rust with a fixed clock.
 pub trait Budget {
     /// Takes a token from the SYN bucket of `source` (a new source starts with a full
     /// bucket); false when it is empty.
