@@ -30,7 +30,7 @@ use filter_common::{
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
-        Budget, fill_event, full_syn_bucket, is_event, mask64, offender_key, resolve,
+        Budget, fill_event, full_syn_bucket, is_event, is_final, mask64, offender_key, resolve,
         take_event_token, take_rst_token, take_syn_token,
     },
 };
@@ -500,7 +500,8 @@ fn settle<P: PacketBuf>(packet: &P, words: [u64; 3], ifindex: u32, hook: HookKin
         bump_fallback(reason);
     }
     let Some(key) = outcome.counter else {
-        // Never taken: the hooks pack only outcomes with a counter key (`resolve` keeps it).
+        // Never taken: an outcome without a counter key is a pass, which the hooks count
+        // without calling this (and `resolve` keeps the key).
         return Settled(0);
     };
     // Only drops and would-drops get this far with an event: the common path pays
@@ -644,8 +645,11 @@ fn xdp_hook(ctx: &XdpContext, role: Role) -> u32 {
     let ifindex = ctx.ingress_ifindex() as u32;
     let outcome = classify(&XdpPacket(ctx), &Maps, role);
     bump(&PARSE_COUNTERS, outcome.parse.index(), bytes);
-    if outcome.counter.is_none() {
-        // No rule looked at the packet: it passes (the classifier's action is Pass).
+    if is_final(&outcome) {
+        // A pass with nothing stateful to do: count it here, without the call.
+        if let Some(key) = outcome.counter {
+            bump(&COUNTERS, counter_index(ifindex, key), bytes);
+        }
         return xdp_action::XDP_PASS;
     }
     let [a, b, c] = outcome.pack();
@@ -725,9 +729,12 @@ fn tc_hook(ctx: &TcContext, role: Role) -> i32 {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let outcome = classify(&TcPacket(ctx), &Maps, role);
     bump(&PARSE_COUNTERS, outcome.parse.index(), bytes);
-    if outcome.counter.is_none() {
-        // No rule looked at the packet. TC_ACT_PIPE: no opinion, continue with the next
-        // program (TCX_NEXT under tcx).
+    if is_final(&outcome) {
+        // A pass with nothing stateful to do: count it here, without the call.
+        // TC_ACT_PIPE: no opinion, continue with the next program (TCX_NEXT under tcx).
+        if let Some(key) = outcome.counter {
+            bump(&COUNTERS, counter_index(ifindex, key), bytes);
+        }
         return TC_ACT_PIPE;
     }
     let [a, b, c] = outcome.pack();
