@@ -153,6 +153,71 @@ impl Outcome {
             },
         }
     }
+
+    /// The outcome as three integers, for [`Outcome::unpack`]. The eBPF hooks hand the
+    /// classifier's outcome to their post-verdict code, a BPF global function, this way:
+    /// its arguments may only be scalars (and the context), and the verifier checks it once,
+    /// with every argument unknown, rather than once for each of the parse paths.
+    ///
+    /// Word 0: `l3` (bits 0-15), `l4` (16-31), the counter key's direction (32-39), family
+    /// (40-47) and verdict (48-55), the parse outcome (56-63). Word 1: the SYN limit's
+    /// `per_minute` (0-31) and `burst` (32-63). Word 2: the action (bits 0-7), whether
+    /// there is a counter key (8), the limit's `monitor` (9).
+    #[inline(always)]
+    pub const fn pack(&self) -> [u64; 3] {
+        let (key, has_key) = match self.counter {
+            Some(key) => (key, 1),
+            None => (CounterKey::new(Direction(0), Family(0), Verdict(0)), 0),
+        };
+        let action = match self.action {
+            Action::Pass => 0,
+            Action::Drop => 1,
+            Action::Reject => 2,
+        };
+        [
+            self.l3 as u64
+                | (self.l4 as u64) << 16
+                | (key.direction.0 as u64) << 32
+                | (key.family.0 as u64) << 40
+                | (key.verdict.0 as u64) << 48
+                | (self.parse.0 as u64) << 56,
+            self.limit.per_minute as u64 | (self.limit.burst as u64) << 32,
+            action | has_key << 8 | (self.limit.monitor as u64) << 9,
+        ]
+    }
+
+    /// The outcome [`Outcome::pack`] turned into `words`.
+    #[inline(always)]
+    pub const fn unpack(words: [u64; 3]) -> Self {
+        let [outcome, limit, flags] = words;
+        // Only `pack` writes these words, so the action byte is 0, 1 or 2.
+        let action = match flags as u8 {
+            1 => Action::Drop,
+            2 => Action::Reject,
+            _ => Action::Pass,
+        };
+        let counter = if flags & 1 << 8 != 0 {
+            Some(CounterKey::new(
+                Direction((outcome >> 32) as u8),
+                Family((outcome >> 40) as u8),
+                Verdict((outcome >> 48) as u8),
+            ))
+        } else {
+            None
+        };
+        Self {
+            action,
+            parse: ParseOutcome((outcome >> 56) as u8),
+            counter,
+            l3: outcome as u16,
+            l4: (outcome >> 16) as u16,
+            limit: SynLimit {
+                per_minute: limit as u32,
+                burst: (limit >> 32) as u32,
+                monitor: flags & 1 << 9 != 0,
+            },
+        }
+    }
 }
 
 /// An address family's lookups, so the rules are written once for IPv4 and IPv6.
@@ -634,4 +699,66 @@ pub fn pppoe_length_offset<P: PacketBuf>(pkt: &P, l3: usize) -> Option<(usize, u
         at += VLAN_HLEN;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field survives `pack` and `unpack`, at its extremes and with the others set,
+    /// so that one field bleeding into another's bits shows.
+    #[test]
+    fn outcome_packs_and_unpacks() {
+        let keys = [
+            None,
+            Some(CounterKey::new(
+                Direction::EGRESS,
+                Family::IPV4,
+                Verdict::DROPPED,
+            )),
+            Some(CounterKey::new(
+                Direction::INBOUND,
+                Family::IPV6,
+                Verdict::WOULD_RATE_LIMIT,
+            )),
+            Some(CounterKey::new(
+                Direction(u8::MAX),
+                Family(u8::MAX),
+                Verdict(u8::MAX),
+            )),
+        ];
+        let mut checked = 0;
+        for action in [Action::Pass, Action::Drop, Action::Reject] {
+            for counter in keys {
+                for (l3, l4) in [
+                    (0, 0),
+                    (14, 34),
+                    (MAX_OFFSET as u16, 0),
+                    (u16::MAX, u16::MAX),
+                ] {
+                    for (per_minute, burst) in [(0, 0), (1, u32::MAX), (u32::MAX, 7)] {
+                        for monitor in [false, true] {
+                            for parse in [ParseOutcome::TCP, ParseOutcome(u8::MAX)] {
+                                let outcome = Outcome {
+                                    action,
+                                    parse,
+                                    counter,
+                                    l3,
+                                    l4,
+                                    limit: SynLimit {
+                                        per_minute,
+                                        burst,
+                                        monitor,
+                                    },
+                                };
+                                assert_eq!(Outcome::unpack(outcome.pack()), outcome);
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(checked, 3 * 4 * 4 * 3 * 2 * 2);
+    }
 }

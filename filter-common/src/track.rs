@@ -44,8 +44,24 @@ pub fn is_event(outcome: &Outcome) -> bool {
     matches!(outcome.counter, Some(key) if key.verdict.is_blocked())
 }
 
-/// The state [`resolve`] needs: the kernel keeps it in maps with `bpf_ktime_get_ns`, the
-/// reference model in plain Rust with a fixed clock.
+/// Whether the classifier's `outcome` is already final: a pass that [`resolve`] leaves as
+/// it is (no reject to answer, no SYN limit to take a token from) and that is not an
+/// event. The eBPF hooks count such an outcome at once, without calling their
+/// post-verdict function: allowlisted sources without a SYN limit and sources outside
+/// subscriber space, the common port-25 classes, pay no call.
+#[inline(always)]
+pub fn is_final(outcome: &Outcome) -> bool {
+    let Some(key) = outcome.counter else {
+        return outcome.action == Action::Pass;
+    };
+    let syn_limited = key.verdict == Verdict::ALLOWLISTED
+        && key.direction == Direction::EGRESS
+        && outcome.limit.per_minute != 0;
+    outcome.action == Action::Pass && !syn_limited && !key.verdict.is_blocked()
+}
+
+/// The state [`resolve`] needs: the kernel keeps it in maps with `bpf_ktime_get_coarse_ns`,
+/// the reference model in plain Rust with a fixed clock.
 pub trait Budget {
     /// Takes a token from the SYN bucket of `source` (a new source starts with a full
     /// bucket); false when it is empty.
@@ -371,7 +387,71 @@ fn take_token(bucket: &mut Bucket, rate: u32, burst: u32, unit: u64, now_ns: u64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::abi::Verdict;
+    use crate::abi::{CounterKey, ParseOutcome, Verdict};
+
+    /// A budget that must not be asked.
+    struct NoBudget;
+
+    impl Budget for NoBudget {
+        fn syn_token(&mut self, _: &OffenderKey, _: &SynLimit) -> bool {
+            unreachable!("asked for a SYN token")
+        }
+        fn rst_token(&mut self) -> bool {
+            unreachable!("asked for an RST token")
+        }
+    }
+
+    /// Every outcome `is_final` calls final is one `resolve` leaves unchanged without asking
+    /// a budget, and not an event; and it calls some outcomes final and others not.
+    #[test]
+    fn final_outcomes_are_left_alone_by_resolve() {
+        // A SYN to port 25 (IPv4 at 14, TCP at 34), which a SYN limit or a reject would act on.
+        let mut frame = [0u8; 54];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14] = 0x45;
+        frame[23] = 6;
+        frame[36..38].copy_from_slice(&25u16.to_be_bytes());
+        frame[47] = TCP_SYN;
+        let packet: &[u8] = &frame;
+        let (mut finals, mut others) = (0, 0);
+        for action in [Action::Pass, Action::Drop, Action::Reject] {
+            for direction in [Direction::EGRESS, Direction::INBOUND] {
+                for verdict in Verdict::ALL {
+                    for per_minute in [0, 1] {
+                        for counter in [
+                            None,
+                            Some(CounterKey::new(direction, Family::IPV4, verdict)),
+                        ] {
+                            let outcome = Outcome {
+                                action,
+                                parse: ParseOutcome::TCP,
+                                counter,
+                                l3: 14,
+                                l4: 34,
+                                limit: SynLimit {
+                                    per_minute,
+                                    burst: 1,
+                                    monitor: false,
+                                },
+                            };
+                            if !is_final(&outcome) {
+                                others += 1;
+                                continue;
+                            }
+                            finals += 1;
+                            let mut resolved = outcome;
+                            let config = Config::default();
+                            let fallback =
+                                resolve(&packet, &mut resolved, &config, true, &mut NoBudget);
+                            assert_eq!((fallback, resolved), (None, outcome));
+                            assert!(!is_event(&outcome));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(finals > 0 && others > 0, "{finals} final, {others} not");
+    }
 
     fn event(direction: Direction, family: Family, verdict: Verdict, flags: u8) -> Event {
         let mut src = [0u8; 16];

@@ -8,7 +8,9 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action},
+    bindings::{
+        __sk_buff, BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_PIPE, TC_ACT_SHOT, xdp_action, xdp_md,
+    },
     helpers::{bpf_ktime_get_coarse_ns, bpf_skb_load_bytes, bpf_xdp_adjust_tail},
     macros::{classifier, map, xdp},
     maps::{
@@ -19,16 +21,16 @@ use aya_ebpf::{
 use filter_common::{
     abi::{
         ALLOW_HOST_MAX_ENTRIES, ALLOW_MAX_ENTRIES, AbiRecord, AllowValue, BlockAction, Bucket,
-        CONFIG_INDEX, COUNTERS_ENTRIES, Config, Counter, EVENTS_RING_BYTES, Event, EventStat,
-        HookKind, Ipv4Key, Ipv6Key, Mode, OFFENDERS_MAX_ENTRIES, OffenderKey, OffenderValue,
-        ParseOutcome, RejectFallback, SUBSCRIBERS_MAX_ENTRIES, SYN_BUCKETS_MAX_ENTRIES,
-        SubscriberLengths, SubscriberValue, Verdict, counter_index,
+        CONFIG_INDEX, COUNTERS_ENTRIES, Config, Counter, CounterKey, Direction, EVENTS_RING_BYTES,
+        Event, EventStat, Family, HookKind, Ipv4Key, Ipv6Key, Mode, OFFENDERS_MAX_ENTRIES,
+        OffenderKey, OffenderValue, ParseOutcome, RejectFallback, SUBSCRIBERS_MAX_ENTRIES,
+        SYN_BUCKETS_MAX_ENTRIES, SubscriberLengths, SubscriberValue, Verdict, counter_index,
     },
     classify::{Action, Outcome, Role, SynLimit, Tables, classify},
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
-        Budget, fill_event, full_syn_bucket, is_event, mask64, offender_key, resolve,
+        Budget, fill_event, full_syn_bucket, is_event, is_final, mask64, offender_key, resolve,
         take_event_token, take_rst_token, take_syn_token,
     },
 };
@@ -107,12 +109,6 @@ static REJECT_FALLBACKS: PerCpuArray<u64> =
 static SYN_BUCKETS: LruHashMap<OffenderKey, Bucket> =
     LruHashMap::with_max_entries(SYN_BUCKETS_MAX_ENTRIES, 0);
 
-// Per-CPU scratch space for the classifier's outcome on the rule path. Written and read
-// back with a volatile load: the read-back values are unknown to the verifier, so the
-// many parse paths (tags, PPPoE, IHL, extension headers) converge into one state instead
-// of each being verified again through everything after the verdict.
-#[map]
-static OUTCOME: PerCpuArray<Outcome> = PerCpuArray::with_max_entries(1, 0);
 // Per-CPU scratch space for the event being built: an Event on the stack would crowd the
 // 512-byte BPF stack the classifier already uses. Not part of the ABI (never pinned).
 #[map]
@@ -400,31 +396,93 @@ fn bump_fallback(reason: RejectFallback) {
     }
 }
 
-/// Classifies, resolves the stateful part of the verdict, counts, records evidence, and
-/// returns the outcome. Shared by both hooks; for an [`Action::Reject`] left standing
-/// (XDP only) the event is filled but not yet recorded: the caller writes the RST, fixes
-/// the verdict if that failed, and then calls [`finish`].
-#[inline(always)]
-fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role: Role) -> Outcome {
-    let classified = classify(packet, &Maps, role);
-    bump(&PARSE_COUNTERS, classified.parse.index(), bytes);
-    if classified.counter.is_none() {
-        return classified;
+/// What the post-verdict functions ([`p25_xdp_verdict`], [`p25_tc_verdict`]) hand back to
+/// their hook, in the one scalar a BPF global function returns: the action (bits 0-3),
+/// whether the SCRATCH event was filled (4), the counter key's direction (8-15), family
+/// (16-23) and verdict (24-31), and, for a reject, the IP and TCP header offsets (32-45,
+/// 46-59; offsets are below 2^14, see `OFFSET_MASK`).
+#[derive(Clone, Copy)]
+struct Settled(u64);
+
+impl Settled {
+    const EVENT: u64 = 1 << 4;
+
+    /// The value a post-verdict function returned. Through `black_box`: LLVM sees the
+    /// callee's body and would drop the masks in [`Settled::offsets`] as redundant, while
+    /// the verifier knows nothing of a global function's result and needs them.
+    #[inline(always)]
+    fn from(returned: u64) -> Self {
+        Self(core::hint::black_box(returned))
     }
-    let Some(slot) = OUTCOME.get_ptr_mut(0) else {
-        // Unreachable (a one-entry array); counting without the stateful part is the
-        // closest to right.
-        finish(&classified, bytes, ifindex);
-        return classified;
-    };
-    // SAFETY: a per-CPU slot only this CPU touches during this run; see OUTCOME.
-    let mut outcome = unsafe {
-        slot.write_volatile(classified);
-        slot.read_volatile()
-    };
-    // The offsets are below MAX_OFFSET by construction, but the verifier no longer knows
-    // that after the volatile read: give it the bound again (LLVM cannot drop this mask,
-    // while it drops the one in `load_direct` next to a comparison that implies it).
+
+    #[inline(always)]
+    fn new(outcome: &Outcome, key: CounterKey, event: bool) -> Self {
+        let action = match outcome.action {
+            Action::Pass => 0,
+            Action::Drop => 1,
+            Action::Reject => 2,
+        };
+        let (l3, l4) = if outcome.action == Action::Reject {
+            (u64::from(outcome.l3), u64::from(outcome.l4))
+        } else {
+            (0, 0)
+        };
+        Self(
+            action
+                | if event { Self::EVENT } else { 0 }
+                | u64::from(key.direction.0) << 8
+                | u64::from(key.family.0) << 16
+                | u64::from(key.verdict.0) << 24
+                | (l3 & OFFSET_MASK as u64) << 32
+                | (l4 & OFFSET_MASK as u64) << 46,
+        )
+    }
+
+    #[inline(always)]
+    fn action(self) -> Action {
+        match self.0 & 0xF {
+            1 => Action::Drop,
+            2 => Action::Reject,
+            _ => Action::Pass,
+        }
+    }
+
+    #[inline(always)]
+    fn event(self) -> bool {
+        self.0 & Self::EVENT != 0
+    }
+
+    #[inline(always)]
+    fn key(self) -> CounterKey {
+        CounterKey::new(
+            Direction((self.0 >> 8) as u8),
+            Family((self.0 >> 16) as u8),
+            Verdict((self.0 >> 24) as u8),
+        )
+    }
+
+    /// The IP and TCP header offsets of a reject, masked, so that the verifier, to which
+    /// the returned scalar is unknown, sees them bounded.
+    #[inline(always)]
+    fn offsets(self) -> (u16, u16) {
+        let mask = OFFSET_MASK as u64;
+        (
+            ((self.0 >> 32) & mask) as u16,
+            ((self.0 >> 46) & mask) as u16,
+        )
+    }
+}
+
+/// The code between the classifier's verdict and the counters, for an outcome a rule
+/// matched (packed by [`Outcome::pack`]): resolves the stateful part of the verdict and
+/// fills the SCRATCH event of a drop or would-drop. Shared by both hooks' post-verdict
+/// functions. Counting, recording the event and writing an RST are left to the hook (see
+/// [`p25_xdp_verdict`] for why).
+#[inline(always)]
+fn settle<P: PacketBuf>(packet: &P, words: [u64; 3], ifindex: u32, hook: HookKind) -> Settled {
+    let mut outcome = Outcome::unpack(words);
+    // The offsets are below MAX_OFFSET by construction, but the verifier checks this code
+    // with its arguments unknown: give it the bound again.
     outcome.l3 &= OFFSET_MASK as u16;
     outcome.l4 &= OFFSET_MASK as u16;
     let config = Maps.config();
@@ -441,8 +499,14 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role:
     ) {
         bump_fallback(reason);
     }
+    let Some(key) = outcome.counter else {
+        // Never taken: an outcome without a counter key is a pass, which the hooks count
+        // without calling this (and `resolve` keeps the key).
+        return Settled(0);
+    };
     // Only drops and would-drops get this far with an event: the common path pays
     // nothing more.
+    let mut filled = false;
     if is_event(&outcome)
         && let Some(event) = SCRATCH.get_ptr_mut(0)
     {
@@ -453,33 +517,22 @@ fn run<P: PacketBuf>(packet: &P, bytes: u64, ifindex: u32, hook: HookKind, role:
             event.hook = hook;
             // The one clock read (or the one the budgets already made).
             event.ts_ns = budget.now();
-        } else {
-            event.ifindex = u32::MAX;
+            filled = true;
         }
     }
-    if outcome.action != Action::Reject {
-        finish(&outcome, bytes, ifindex);
-    }
-    outcome
+    Settled::new(&outcome, key, filled)
 }
 
-/// Bumps the verdict counter and records the event [`run`] filled, once the verdict is
-/// final.
+/// Bumps the verdict counter of `key` and, when `event` (the SCRATCH event was filled),
+/// records the event with the final verdict.
 #[inline(always)]
-fn finish(outcome: &Outcome, bytes: u64, ifindex: u32) {
-    let Some(key) = outcome.counter else {
-        return;
-    };
+fn finish(key: CounterKey, event: bool, bytes: u64, ifindex: u32) {
     bump(&COUNTERS, counter_index(ifindex, key), bytes);
-    if is_event(outcome)
-        && let Some(event) = SCRATCH.get_ptr_mut(0)
-    {
+    if event && let Some(slot) = SCRATCH.get_ptr_mut(0) {
         // SAFETY: per-CPU slot, only this CPU touches it during this run.
-        let event = unsafe { &mut *event };
-        if event.ifindex == ifindex {
-            event.verdict = key.verdict;
-            record(event);
-        }
+        let slot = unsafe { &mut *slot };
+        slot.verdict = key.verdict;
+        record(slot);
     }
 }
 
@@ -590,30 +643,72 @@ pub fn p25_xdp_upstream(ctx: XdpContext) -> u32 {
 fn xdp_hook(ctx: &XdpContext, role: Role) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let ifindex = ctx.ingress_ifindex() as u32;
-    match run(&XdpPacket(ctx), bytes, ifindex, HookKind::XDP, role) {
-        o if o.action == Action::Reject => answer_reject(ctx, o, bytes, ifindex),
-        o if o.action == Action::Drop => xdp_action::XDP_DROP,
-        _ => xdp_action::XDP_PASS,
+    let outcome = classify(&XdpPacket(ctx), &Maps, role);
+    bump(&PARSE_COUNTERS, outcome.parse.index(), bytes);
+    if is_final(&outcome) {
+        // A pass with nothing stateful to do: count it here, without the call.
+        if let Some(key) = outcome.counter {
+            bump(&COUNTERS, counter_index(ifindex, key), bytes);
+        }
+        return xdp_action::XDP_PASS;
     }
+    let [a, b, c] = outcome.pack();
+    // SAFETY: `ctx.ctx` is this program's context, valid for the whole run.
+    let settled = Settled::from(unsafe { p25_xdp_verdict(ctx.ctx, a, b, c) });
+    let mut key = settled.key();
+    let action = match settled.action() {
+        Action::Reject => {
+            // The SYN becomes its RST, in place, and goes back out (XDP_TX). If that
+            // fails it is dropped instead, counted as a `tx_failed` fallback and as a
+            // drop, never passed.
+            let (l3, l4) = settled.offsets();
+            if transmit_rst(ctx, l3, l4) {
+                xdp_action::XDP_TX
+            } else {
+                bump_fallback(RejectFallback::TX_FAILED);
+                key.verdict = Verdict::DROPPED;
+                xdp_action::XDP_DROP
+            }
+        }
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Pass => xdp_action::XDP_PASS,
+    };
+    finish(key, settled.event(), bytes, ifindex);
+    action
 }
 
-/// Turns the SYN into its RST in place and sends it back (XDP_TX). If that fails the SYN is
-/// dropped instead, counted as a `tx_failed` fallback and as a drop, never passed.
-#[inline(always)]
-fn answer_reject(ctx: &XdpContext, mut outcome: Outcome, bytes: u64, ifindex: u32) -> u32 {
-    let sent = transmit_rst(ctx, outcome.l3, outcome.l4);
-    if !sent {
-        bump_fallback(RejectFallback::TX_FAILED);
-        if let Some(key) = outcome.counter.as_mut() {
-            key.verdict = Verdict::DROPPED;
-        }
-    }
-    finish(&outcome, bytes, ifindex);
-    if sent {
-        xdp_action::XDP_TX
-    } else {
-        xdp_action::XDP_DROP
-    }
+/// The XDP hooks' code after the classifier's verdict, for a packet a rule looked at: the
+/// stateful part of the verdict and the event ([`settle`]). Returns a [`Settled`].
+///
+/// A BPF global function (exported, so its BTF linkage is global): the verifier checks it
+/// once, on its own, with the packed outcome unknown, and each call only as a call with
+/// scalar arguments. Inlined, or as a static BPF function (which the verifier checks again
+/// at every call, with the caller's registers), it is verified once per parse path of the
+/// classifier (tags, PPPoE, IHL, extension headers), each with its own known offsets and
+/// verdict, and all four programs pass the 1,000,000-instruction limit. Hiding the packed
+/// outcome with `core::hint::black_box` or an empty `asm!` does not help: that hides it
+/// from LLVM, not from the verifier, which follows registers and stack spills through both
+/// (measured: over the limit). Before this, the outcome went through a per-CPU map slot
+/// and back (volatile), whose loads the verifier cannot know; see docs/dataplane.md,
+/// "Verifier notes". A final pass (`is_final`) does not come here: the call costs more
+/// than the map round trip did, and the hook counts such a pass itself.
+///
+/// It calls nothing with a frame of its own: the verifier sums the frames of a call chain
+/// (512 bytes at most), and hook (200 bytes; `p25_tc` 256) + this (176; TC 216) +
+/// `transmit_rst` (192) or `record` (144) is too deep. So the hook counts, records and
+/// writes the RST after it returns; what the hook still has live then (the context, length,
+/// ifindex, the returned scalar) is the same on every parse path, and the verifier walks
+/// that code about once.
+///
+/// # Safety
+///
+/// `ctx` must be the context of the running XDP program.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn p25_xdp_verdict(ctx: *mut xdp_md, a: u64, b: u64, c: u64) -> u64 {
+    let ctx = XdpContext::new(ctx);
+    let ifindex = ctx.ingress_ifindex() as u32;
+    settle(&XdpPacket(&ctx), [a, b, c], ifindex, HookKind::XDP).0
 }
 
 #[classifier]
@@ -633,13 +728,41 @@ fn tc_hook(ctx: &TcContext, role: Role) -> i32 {
     let bytes = u64::from(ctx.len());
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // TC_ACT_PIPE: no opinion, continue with the next program (TCX_NEXT under tcx).
+    let outcome = classify(&TcPacket(ctx), &Maps, role);
+    bump(&PARSE_COUNTERS, outcome.parse.index(), bytes);
+    if is_final(&outcome) {
+        // A pass with nothing stateful to do: count it here, without the call.
+        // TC_ACT_PIPE: no opinion, continue with the next program (TCX_NEXT under tcx).
+        if let Some(key) = outcome.counter {
+            bump(&COUNTERS, counter_index(ifindex, key), bytes);
+        }
+        return TC_ACT_PIPE;
+    }
+    let [a, b, c] = outcome.pack();
+    // SAFETY: `ctx.skb.skb` is this program's context, valid for the whole run.
+    let settled = Settled::from(unsafe { p25_tc_verdict(ctx.skb.skb, a, b, c) });
+    finish(settled.key(), settled.event(), bytes, ifindex);
     // `resolve` never leaves a Reject standing on TC; were it to, dropping is the safe
     // reading.
-    match run(&TcPacket(ctx), bytes, ifindex, HookKind::TC, role).action {
+    match settled.action() {
         Action::Pass => TC_ACT_PIPE,
         Action::Drop | Action::Reject => TC_ACT_SHOT,
     }
+}
+
+/// The TC hooks' code after the classifier's verdict: as [`p25_xdp_verdict`] (a BPF global
+/// function, for the same reasons). Returns a [`Settled`].
+///
+/// # Safety
+///
+/// `skb` must be the context of the running TC program.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub unsafe extern "C" fn p25_tc_verdict(skb: *mut __sk_buff, a: u64, b: u64, c: u64) -> u64 {
+    let ctx = TcContext::new(skb);
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    let ifindex = unsafe { (*skb).ifindex };
+    settle(&TcPacket(&ctx), [a, b, c], ifindex, HookKind::TC).0
 }
 
 #[cfg(not(test))]
