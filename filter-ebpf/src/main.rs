@@ -30,8 +30,8 @@ use filter_common::{
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
-        Budget, fill_event, full_syn_bucket, is_event, is_final, mask64, offender_key, resolve,
-        take_event_token, take_rst_token, take_syn_token,
+        Budget, fill_event, first_attempt, full_syn_bucket, is_event, is_final, mask64,
+        note_attempt, offender_key, resolve, take_event_token, take_rst_token, take_syn_token,
     },
 };
 
@@ -582,46 +582,26 @@ fn record(event: &mut Event) {
 }
 
 /// Adds the attempt in `event` to this CPU's share of the subscriber's evidence: looked up
-/// and changed in place, inserted only on a miss. A CPU's share may be zero when another
-/// CPU created the entry (the kernel zeroes the other CPUs' values of a new entry).
+/// and changed in place ([`note_attempt`]), inserted only on a miss ([`first_attempt`]). A
+/// CPU's share may be zero when another CPU created the entry (the kernel zeroes the other
+/// CPUs' values of a new entry).
 #[inline(always)]
 fn track_offender(key: &OffenderKey, event: &Event) {
     if let Some(value) = OFFENDERS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a live entry; no other CPU touches it.
-        add_attempt(unsafe { &mut *value }, event);
+        note_attempt(unsafe { &mut *value }, event);
         return;
     }
-    let value = OffenderValue {
-        attempts: 1,
-        first_seen_ns: event.ts_ns,
-        last_seen_ns: event.ts_ns,
-        last_dst: event.dst,
-        last_dport: event.dport,
-        last_verdict: event.verdict,
-        _pad: [0; 5],
-    };
     // NOEXIST: if another CPU created the entry in the meantime, add to this CPU's share
     // instead of resetting the others'.
     if OFFENDERS
-        .insert(key, value, u64::from(BPF_NOEXIST))
+        .insert(key, first_attempt(event), u64::from(BPF_NOEXIST))
         .is_err()
         && let Some(existing) = OFFENDERS.get_ptr_mut(key)
     {
         // SAFETY: as above.
-        add_attempt(unsafe { &mut *existing }, event);
+        note_attempt(unsafe { &mut *existing }, event);
     }
-}
-
-#[inline(always)]
-fn add_attempt(value: &mut OffenderValue, event: &Event) {
-    value.attempts = value.attempts.wrapping_add(1);
-    if value.first_seen_ns == 0 {
-        value.first_seen_ns = event.ts_ns;
-    }
-    value.last_seen_ns = event.ts_ns;
-    value.last_dst = event.dst;
-    value.last_dport = event.dport;
-    value.last_verdict = event.verdict;
 }
 
 // `#[inline(always)]` under the macro applies to the function the macro wraps: without it,
