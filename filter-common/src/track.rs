@@ -186,24 +186,23 @@ pub fn fill_event<P: PacketBuf>(pkt: &P, outcome: &Outcome, event: &mut Event) -
             write_word(target, EVENT_DST, d);
             write_word(target, EVENT_DST + 8, 0);
         }
-    } else if let (Some(src), Some(dst)) =
-        (pkt.load::<[u8; 16]>(l3 + 8), pkt.load::<[u8; 16]>(l3 + 24))
-    {
-        // Copied as bytes: assembled into words first, the 32 bytes did not fit the
-        // registers and the spills pushed `p25_tc_verdict`'s frame past what the verifier
-        // allows for its call chain.
-        // SAFETY: checked word offsets of Event.
-        unsafe {
-            write_bytes16(target, EVENT_SRC, src);
-            write_bytes16(target, EVENT_DST, dst);
-        }
     } else {
+        // One address at a time, each written as soon as it is loaded: loading both first
+        // (as the IPv4 branch does) spilled the 32 bytes out of the registers, and on TC,
+        // where the loads go through stack buffers, `p25_tc_verdict`'s frame grew past
+        // what the verifier allows for the hook's call chain. (Both loads lie inside the
+        // IPv6 header the classifier has already read, so neither fails in practice.)
+        let [s0, s1] = pkt.load::<[u8; 16]>(l3 + 8).map_or([0; 2], words);
         // SAFETY: checked word offsets of Event.
         unsafe {
-            write_word(target, EVENT_SRC, 0);
-            write_word(target, EVENT_SRC + 8, 0);
-            write_word(target, EVENT_DST, 0);
-            write_word(target, EVENT_DST + 8, 0);
+            write_word(target, EVENT_SRC, s0);
+            write_word(target, EVENT_SRC + 8, s1);
+        }
+        let [d0, d1] = pkt.load::<[u8; 16]>(l3 + 24).map_or([0; 2], words);
+        // SAFETY: checked word offsets of Event.
+        unsafe {
+            write_word(target, EVENT_DST, d0);
+            write_word(target, EVENT_DST + 8, d1);
         }
     }
     let l4 = usize::from(outcome.l4);
@@ -297,29 +296,21 @@ const _: () = {
 
 /// Writes the 8-byte word at byte `offset` of `target`, with one aligned store.
 ///
+/// Volatile, so that LLVM keeps it one store: it merges runs of plain stores of zero into
+/// a `memset` call, which is what these words are here to avoid (see [`fill_event`]).
+///
 /// # Safety
 ///
 /// `offset` must be one of the word offsets of `T` checked above.
 #[inline(always)]
 unsafe fn write_word<T>(target: *mut T, offset: usize, word: u64) {
     // SAFETY: the caller passes a checked offset: aligned, in bounds, plain bytes.
-    unsafe { target.cast::<u8>().add(offset).cast::<u64>().write(word) }
-}
-
-/// Writes the 16 bytes at byte `offset` of `target` (two words' worth, byte by byte).
-///
-/// # Safety
-///
-/// `offset` and `offset + 8` must be word offsets of `T` checked above.
-#[inline(always)]
-unsafe fn write_bytes16<T>(target: *mut T, offset: usize, bytes: [u8; 16]) {
-    // SAFETY: the caller passes checked offsets: in bounds, plain bytes.
     unsafe {
         target
             .cast::<u8>()
             .add(offset)
-            .cast::<[u8; 16]>()
-            .write(bytes);
+            .cast::<u64>()
+            .write_volatile(word);
     }
 }
 
