@@ -236,6 +236,14 @@ pub fn fill_event<P: PacketBuf>(pkt: &P, outcome: &Outcome, event: &mut Event) -
     true
 }
 
+/// A 16-byte address as its two big-endian halves (the first 8 bytes in the first): the
+/// form the 64-bit prefix masks work on.
+#[inline(always)]
+pub fn be_halves(addr: [u8; 16]) -> [u64; 2] {
+    let [hi, lo] = words(addr);
+    [u64::from_be(hi), u64::from_be(lo)]
+}
+
 /// A 16-byte address as two words with the same bytes in memory.
 #[inline(always)]
 fn words(addr: [u8; 16]) -> [u64; 2] {
@@ -345,13 +353,7 @@ pub fn first_attempt(event: &Event) -> OffenderValue {
         write_word(target, OFFENDER_ATTEMPTS, 1);
         write_word(target, OFFENDER_FIRST_SEEN, event.ts_ns);
         write_word(target, OFFENDER_LAST_SEEN, event.ts_ns);
-        write_word(target, OFFENDER_LAST_DST, read_word(event, EVENT_DST));
-        write_word(
-            target,
-            OFFENDER_LAST_DST + 8,
-            read_word(event, EVENT_DST + 8),
-        );
-        write_word(target, OFFENDER_TAIL, latest_tail(event));
+        write_latest(target, event);
         value.assume_init()
     }
 }
@@ -365,8 +367,21 @@ pub fn note_attempt(value: &mut OffenderValue, event: &Event) {
         value.first_seen_ns = event.ts_ns;
     }
     value.last_seen_ns = event.ts_ns;
-    let target = core::ptr::from_mut(value);
-    // SAFETY: checked offsets of OffenderValue and Event.
+    // SAFETY: a whole, live OffenderValue.
+    unsafe { write_latest(core::ptr::from_mut(value), event) };
+}
+
+/// Writes the latest attempt's part of an offender record from `event`: `last_dst`, then
+/// `last_dport`, `last_verdict` and the zero padding as one word.
+///
+/// # Safety
+///
+/// `target` must point to an `OffenderValue` this code may write.
+#[inline(always)]
+unsafe fn write_latest(target: *mut OffenderValue, event: &Event) {
+    let [p0, p1] = event.dport.to_ne_bytes();
+    let tail = u64::from_ne_bytes([p0, p1, event.verdict.0, 0, 0, 0, 0, 0]);
+    // SAFETY: checked word offsets of OffenderValue and Event.
     unsafe {
         write_word(target, OFFENDER_LAST_DST, read_word(event, EVENT_DST));
         write_word(
@@ -374,15 +389,8 @@ pub fn note_attempt(value: &mut OffenderValue, event: &Event) {
             OFFENDER_LAST_DST + 8,
             read_word(event, EVENT_DST + 8),
         );
-        write_word(target, OFFENDER_TAIL, latest_tail(event));
+        write_word(target, OFFENDER_TAIL, tail);
     }
-}
-
-/// `last_dport`, `last_verdict` and the zero padding of an offender record, as one word.
-#[inline(always)]
-fn latest_tail(event: &Event) -> u64 {
-    let [p0, p1] = event.dport.to_ne_bytes();
-    u64::from_ne_bytes([p0, p1, event.verdict.0, 0, 0, 0, 0, 0])
 }
 
 /// The offender an event is evidence against: a subscriber's blocked (or, in monitor
@@ -411,8 +419,7 @@ pub fn offender_key(event: &Event, config: &Config) -> Option<OffenderKey> {
 /// inside it neither hides an offender nor escapes a limit).
 #[inline(always)]
 pub fn subscriber_key(family: Family, addr: [u8; 16], config: &Config) -> OffenderKey {
-    let [hi, lo] = words(addr);
-    key_of(family, [u64::from_be(hi), u64::from_be(lo)], config)
+    key_of(family, be_halves(addr), config)
 }
 
 /// [`subscriber_key`] of an address given as two big-endian halves (the first 8 bytes in
@@ -572,17 +579,26 @@ mod tests {
         }
     }
 
-    /// Every outcome `is_final` calls final is one `resolve` leaves unchanged without asking
-    /// a budget, and not an event; and it calls some outcomes final and others not.
-    #[test]
-    fn final_outcomes_are_left_alone_by_resolve() {
-        // A SYN to port 25 (IPv4 at 14, TCP at 34), which a SYN limit or a reject would act on.
+    /// An IPv4 SYN 100.64.1.2:40000 -> 198.51.100.25:25, IPv4 header at 14, TCP at 34.
+    fn ipv4_syn_frame() -> [u8; 54] {
         let mut frame = [0u8; 54];
         frame[12..14].copy_from_slice(&[0x08, 0x00]);
         frame[14] = 0x45;
         frame[23] = 6;
+        frame[26..30].copy_from_slice(&[100, 64, 1, 2]);
+        frame[30..34].copy_from_slice(&[198, 51, 100, 25]);
+        frame[34..36].copy_from_slice(&40000u16.to_be_bytes());
         frame[36..38].copy_from_slice(&25u16.to_be_bytes());
         frame[47] = TCP_SYN;
+        frame
+    }
+
+    /// Every outcome `is_final` calls final is one `resolve` leaves unchanged without asking
+    /// a budget, and not an event; and it calls some outcomes final and others not.
+    #[test]
+    fn final_outcomes_are_left_alone_by_resolve() {
+        // A SYN to port 25, which a SYN limit or a reject would act on.
+        let frame = ipv4_syn_frame();
         let packet: &[u8] = &frame;
         let (mut finals, mut others) = (0, 0);
         for action in [Action::Pass, Action::Drop, Action::Reject] {
@@ -767,16 +783,7 @@ mod tests {
     /// scratch slot held, and keeps the caller's fields.
     #[test]
     fn events_are_filled_over_old_contents() {
-        // IPv4 SYN 100.64.1.2:40000 -> 198.51.100.25:25 at 14 (IPv4) and 34 (TCP).
-        let mut frame = [0u8; 54];
-        frame[12..14].copy_from_slice(&[0x08, 0x00]);
-        frame[14] = 0x45;
-        frame[23] = 6;
-        frame[26..30].copy_from_slice(&[100, 64, 1, 2]);
-        frame[30..34].copy_from_slice(&[198, 51, 100, 25]);
-        frame[34..36].copy_from_slice(&40000u16.to_be_bytes());
-        frame[36..38].copy_from_slice(&25u16.to_be_bytes());
-        frame[47] = TCP_SYN;
+        let frame = ipv4_syn_frame();
         let packet: &[u8] = &frame;
         let outcome = Outcome {
             action: Action::Drop,

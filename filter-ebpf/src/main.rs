@@ -30,7 +30,7 @@ use filter_common::{
     packet::{OFFSET_MASK, PacketBuf, PacketBufMut, Plain},
     reject::{rst_frame_len, write_rst},
     track::{
-        Budget, fill_event, first_attempt, full_syn_bucket, is_event, is_final, mask64,
+        Budget, be_halves, fill_event, first_attempt, full_syn_bucket, is_event, is_final, mask64,
         note_attempt, offender_key, resolve, take_event_token, take_rst_token, take_syn_token,
     },
 };
@@ -204,26 +204,7 @@ fn subscriber_probe_v6(host: &Key<Ipv6Key>) -> u64 {
     if lengths.v6_hash != 1 {
         return SUBSCRIBERS_V6.get(host).map_or(0, pack);
     }
-    let [
-        a0,
-        a1,
-        a2,
-        a3,
-        a4,
-        a5,
-        a6,
-        a7,
-        b0,
-        b1,
-        b2,
-        b3,
-        b4,
-        b5,
-        b6,
-        b7,
-    ] = host.data.0;
-    let hi = u64::from_be_bytes([a0, a1, a2, a3, a4, a5, a6, a7]);
-    let lo = u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]);
+    let [hi, lo] = be_halves(host.data.0);
     for len in lengths.v6.iter().take(usize::from(lengths.v6_count)) {
         // Two 64-bit masks, as for offender keys: no loop over the 16 bytes.
         let (hi, lo) = if *len <= 64 {
