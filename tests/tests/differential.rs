@@ -48,12 +48,18 @@ use p25_tests::{
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom as _};
 
 const ROUNDS: usize = 26;
-/// Rounds at most: past [`ROUNDS`], more are run only until the generator has reached every
-/// verdict counter and reject fallback the checks at the end ask for. For some seeds 26
-/// random policies happen to miss one (seed 17356302832547221240 had no IPv4 reject).
+/// Rounds at most: past [`ROUNDS`], more are run only until the generator has reached
+/// everything the checks at the end ask for (every verdict counter, the reject fallbacks,
+/// enough offender entries, both event outcomes). For some seeds 26 random policies happen
+/// to miss one (seed 17356302832547221240 had no IPv4 reject; another, lost, filled the
+/// event ring less than once).
 const MAX_ROUNDS: usize = 2 * ROUNDS;
 /// Reject fallbacks every run must see.
 const FALLBACKS_REQUIRED: [&str; 4] = ["tc_hook", "rate_limited", "not_syn", "unsupported_header"];
+/// Offender entries every run must compare.
+const OFFENDERS_REQUIRED: usize = 100;
+/// Event outcomes every run must see: the ring fills up (no reader drains it here).
+const EVENTS_REQUIRED: [EventStat; 2] = [EventStat::EMITTED, EventStat::RING_FULL];
 /// Every reachable verdict counter: 7 egress verdicts and the 4 of the inbound rule (which
 /// neither rejects nor rate-limits), in both families.
 const VERDICTS_REACHABLE: usize = 22;
@@ -528,12 +534,19 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
     let mut roles_seen: BTreeMap<String, usize> = BTreeMap::new();
 
     for round in 0..MAX_ROUNDS {
-        let covered = verdicts_seen.len() == VERDICTS_REACHABLE
-            && FALLBACKS_REQUIRED
-                .iter()
-                .all(|reason| fallbacks_seen.get(reason).is_some_and(|n| *n > 0));
-        if round >= ROUNDS && covered {
-            break;
+        if round >= ROUNDS {
+            let events = harness.tables.event_stats()?;
+            let covered = verdicts_seen.len() == VERDICTS_REACHABLE
+                && FALLBACKS_REQUIRED
+                    .iter()
+                    .all(|reason| fallbacks_seen.get(reason).is_some_and(|n| *n > 0))
+                && offender_keys_seen >= OFFENDERS_REQUIRED
+                && EVENTS_REQUIRED
+                    .iter()
+                    .all(|stat| events.get(stat).is_some_and(|n| *n > 0));
+            if covered {
+                break;
+            }
         }
         let universe = Universe::new(&mut rng);
         let mut model = random_policy(&mut rng, &universe, &mut harness)?;
@@ -687,10 +700,10 @@ fn kernel_matches_model_on_100k_generated_packets() -> Result<()> {
     }
     // The offender and event paths must have run for real, or their comparison is empty.
     assert!(
-        offender_keys_seen >= 100,
+        offender_keys_seen >= OFFENDERS_REQUIRED,
         "only {offender_keys_seen} offender entries"
     );
-    for stat in [EventStat::EMITTED, EventStat::RING_FULL] {
+    for stat in EVENTS_REQUIRED {
         assert!(
             emitted.get(&stat).copied().unwrap_or(0) > 0,
             "no event took the {} path",
