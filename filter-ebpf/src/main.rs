@@ -433,6 +433,12 @@ impl Settled {
         self.0 & Self::EVENT != 0
     }
 
+    /// The same, with the event already recorded: the hook has nothing left to record.
+    #[inline(always)]
+    fn recorded(self) -> Self {
+        Self(self.0 & !Self::EVENT)
+    }
+
     #[inline(always)]
     fn key(self) -> CounterKey {
         CounterKey::new(
@@ -457,24 +463,26 @@ impl Settled {
 /// The code between the classifier's verdict and the counters, for an outcome a rule
 /// matched (packed by [`Outcome::pack`]): resolves the stateful part of the verdict and
 /// fills the SCRATCH event of a drop or would-drop. Shared by both hooks' post-verdict
-/// functions. Counting, recording the event and writing an RST are left to the hook (see
-/// [`p25_xdp_verdict`] for why).
+/// functions. Counting and writing an RST are left to the hook, and so is recording the
+/// event, except that [`p25_xdp_verdict`] records a final one itself (see there for why).
 #[inline(always)]
-fn settle<P: PacketBuf>(packet: &P, words: [u64; 3], ifindex: u32, hook: HookKind) -> Settled {
+fn settle<P: PacketBuf>(
+    packet: &P,
+    words: [u64; 3],
+    ifindex: u32,
+    hook: HookKind,
+    config: &Config,
+) -> Settled {
     let mut outcome = Outcome::unpack(words);
     // The offsets are below MAX_OFFSET by construction, but the verifier checks this code
     // with its arguments unknown: give it the bound again.
     outcome.l3 &= OFFSET_MASK as u16;
     outcome.l4 &= OFFSET_MASK as u16;
-    let config = Maps.config();
-    let mut budget = MapBudget {
-        config: &config,
-        now: 0,
-    };
+    let mut budget = MapBudget { config, now: 0 };
     if let Some(reason) = resolve(
         packet,
         &mut outcome,
-        &config,
+        config,
         hook == HookKind::XDP,
         &mut budget,
     ) {
@@ -536,13 +544,19 @@ fn transmit_rst(ctx: &XdpContext, l3: u16, l4: u16) -> bool {
     write_rst(&mut XdpPacket(ctx), usize::from(l3), usize::from(l4))
 }
 
-/// Offender tracking and the sampled event for a drop or would-drop. Not inlined: it is
-/// off the hot path, and a separate frame keeps the hooks' stack small.
+/// Offender tracking and the sampled event for a drop or would-drop whose verdict changed
+/// after [`p25_xdp_verdict`] (an RST that could not be sent), or seen by TC. Not inlined: a
+/// separate frame keeps the hooks' stack small.
 #[inline(never)]
 fn record(event: &mut Event) {
-    let config = Maps.config();
+    record_with(event, &Maps.config());
+}
+
+/// [`record`]'s work, with the CONFIG the caller already read.
+#[inline(always)]
+fn record_with(event: &mut Event, config: &Config) {
     let now = event.ts_ns;
-    if let Some(key) = offender_key(event, &config) {
+    if let Some(key) = offender_key(event, config) {
         track_offender(&key, event);
     }
     if config.event_rate == 0 {
@@ -552,7 +566,7 @@ fn record(event: &mut Event) {
         return;
     };
     // SAFETY: per-CPU slot, only this CPU touches it.
-    if !take_event_token(unsafe { &mut *bucket }, &config, now) {
+    if !take_event_token(unsafe { &mut *bucket }, config, now) {
         bump_stat(EventStat::RATE_LIMITED);
         return;
     }
@@ -673,11 +687,13 @@ fn xdp_hook(ctx: &XdpContext, role: Role) -> u32 {
 /// than the map round trip did, and the hook counts such a pass itself.
 ///
 /// It calls nothing with a frame of its own: the verifier sums the frames of a call chain
-/// (512 bytes at most), and hook (200 bytes; `p25_tc` 256) + this (176; TC 216) +
-/// `transmit_rst` (192) or `record` (144) is too deep. So the hook counts, records and
-/// writes the RST after it returns; what the hook still has live then (the context, length,
-/// ifindex, the returned scalar) is the same on every parse path, and the verifier walks
-/// that code about once.
+/// (512 bytes at most), and hook (192 bytes; `p25_tc` 248) + this (216 with the inlined
+/// recording; TC 184) + `transmit_rst` (192) or `record` (144) is too deep. So the hook
+/// counts and writes the RST after it returns, and records a reject's event (whose verdict
+/// the RST may still change); a drop's or a pass's event is recorded here, inlined
+/// ([`record_with`]), which saves a call and a second CONFIG read per drop. What the hook
+/// still has live after the call (the context, length, the returned scalar) is the same on
+/// every parse path, and the verifier walks that code about once.
 ///
 /// # Safety
 ///
@@ -687,7 +703,21 @@ fn xdp_hook(ctx: &XdpContext, role: Role) -> u32 {
 pub unsafe extern "C" fn p25_xdp_verdict(ctx: *mut xdp_md, a: u64, b: u64, c: u64) -> u64 {
     let ctx = XdpContext::new(ctx);
     let ifindex = ctx.ingress_ifindex() as u32;
-    settle(&XdpPacket(&ctx), [a, b, c], ifindex, HookKind::XDP).0
+    let config = Maps.config();
+    let settled = settle(&XdpPacket(&ctx), [a, b, c], ifindex, HookKind::XDP, &config);
+    // A drop or pass is final here, so its event is recorded here, with the CONFIG already
+    // read, instead of in a second call from the hook. Only a reject can still change its
+    // verdict (an RST that cannot be sent is a drop), so the hook records that one.
+    if settled.event()
+        && settled.action() != Action::Reject
+        && let Some(slot) = SCRATCH.get_ptr_mut(0)
+    {
+        // SAFETY: per-CPU slot, only this CPU touches it during this run; `settle` filled
+        // it with the final verdict.
+        record_with(unsafe { &mut *slot }, &config);
+        return settled.recorded().0;
+    }
+    settled.0
 }
 
 #[classifier]
@@ -734,7 +764,14 @@ pub unsafe extern "C" fn p25_tc_verdict(skb: *mut __sk_buff, a: u64, b: u64, c: 
     let ctx = TcContext::new(skb);
     // SAFETY: the context's skb pointer is valid for the whole program run.
     let ifindex = unsafe { (*skb).ifindex };
-    settle(&TcPacket(&ctx), [a, b, c], ifindex, HookKind::TC).0
+    settle(
+        &TcPacket(&ctx),
+        [a, b, c],
+        ifindex,
+        HookKind::TC,
+        &Maps.config(),
+    )
+    .0
 }
 
 #[cfg(not(test))]
