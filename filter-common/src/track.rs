@@ -833,6 +833,51 @@ mod tests {
         );
     }
 
+    /// The same for IPv6, whose addresses are written one at a time, and for a frame cut
+    /// after the ports: no flags, and no stale flags or padding left from the slot.
+    #[test]
+    fn ipv6_events_are_filled_over_old_contents() {
+        let src: [u8; 16] = core::array::from_fn(|i| 0x20 + i as u8);
+        let dst: [u8; 16] = core::array::from_fn(|i| 0x40 + i as u8);
+        // Ethernet, the IPv6 header at 14 (next header TCP), the ports at 54, nothing after.
+        let mut frame = [0u8; 58];
+        frame[12..14].copy_from_slice(&[0x86, 0xDD]);
+        frame[14] = 0x60;
+        frame[20] = 6;
+        frame[22..38].copy_from_slice(&src);
+        frame[38..54].copy_from_slice(&dst);
+        frame[54..56].copy_from_slice(&40000u16.to_be_bytes());
+        frame[56..58].copy_from_slice(&25u16.to_be_bytes());
+        let packet: &[u8] = &frame;
+        let outcome = Outcome {
+            action: Action::Drop,
+            parse: ParseOutcome::TCP,
+            counter: Some(CounterKey::new(
+                Direction::EGRESS,
+                Family::IPV6,
+                Verdict::DROPPED,
+            )),
+            l3: 14,
+            l4: 54,
+            limit: SynLimit::default(),
+        };
+        let mut slot = Event {
+            src: [0xFF; 16],
+            dst: [0xFF; 16],
+            tcp_flags: 0xFF,
+            _pad: [0xFF; 3],
+            ..Event::default()
+        };
+        assert!(fill_event(&packet, &outcome, &mut slot));
+        assert_eq!((slot.src, slot.dst), (src, dst));
+        assert_eq!((slot.sport, slot.dport), (40000, 25));
+        assert_eq!((slot.tcp_flags, slot._pad), (0, [0; 3]));
+        assert_eq!(
+            (slot.family, slot.verdict),
+            (Family::IPV6, Verdict::DROPPED)
+        );
+    }
+
     #[test]
     fn bucket_allows_burst_then_rate() {
         let config = Config {
