@@ -379,9 +379,9 @@ fn bump_fallback(reason: RejectFallback) {
 
 /// What the post-verdict functions ([`p25_xdp_verdict`], [`p25_tc_verdict`]) hand back to
 /// their hook, in the one scalar a BPF global function returns: the action (bits 0-3),
-/// whether the SCRATCH event was filled (4), the counter key's direction (8-15), family
-/// (16-23) and verdict (24-31), and, for a reject, the IP and TCP header offsets (32-45,
-/// 46-59; offsets are below 2^14, see `OFFSET_MASK`).
+/// whether the SCRATCH event was filled and is left for the hook to record (4), the counter
+/// key's direction (8-15), family (16-23) and verdict (24-31), and, for a reject, the IP and
+/// TCP header offsets (32-45, 46-59; offsets are below 2^14, see `OFFSET_MASK`).
 #[derive(Clone, Copy)]
 struct Settled(u64);
 
@@ -512,8 +512,8 @@ fn settle<P: PacketBuf>(
     Settled::new(&outcome, key, filled)
 }
 
-/// Bumps the verdict counter of `key` and, when `event` (the SCRATCH event was filled),
-/// records the event with the final verdict.
+/// Bumps the verdict counter of `key` and, when `event` (the SCRATCH event was filled and
+/// not yet recorded), records the event with the final verdict.
 #[inline(always)]
 fn finish(key: CounterKey, event: bool, bytes: u64, ifindex: u32) {
     bump(&COUNTERS, counter_index(ifindex, key), bytes);
